@@ -1,0 +1,1 @@
+"""Program → Program passes (fusion, folding, quantization), installed as `tandemc.passes`."""

@@ -1,0 +1,119 @@
+"""Tandem checkpoints: a directory with `config.json` and `model.safetensors` (format: docs/checkpoint.md).
+
+Loading is strict. Every tensor the config implies must be present with the config's dtype and shape, nothing
+else may be, and every weight must be finite; each failure is a one-line error naming the tensor or field.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tandemc import safetensors_io
+from tandemc.atomic import atomic_directory
+from tandemc.config import TandemConfig
+from tandemc.errors import TandemcError
+from tandemc.params import checkpoint_shapes, flatten, sizes, unflatten
+from tandemc.tokenizer import load_tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    config: TandemConfig
+    params: dict[str, Any]  # nested pytree of numpy arrays
+    tokenizer: Any
+    path: Path | None = None
+
+
+def check_tensors(cfg: TandemConfig, tensors: dict[str, tuple[str, tuple[int, ...]]], source: str) -> None:
+    """tensors: name → (dtype name, shape). Raises on the first missing/extra/mis-shaped/mistyped tensor."""
+    expected = checkpoint_shapes(cfg)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise TandemcError(f"{source}: missing tensor '{missing[0]}'{more} required by config.json")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise TandemcError(f"{source}: unexpected tensor '{extra[0]}'{more} that config.json does not describe")
+    for name, shape in expected.items():
+        dtype, actual = tensors[name]
+        if tuple(actual) != sizes(shape):
+            labels = ", ".join(label for _, label in shape)
+            raise TandemcError(f"{source}: tensor '{name}' has shape {tuple(actual)} but config.json implies "
+                               f"{sizes(shape)} = ({labels})")
+        if dtype != cfg.dtype:
+            raise TandemcError(f"{source}: tensor '{name}' has dtype {dtype} but config field 'dtype' is {cfg.dtype}")
+
+
+def check_finite(flat: dict[str, np.ndarray], source: str) -> None:
+    for name in sorted(flat):
+        array = flat[name]
+        if not np.isfinite(np.asarray(array, np.float32)).all():
+            kind = "NaN" if np.isnan(np.asarray(array, np.float32)).any() else "Inf"
+            raise TandemcError(f"{source}: tensor '{name}' contains {kind} values")
+
+
+def read_config(file: Path) -> TandemConfig:
+    """Parse and validate a tandem config.json."""
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise TandemcError(f"{file.name} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    except UnicodeDecodeError:
+        raise TandemcError(f"{file.name} is not UTF-8 text") from None
+    return TandemConfig.from_dict(data)
+
+
+def inspect_checkpoint(path: str | Path) -> tuple[TandemConfig, dict]:
+    """Config and safetensors header, checked against each other without reading the weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TandemcError(f"checkpoint directory {path} does not exist")
+    if not (path / CONFIG_FILE).is_file():
+        raise TandemcError(f"{path} has no {CONFIG_FILE}; is it a tandem checkpoint directory?")
+    cfg = read_config(path / CONFIG_FILE)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise TandemcError(f"{path} has no {WEIGHTS_FILE}")
+    header, _, _ = safetensors_io.read_header(weights)
+    check_tensors(cfg, {n: (safetensors_io.DTYPE_CODES[e["dtype"]], tuple(e["shape"])) for n, e in header.items()},
+                  WEIGHTS_FILE)
+    return cfg, header
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    cfg, _ = inspect_checkpoint(path)
+    flat = safetensors_io.read(path / WEIGHTS_FILE)
+    check_finite(flat, WEIGHTS_FILE)
+    tokenizer = load_tokenizer(cfg.tokenizer, path)
+    if tokenizer.vocab_size > cfg.primary.vocab_size:
+        raise TandemcError(f"the tokenizer has {tokenizer.vocab_size} tokens but config field 'primary.vocab_size' "
+                           f"is {cfg.primary.vocab_size}")
+    return Checkpoint(cfg, unflatten(flat), tokenizer, path)
+
+
+def save_checkpoint(path: str | Path, cfg: TandemConfig, params: dict[str, Any], *, tokenizer_file: Path | None = None,
+                    force: bool = False) -> Path:
+    """Validate, then write atomically. The same config and parameters always give the same bytes."""
+    cfg.validate()
+    flat = {name: np.asarray(value) for name, value in flatten(params).items()}
+    check_tensors(cfg, {n: (safetensors_io.dtype_name(a), a.shape) for n, a in flat.items()}, "parameters")
+    check_finite(flat, "parameters")
+    if cfg.tokenizer.type == "hf" and tokenizer_file is None:
+        raise TandemcError("config uses a Hugging Face tokenizer; pass its tokenizer.json")
+    with atomic_directory(path, force) as tmp:
+        (tmp / CONFIG_FILE).write_text(cfg.to_json())
+        safetensors_io.write(tmp / WEIGHTS_FILE, flat, {"format": "tandemc", "schema_version": str(cfg.schema_version)})
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / cfg.tokenizer.file)
+    return Path(path)

@@ -1,0 +1,256 @@
+"""Reference decoding: the ground truth every compiled target is checked against.
+
+Decoding is two pure functions over an explicit state at fixed shapes — `prefill` and `step` — driven by a
+Python loop in `generate`. The same functions are what later stages trace into static graphs.
+
+State (per row b of a fixed batch):
+    token[b]     the last committed token c, not yet seen by the primary
+    pos[b]       its position p
+    prev[b]      the token at p-1 (the standalone drafter re-reads it; see `step`)
+    generated[b] tokens emitted so far;  limit[b] the row's max_new_tokens;  done[b]
+    primary, secondary: KV caches [B, S, n_kv, head_dim] per layer (the secondary's slot holds the
+    tandem secondary's cache, or the standalone drafter's in `vanilla` mode)
+
+One `step` at block length γ (design.md §1): the drafter proposes d_1..d_γ from c; the primary verifies
+[c, d_1..d_γ] at p..p+γ in one block; a = accepted prefix length (speculative rejection sampling, which is
+exact greedy verification when temperature is 0); emit d_1..d_a and the primary's token y at p+a+1; the
+tandem secondary's cache at p..p+γ is overwritten with primary-derived keys/values (entries past p+a are stale,
+masked by position and overwritten later).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tandemc import model
+from tandemc.config import TandemConfig
+from tandemc.errors import TandemcError
+from tandemc.sampling import Sampling, sample, token_distribution, uniforms
+
+MODES = ("speed", "tandem", "primary", "vanilla")
+
+
+def drafter_name(mode: str) -> str | None:
+    """Which model drafts in `mode`: the tandem secondary, the standalone drafter, or none."""
+    return {"primary": None, "vanilla": "drafter"}.get(mode, "secondary")
+
+
+def drafter_config(cfg: TandemConfig, mode: str):
+    name = drafter_name(mode)
+    return getattr(cfg, name) if name else None
+
+
+def init_state(cfg: TandemConfig, mode: str, batch: int, cache_len: int, limit) -> dict:
+    dtype = jnp.dtype(cfg.dtype)
+    draft_cfg = drafter_config(cfg, mode)
+    zeros = jnp.zeros((batch,), jnp.int32)
+    return {
+        "token": zeros, "pos": zeros, "prev": zeros, "generated": zeros,
+        "limit": jnp.asarray(limit, jnp.int32), "done": jnp.zeros((batch,), bool),
+        "primary": model.empty_cache(cfg.primary, batch, cache_len, dtype),
+        "secondary": model.empty_cache(draft_cfg, batch, cache_len, dtype) if draft_cfg else [],
+    }
+
+
+def prefill(params, cfg: TandemConfig, mode: str, state, tokens, lengths, u, sampling: Sampling, eos_id):
+    """Run prompts [B, T] (row b valid up to lengths[b]) through the primary, fill the drafter's cache, pick the
+    first token from the primary at position lengths-1 with uniform u[:, 0]."""
+    b, t = tokens.shape
+    rows = jnp.arange(b)
+    positions = model.sequence_positions(tokens)
+    logits, hiddens, primary_cache = model.decode_block(params["primary"], cfg.primary, tokens, positions,
+                                                         state["primary"])
+    last = lengths - 1
+    first = sample(token_distribution(logits[rows, last], sampling), u[:, 0])
+    secondary_cache = state["secondary"]
+    if mode in ("speed", "tandem"):
+        kvs = model.tandem_kv(params, cfg, hiddens, positions)
+        secondary_cache = model.write_tandem_kv(secondary_cache, kvs, jnp.zeros((b,), jnp.int32))
+    elif mode == "vanilla":
+        _, _, secondary_cache = model.decode_block(params["drafter"], cfg.drafter, tokens, positions,
+                                                   secondary_cache)
+    generated = jnp.ones((b,), jnp.int32)
+    return {
+        **state, "token": first, "pos": lengths.astype(jnp.int32), "prev": tokens[rows, last],
+        "generated": generated, "done": (first == eos_id) | (generated >= state["limit"]),
+        "primary": primary_cache, "secondary": secondary_cache,
+    }
+
+
+def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: Sampling, eos_id):
+    """One draft-verify iteration. u [B, 2γ+1]: γ for drafting, γ for acceptance, 1 for the final token.
+
+    Returns (new state, emitted [B, γ+1], n_emitted [B], accepted [B]); row b's new tokens are
+    emitted[b, :n_emitted[b]]. Rows already done keep their state and emit nothing.
+    """
+    b = state["token"].shape[0]
+    rows = jnp.arange(b)
+    c, p, active = state["token"], state["pos"], ~state["done"]
+    draft_cfg = drafter_config(cfg, mode)
+    draft_params = params[drafter_name(mode)] if draft_cfg else None
+    secondary_cache = state["secondary"]
+
+    drafts, draft_probs = [], []
+    if gamma > 0:
+        if mode == "vanilla":
+            # The drafter never saw d_γ when the whole previous draft was accepted: re-read the token at p-1
+            # (a harmless rewrite of identical keys/values otherwise).
+            tokens, positions = jnp.stack([state["prev"], c], 1), jnp.stack([p - 1, p], 1)
+        else:
+            tokens, positions = c[:, None], p[:, None]
+        for t in range(gamma):
+            logits, _, secondary_cache = model.decode_block(draft_params, draft_cfg, tokens, positions,
+                                                            secondary_cache)
+            q = token_distribution(logits[:, -1], sampling)
+            d = sample(q, u[:, t])
+            drafts.append(d)
+            draft_probs.append(q)
+            tokens, positions = d[:, None], (p + t + 1)[:, None]
+
+    block = jnp.stack([c] + drafts, axis=1)
+    block_pos = p[:, None] + jnp.arange(gamma + 1, dtype=jnp.int32)
+    logits, hiddens, primary_cache = model.decode_block(params["primary"], cfg.primary, block, block_pos,
+                                                        state["primary"])
+    target = token_distribution(logits, sampling)  # [B, γ+1, V]; target[:, j] predicts position p+j+1
+
+    vocab = logits.shape[-1]
+    if gamma > 0:
+        d = jnp.stack(drafts, axis=1)
+        q = jnp.stack(draft_probs, axis=1)
+        p_d = jnp.take_along_axis(target[:, :gamma], d[..., None], axis=-1)[..., 0]
+        q_d = jnp.take_along_axis(q, d[..., None], axis=-1)[..., 0]
+        accept = u[:, gamma:2 * gamma] * q_d < p_d  # u < p/q
+        if mode == "tandem":
+            accept = jnp.ones_like(accept)
+        a = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)
+        q_ext = jnp.concatenate([q, jnp.zeros((b, 1, vocab), q.dtype)], axis=1)
+    else:
+        d = jnp.zeros((b, 0), jnp.int32)
+        a = jnp.zeros((b,), jnp.int32)
+        q_ext = jnp.zeros((b, 1, vocab), jnp.float32)
+    # First rejection: sample from norm(max(0, p - q)); all accepted: q_ext is zero there, so sample from p.
+    p_a, q_a = target[rows, a], q_ext[rows, a]
+    residual = jnp.maximum(p_a - q_a, 0.0)
+    mass = jnp.sum(residual, axis=-1, keepdims=True)
+    y = sample(jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_a), u[:, 2 * gamma])
+
+    slots = jnp.arange(gamma + 1)
+    padded = jnp.concatenate([d, jnp.zeros((b, 1), jnp.int32)], axis=1)
+    emitted = jnp.where(slots < a[:, None], padded, y[:, None])
+    n_emitted = a + 1
+
+    if mode in ("speed", "tandem"):
+        secondary_cache = model.write_tandem_kv(secondary_cache, model.tandem_kv(params, cfg, hiddens, block_pos), p)
+
+    hit_eos = jnp.any((slots < n_emitted[:, None]) & (emitted == eos_id), axis=1)
+    generated = state["generated"] + jnp.where(active, n_emitted, 0)
+    new_prev = jnp.where(a > 0, padded[rows, jnp.maximum(a - 1, 0)], c)
+    new_state = {
+        **state,
+        "token": jnp.where(active, y, c), "pos": jnp.where(active, p + n_emitted, p),
+        "prev": jnp.where(active, new_prev, state["prev"]), "generated": generated,
+        "done": state["done"] | (active & (hit_eos | (generated >= state["limit"]))),
+        "primary": primary_cache, "secondary": secondary_cache,
+    }
+    n_emitted = jnp.where(active, n_emitted, 0)
+    return new_state, emitted, n_emitted, jnp.where(active, a, 0)
+
+
+@dataclass
+class Stats:
+    """Counts over all rows of one generate call."""
+
+    steps: int = 0  # draft-verify iterations (calls of `step`)
+    row_steps: int = 0  # iterations summed over rows that were still generating
+    drafted: int = 0
+    accepted: int = 0
+    new_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps, "drafted": self.drafted, "accepted": self.accepted, "new_tokens": self.new_tokens,
+            "mean_accepted_per_step": self.accepted / self.row_steps if self.row_steps else 0.0,
+            "mean_tokens_per_step": (self.accepted + self.row_steps) / self.row_steps if self.row_steps else 0.0,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+        }
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per row, up to and including EOS
+    stats: dict = field(default_factory=dict)
+
+
+_prefill = jax.jit(prefill, static_argnames=("cfg", "mode"), donate_argnames=("state",))
+_step = jax.jit(step, static_argnames=("cfg", "mode", "gamma"), donate_argnames=("state",))
+
+
+def check_request(cfg: TandemConfig, mode: str, prompts, max_new_tokens: int, gamma: int, max_seq_len: int):
+    if mode not in MODES:
+        raise TandemcError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "vanilla" and cfg.drafter is None:
+        raise TandemcError("mode 'vanilla' needs a standalone drafter, and this checkpoint has none; use "
+                           "--mode speed or add drafter.* weights")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise TandemcError("every prompt must hold at least one token")
+    if max_new_tokens < 1:
+        raise TandemcError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if mode != "primary" and not 1 <= gamma <= 64:
+        raise TandemcError(f"block length must be in 1..64, got {gamma}")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > max_seq_len:
+        raise TandemcError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
+                           f"{longest + max_new_tokens} exceeds the cache length {max_seq_len}; shorten the "
+                           "prompt, lower max_new_tokens or raise max_seq_len")
+
+
+def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str = "speed",
+             block_length: int | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = -1,
+             max_seq_len: int | None = None) -> Generation:
+    """Generate up to max_new_tokens per prompt (token id lists) with the chosen mode; see module docstring."""
+    gamma = 0 if mode == "primary" else (block_length or cfg.gamma_train)
+    check_request(cfg, mode, prompts, max_new_tokens, gamma, max_seq_len or cfg.primary.max_seq_len)
+    if max_seq_len is None:
+        max_seq_len = min(c.max_seq_len for c in (cfg.primary, drafter_config(cfg, mode)) if c)
+        check_request(cfg, mode, prompts, max_new_tokens, gamma, max_seq_len)
+    batch = len(prompts)
+    sampling = Sampling.make(temperature, top_k, top_p)
+    eos = np.int32(eos_id)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.zeros((batch, int(lengths.max())), np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, :len(prompt)] = prompt
+    # The verify block writes up to γ positions past the last committed token.
+    state = init_state(cfg, mode, batch, max_seq_len + gamma, np.full((batch,), max_new_tokens, np.int32))
+    state = _prefill(params, cfg, mode, state, tokens, lengths, uniforms(seed, 0, batch, 1), sampling, eos)
+    out = [[int(t)] for t in np.asarray(state["token"])]
+    stats = Stats(new_tokens=batch)
+    call = 0
+    while not bool(np.all(np.asarray(state["done"]))):
+        call += 1
+        active = ~np.asarray(state["done"])
+        state, emitted, n_emitted, accepted = _step(params, cfg, mode, gamma, state,
+                                                    uniforms(seed, call, batch, 2 * gamma + 1), sampling, eos)
+        emitted, n_emitted, accepted = np.asarray(emitted), np.asarray(n_emitted), np.asarray(accepted)
+        stats.steps += 1
+        stats.row_steps += int(active.sum())
+        stats.drafted += gamma * int(active.sum())
+        stats.accepted += int(accepted.sum())
+        for row in np.flatnonzero(active):
+            out[row].extend(int(t) for t in emitted[row, :n_emitted[row]])
+    tokens_out = [_truncate(row, max_new_tokens, eos_id) for row in out]
+    stats.new_tokens = sum(len(r) for r in tokens_out)
+    return Generation(tokens_out, stats.as_dict())
+
+
+def _truncate(row: list[int], limit: int, eos_id: int) -> list[int]:
+    row = row[:limit]
+    if eos_id in row:
+        row = row[:row.index(eos_id) + 1]
+    return row

@@ -1,0 +1,205 @@
+"""The Tandem model in JAX, as pure functions over parameter pytrees.
+
+Both models are Llama-style decoders built from one `layer` function. What differs between the forward modes is
+only where a layer's attention gets its keys and values, so `layer` takes an `attend(q, k, v)` callable:
+
+- `self_attention`: training, a whole sequence attends to itself causally (the primary, the drafter);
+- `tandem_block_attention`: training the secondary; keys before the query's block of γ come from the primary's
+  projected representations, keys inside it are the secondary's own;
+- `cached_attention`: decoding; the block's keys/values are written into a fixed-size cache at their per-row
+  positions and the queries attend over the cache, masked by position.
+
+In decoding the secondary needs no special layer at all: its cache holds primary-derived keys/values below the
+current block (written by `write_tandem_kv` after each verification) and its own inside the block.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from tandemc.config import DecoderConfig, RouterConfig, TandemConfig
+
+Params = dict
+Cache = list  # one {"k": [B, S, KV, hd], "v": [B, S, KV, hd]} per layer
+Attend = Callable  # (q [B,T,H,hd], k [B,T,KV,hd], v [B,T,KV,hd]) -> (out [B,T,H*hd], new cache entry or None)
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm in float32; `weight=None` is the parameter-free normalisation used before the tandem projection."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if weight is not None:
+        y = y * weight.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rope(x, positions, theta):
+    """Rotary embedding (rotate-half convention, as Llama) of x [B, T, N, hd] at positions [B, T]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half)))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def queries(p, cfg: DecoderConfig, h, positions):
+    b, t, _ = h.shape
+    return rope((h @ p["wq"]).reshape(b, t, cfg.n_heads, cfg.head_dim), positions, cfg.rope_theta)
+
+
+def keys_values(p, cfg: DecoderConfig, h, positions):
+    """K (with RoPE at its own position) and V of a layer; shared by the layer and the tandem projection."""
+    b, t, _ = h.shape
+    k = rope((h @ p["wk"]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
+    v = (h @ p["wv"]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    return k, v
+
+
+def attention(q, k, v, mask):
+    """Grouped-query attention. q [B,T,H,hd]; k, v [B,S,KV,hd]; mask [B,T,S], True where a key is visible."""
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, h * hd)
+
+
+def layer(p, cfg: DecoderConfig, x, positions, attend: Attend):
+    """One pre-norm decoder layer: x + attention, then x + SwiGLU MLP."""
+    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    q = queries(p, cfg, h, positions)
+    k, v = keys_values(p, cfg, h, positions)
+    out, extra = attend(q, k, v)
+    x = x + out @ p["wo"]
+    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+    return x, extra
+
+
+def decoder(p, cfg: DecoderConfig, tokens, positions, attends: list[Attend]):
+    """Tokens [B, T] → (float32 logits [B, T, V], residual stream after each layer, per-layer attend extras)."""
+    x = p["embed"][tokens]
+    hiddens, extras = [], []
+    for lp, attend in zip(p["layers"], attends):
+        x, extra = layer(lp, cfg, x, positions, attend)
+        hiddens.append(x)
+        extras.append(extra)
+    head = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
+    logits = rms_norm(x, p["final_norm"], cfg.norm_eps) @ head
+    return logits.astype(jnp.float32), hiddens, extras
+
+
+# --- where keys and values come from -------------------------------------------------------------------------
+
+def causal_mask(query_pos, key_pos):
+    return key_pos[:, None, :] <= query_pos[:, :, None]
+
+
+def self_attention(positions) -> Attend:
+    def attend(q, k, v):
+        return attention(q, k, v, causal_mask(positions, positions)), None
+    return attend
+
+
+def tandem_block_attention(k_primary, v_primary, positions, block: int) -> Attend:
+    """Query at position i sees primary-derived keys at positions < k = ⌊i/γ⌋·γ and its own keys at k..i."""
+    def attend(q, k, v):
+        start = (positions // block) * block
+        from_primary = positions[:, None, :] < start[:, :, None]
+        own = (positions[:, None, :] >= start[:, :, None]) & causal_mask(positions, positions)
+        keys = jnp.concatenate([k_primary, k], axis=1)
+        values = jnp.concatenate([v_primary, v], axis=1)
+        return attention(q, keys, values, jnp.concatenate([from_primary, own], axis=-1)), None
+    return attend
+
+
+def write_block(cache, block, start):
+    """cache [B, S, ...] with block [B, T, ...] written at per-row offsets start [B]."""
+    zeros = (0,) * (cache.ndim - 2)
+    return jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, x.astype(c.dtype), (s, *zeros)))(
+        cache, block, start)
+
+
+def cached_attention(entry, positions) -> Attend:
+    """Write the block's K/V at its positions (contiguous per row), then attend over the whole cache."""
+    def attend(q, k, v):
+        start = positions[:, 0]
+        ck, cv = write_block(entry["k"], k, start), write_block(entry["v"], v, start)
+        key_pos = jnp.broadcast_to(jnp.arange(ck.shape[1], dtype=positions.dtype), (ck.shape[0], ck.shape[1]))
+        return attention(q, ck, cv, causal_mask(positions, key_pos)), {"k": ck, "v": cv}
+    return attend
+
+
+# --- forward modes --------------------------------------------------------------------------------------------
+
+def sequence_positions(tokens):
+    b, t = tokens.shape
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+def forward(p, cfg: DecoderConfig, tokens):
+    """Training forward of a plain decoder (the primary, the drafter): logits and per-layer residual streams."""
+    positions = sequence_positions(tokens)
+    logits, hiddens, _ = decoder(p, cfg, tokens, positions, [self_attention(positions)] * cfg.n_layers)
+    return logits, hiddens
+
+
+def tandem_kv(params: Params, cfg: TandemConfig, primary_hiddens, positions):
+    """Per secondary layer j: K, V = W_k, W_v applied to FF_j(rms(h_primary^{ℓ(j)})), RoPE at own positions."""
+    out = []
+    for j, source in enumerate(cfg.layer_map):
+        h = rms_norm(primary_hiddens[source], None, cfg.primary.norm_eps)
+        proj = params["tandem"][j]
+        y = h @ proj["weight"] + proj["bias"]
+        out.append(keys_values(params["secondary"]["layers"][j], cfg.secondary, y, positions))
+    return out
+
+
+def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None = None, primary_hiddens=None):
+    """Training forward of the tandem secondary with fixed blocks of γ (default γ_train); returns its logits."""
+    block = block or cfg.gamma_train
+    positions = sequence_positions(tokens)
+    if primary_hiddens is None:
+        primary_hiddens = forward(params["primary"], cfg.primary, tokens)[1]
+    attends = [tandem_block_attention(k, v, positions, block)
+               for k, v in tandem_kv(params, cfg, primary_hiddens, positions)]
+    return decoder(params["secondary"], cfg.secondary, tokens, positions, attends)[0]
+
+
+def empty_cache(cfg: DecoderConfig, batch: int, length: int, dtype) -> Cache:
+    shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+
+
+def decode_block(p, cfg: DecoderConfig, tokens, positions, cache: Cache):
+    """Decoding forward of T tokens per row at contiguous positions: (logits, hiddens, updated cache)."""
+    attends = [cached_attention(entry, positions) for entry in cache]
+    return decoder(p, cfg, tokens, positions, attends)
+
+
+def write_tandem_kv(cache: Cache, kvs, start) -> Cache:
+    """Overwrite the secondary cache at start.. with primary-derived keys/values."""
+    return [{"k": write_block(e["k"], k, start), "v": write_block(e["v"], v, start)} for e, (k, v) in zip(cache, kvs)]
+
+
+# --- adaptive block length ------------------------------------------------------------------------------------
+
+def router_features(cfg: RouterConfig, secondary_embed, probs):
+    """The secondary's entropy, its top-k probabilities and the secondary embeddings of those top-k tokens."""
+    entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.maximum(probs, 1e-30)), 0.0), axis=-1)
+    top_p, top_i = lax.top_k(probs, cfg.top_k)
+    emb = secondary_embed[top_i].astype(jnp.float32).reshape(*probs.shape[:-1], -1)
+    return jnp.concatenate([entropy[..., None], top_p, emb], axis=-1)
+
+
+def router_reject_probability(p, features):
+    """2-layer MLP → probability that the draft at this position will be rejected."""
+    h = jax.nn.relu(features @ p["w1"] + p["b1"])
+    return jax.nn.sigmoid((h @ p["w2"] + p["b2"])[..., 0])

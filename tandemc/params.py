@@ -1,0 +1,130 @@
+"""Parameter names and shapes: the one table that initialisation and the checkpoint loader both read.
+
+Parameters live in a nested pytree (`params["primary"]["layers"][3]["wq"]`); on disk each leaf is a tensor named
+by its dotted path (`primary.layers.3.wq`). Matrices are stored as [in, out] so that `x @ w` applies them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tandemc.config import DecoderConfig, TandemConfig
+
+# A shape is a tuple of (size, label) pairs; the labels name the config fields behind each dimension so that a
+# mismatch can be reported in the user's terms.
+Shape = tuple[tuple[int, str], ...]
+
+
+def decoder_shapes(cfg: DecoderConfig, prefix: str) -> dict[str, Shape]:
+    d = (cfg.d_model, f"{prefix}.d_model")
+    v = (cfg.vocab_size, f"{prefix}.vocab_size")
+    f = (cfg.d_ff, f"{prefix}.d_ff")
+    q = (cfg.n_heads * cfg.head_dim, f"{prefix}.n_heads*head_dim")
+    kv = (cfg.n_kv_heads * cfg.head_dim, f"{prefix}.n_kv_heads*head_dim")
+    shapes = {f"{prefix}.embed": (v, d)}
+    for i in range(cfg.n_layers):
+        layer = f"{prefix}.layers.{i}"
+        shapes.update({
+            f"{layer}.attn_norm": (d,), f"{layer}.wq": (d, q), f"{layer}.wk": (d, kv), f"{layer}.wv": (d, kv),
+            f"{layer}.wo": (q, d), f"{layer}.mlp_norm": (d,), f"{layer}.w_gate": (d, f),
+            f"{layer}.w_up": (d, f), f"{layer}.w_down": (f, d),
+        })
+    shapes[f"{prefix}.final_norm"] = (d,)
+    if not cfg.tie_embeddings:
+        shapes[f"{prefix}.lm_head"] = (d, v)
+    return shapes
+
+
+def checkpoint_shapes(cfg: TandemConfig) -> dict[str, Shape]:
+    """Every tensor a checkpoint with this config must hold, and nothing else."""
+    shapes = {**decoder_shapes(cfg.primary, "primary"), **decoder_shapes(cfg.secondary, "secondary")}
+    d_l = (cfg.primary.d_model, "primary.d_model")
+    d_s = (cfg.secondary.d_model, "secondary.d_model")
+    for j in range(cfg.secondary.n_layers):
+        shapes[f"tandem.{j}.weight"] = (d_l, d_s)
+        shapes[f"tandem.{j}.bias"] = (d_s,)
+    if cfg.router:
+        feats = (cfg.router.num_features(cfg.secondary.d_model), "1+router.top_k*(1+secondary.d_model)")
+        hidden = (cfg.router.hidden, "router.hidden")
+        shapes.update({"router.w1": (feats, hidden), "router.b1": (hidden,),
+                       "router.w2": (hidden, (1, "1")), "router.b2": ((1, "1"),)})
+    if cfg.drafter:
+        shapes.update(decoder_shapes(cfg.drafter, "drafter"))
+    return shapes
+
+
+def sizes(shape: Shape) -> tuple[int, ...]:
+    return tuple(n for n, _ in shape)
+
+
+def init_params(cfg: TandemConfig, seed: int = 0) -> dict[str, Any]:
+    """Random initialisation: fan-in scaled normals, unit norm gains, zero biases (numpy, so 1B fits in RAM)."""
+    rng = np.random.default_rng(seed)
+    dtype = np_dtype(cfg.dtype)
+    flat = {}
+    for name, shape in checkpoint_shapes(cfg).items():
+        dims = sizes(shape)
+        leaf = name.rsplit(".", 1)[1]
+        if leaf.endswith("norm"):
+            value = np.ones(dims, np.float32)
+        elif leaf.startswith("b"):
+            value = np.zeros(dims, np.float32)
+        elif leaf == "embed":
+            value = rng.standard_normal(dims, np.float32) * np.float32(dims[1] ** -0.5)
+        else:
+            std = dims[0] ** -0.5
+            if leaf in ("wo", "w_down"):
+                std /= np.sqrt(2.0 * _layers_of(cfg, name))
+            value = rng.standard_normal(dims, np.float32) * np.float32(std)
+        flat[name] = value.astype(dtype)
+    return unflatten(flat)
+
+
+def _layers_of(cfg: TandemConfig, name: str) -> int:
+    return getattr(cfg, name.split(".", 1)[0]).n_layers
+
+
+def np_dtype(name: str) -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists → {"a.0.b": leaf}."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return {prefix: tree}
+    out = {}
+    for key, sub in items:
+        out.update(flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a.0.b": leaf} → nested dicts, with integer path components becoming list indices."""
+    root: dict = {}
+    for name, leaf in flat.items():
+        node = root
+        parts = name.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = leaf
+    return _lists(root)
+
+
+def _lists(node):
+    if not isinstance(node, dict):
+        return node
+    if node and all(k.isdigit() for k in node):
+        return [_lists(node[str(i)]) for i in range(len(node))]
+    return {k: _lists(v) for k, v in node.items()}
+
+
+def count(tree: Any) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in flatten(tree).values()))

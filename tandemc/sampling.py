@@ -1,0 +1,76 @@
+"""Token distributions, inverse-CDF sampling and the portable uniform-random stream.
+
+Greedy decoding is sampling from a one-hot distribution at the argmax, so one code path serves both: with
+one-hot distributions, speculative rejection sampling reduces exactly to greedy draft-and-verify. Random numbers
+are inputs (uniforms in [0, 1)), never drawn inside a graph, so every target draws the same tokens from the same
+seed. `uniforms` is a counter-based generator (splitmix64) that any runtime can reimplement in a few lines.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Sampling(NamedTuple):
+    """Sampling controls, as arrays so one compiled graph serves every setting. temperature 0 means greedy."""
+
+    temperature: jax.Array  # float32 scalar
+    top_k: jax.Array  # int32 scalar, 0 = off
+    top_p: jax.Array  # float32 scalar, >= 1 = off
+
+    @staticmethod
+    def make(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> "Sampling":
+        return Sampling(np.float32(temperature), np.int32(top_k), np.float32(top_p))
+
+
+def token_distribution(logits, s: Sampling):
+    """logits [..., V] → probabilities after temperature, top-k then top-p; one-hot argmax when temperature is 0."""
+    vocab = logits.shape[-1]
+    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), vocab, dtype=jnp.float32)
+    z = logits.astype(jnp.float32) / jnp.maximum(s.temperature, 1e-6)
+    ordered = -jnp.sort(-z, axis=-1)
+    rank = jnp.arange(vocab)
+    in_top_k = (s.top_k <= 0) | (rank < s.top_k)
+    ordered_probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(ordered_probs, axis=-1) - ordered_probs
+    keep = in_top_k & ((s.top_p >= 1.0) | (mass_before < s.top_p))
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(ordered, n_keep - 1, axis=-1)
+    probs = jax.nn.softmax(jnp.where(z >= threshold, z, -jnp.inf), axis=-1)
+    return jnp.where(s.temperature > 0, probs, greedy)
+
+
+def sample(probs, u):
+    """Inverse-CDF sample: the first index whose cumulative probability exceeds u·total. probs [..., V], u [...]."""
+    cdf = jnp.cumsum(probs, axis=-1)
+    target = (u * cdf[..., -1])[..., None]
+    index = jnp.sum(cdf <= target, axis=-1)
+    return jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_MASK64)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seed: int, call: int, rows: int, width: int) -> np.ndarray:
+    """Uniforms [rows, width] in [0, 1) for decoding call `call` (0 = prefill, n = step n).
+
+    u[r, w] = top 24 bits of h / 2^24, with h = sm(sm(sm(sm(seed) ^ call) ^ r) ^ w) and sm = splitmix64 — a pure
+    function of (seed, call, row, slot), exactly representable in float32.
+    """
+    with np.errstate(over="ignore"):
+        h = _splitmix64(np.array([seed & _MASK64], np.uint64))
+        h = _splitmix64(h ^ np.uint64(call))
+        h = _splitmix64(h[:, None] ^ np.arange(rows, dtype=np.uint64)[:, None])
+        h = _splitmix64(h ^ np.arange(width, dtype=np.uint64)[None, :])
+    return ((h >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)).reshape(rows, width)

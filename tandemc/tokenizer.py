@@ -1,0 +1,65 @@
+"""Tokenizers: the built-in byte-level one, and Hugging Face `tokenizer.json` through the `tokenizers` package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tandemc.config import BYTE_VOCAB, TokenizerConfig
+from tandemc.errors import TandemcError
+
+
+class ByteTokenizer:
+    """Token i < 256 is byte i; then BOS, EOS, PAD. Decoding drops special tokens and replaces invalid UTF-8."""
+
+    vocab_size = BYTE_VOCAB
+    bos_id, eos_id, pad_id = 256, 257, 258
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return ([self.bos_id] if add_bos else []) + list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A `tokenizer.json`; special tokens are named in the checkpoint config (empty name: none)."""
+
+    def __init__(self, path: Path, cfg: TokenizerConfig):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise TandemcError("this checkpoint uses a Hugging Face tokenizer.json; install the 'tokenizers' "
+                               "package (pip install 'tandemc[hf]')") from None
+        if not path.is_file():
+            raise TandemcError(f"tokenizer file {path.name} named by config field 'tokenizer.file' is missing")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers package raises plain Exception subclasses
+            raise TandemcError(f"{path.name} is not a valid tokenizer.json: {str(e).splitlines()[0]}") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id, self.pad_id = (self._special(cfg.bos_token, "bos_token"),
+                                                 self._special(cfg.eos_token, "eos_token"),
+                                                 self._special(cfg.pad_token, "pad_token"))
+
+    def _special(self, token: str, field: str) -> int:
+        if not token:
+            return -1
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise TandemcError(f"config field 'tokenizer.{field}' names {token!r}, which is not in the tokenizer")
+        return token_id
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if add_bos and self.bos_id >= 0 else []) + ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(cfg: TokenizerConfig, directory: Path | None):
+    if cfg.type == "byte":
+        return ByteTokenizer()
+    if directory is None:
+        raise TandemcError("a Hugging Face tokenizer needs the checkpoint directory")
+    return HFTokenizer(directory / cfg.file, cfg)
