@@ -18,7 +18,7 @@ from tandemc import safetensors_io
 from tandemc.atomic import atomic_directory
 from tandemc.config import TandemConfig
 from tandemc.errors import TandemcError
-from tandemc.params import checkpoint_shapes, flatten, sizes, unflatten
+from tandemc.params import check_tensors, checkpoint_shapes, flatten, unflatten
 from tandemc.tokenizer import load_tokenizer
 
 CONFIG_FILE = "config.json"
@@ -31,27 +31,6 @@ class Checkpoint:
     params: dict[str, Any]  # nested pytree of numpy arrays
     tokenizer: Any
     path: Path | None = None
-
-
-def check_tensors(cfg: TandemConfig, tensors: dict[str, tuple[str, tuple[int, ...]]], source: str) -> None:
-    """tensors: name → (dtype name, shape). Raises on the first missing/extra/mis-shaped/mistyped tensor."""
-    expected = checkpoint_shapes(cfg)
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise TandemcError(f"{source}: missing tensor '{missing[0]}'{more} required by config.json")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise TandemcError(f"{source}: unexpected tensor '{extra[0]}'{more} that config.json does not describe")
-    for name, shape in expected.items():
-        dtype, actual = tensors[name]
-        if tuple(actual) != sizes(shape):
-            labels = ", ".join(label for _, label in shape)
-            raise TandemcError(f"{source}: tensor '{name}' has shape {tuple(actual)} but config.json implies "
-                               f"{sizes(shape)} = ({labels})")
-        if dtype != cfg.dtype:
-            raise TandemcError(f"{source}: tensor '{name}' has dtype {dtype} but config field 'dtype' is {cfg.dtype}")
 
 
 def check_finite(flat: dict[str, np.ndarray], source: str) -> None:
@@ -85,8 +64,9 @@ def inspect_checkpoint(path: str | Path) -> tuple[TandemConfig, dict]:
     if not weights.is_file():
         raise TandemcError(f"{path} has no {WEIGHTS_FILE}")
     header, _, _ = safetensors_io.read_header(weights)
-    check_tensors(cfg, {n: (safetensors_io.DTYPE_CODES[e["dtype"]], tuple(e["shape"])) for n, e in header.items()},
-                  WEIGHTS_FILE)
+    check_tensors(checkpoint_shapes(cfg),
+                  {n: (safetensors_io.DTYPE_CODES[e["dtype"]], tuple(e["shape"])) for n, e in header.items()},
+                  cfg.dtype, WEIGHTS_FILE)
     return cfg, header
 
 
@@ -107,7 +87,8 @@ def save_checkpoint(path: str | Path, cfg: TandemConfig, params: dict[str, Any],
     """Validate, then write atomically. The same config and parameters always give the same bytes."""
     cfg.validate()
     flat = {name: np.asarray(value) for name, value in flatten(params).items()}
-    check_tensors(cfg, {n: (safetensors_io.dtype_name(a), a.shape) for n, a in flat.items()}, "parameters")
+    check_tensors(checkpoint_shapes(cfg), {n: (safetensors_io.dtype_name(a), a.shape) for n, a in flat.items()},
+                  cfg.dtype, "parameters")
     check_finite(flat, "parameters")
     if cfg.tokenizer.type == "hf" and tokenizer_file is None:
         raise TandemcError("config uses a Hugging Face tokenizer; pass its tokenizer.json")

@@ -184,6 +184,7 @@ class Stats:
 class Generation:
     tokens: list[list[int]]  # new tokens per row, up to and including EOS
     stats: dict = field(default_factory=dict)
+    accepted: list[list[int]] = field(default_factory=list)  # per row, drafts accepted at each of its steps
 
 
 _prefill = jax.jit(prefill, static_argnames=("cfg", "mode"), donate_argnames=("state",))
@@ -214,7 +215,7 @@ def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str =
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = -1,
              max_seq_len: int | None = None) -> Generation:
     """Generate up to max_new_tokens per prompt (token id lists) with the chosen mode; see module docstring."""
-    gamma = 0 if mode == "primary" else (block_length or cfg.gamma_train)
+    gamma = 0 if mode == "primary" else (cfg.gamma_train if block_length is None else block_length)
     check_request(cfg, mode, prompts, max_new_tokens, gamma, max_seq_len or cfg.primary.max_seq_len)
     if max_seq_len is None:
         max_seq_len = min(c.max_seq_len for c in (cfg.primary, drafter_config(cfg, mode)) if c)
@@ -231,6 +232,7 @@ def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str =
     state = _prefill(params, cfg, mode, state, tokens, lengths, uniforms(seed, 0, batch, 1), sampling, eos)
     out = [[int(t)] for t in np.asarray(state["token"])]
     stats = Stats(new_tokens=batch)
+    accepted_per_step: list[list[int]] = [[] for _ in prompts]
     call = 0
     while not bool(np.all(np.asarray(state["done"]))):
         call += 1
@@ -244,9 +246,10 @@ def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str =
         stats.accepted += int(accepted.sum())
         for row in np.flatnonzero(active):
             out[row].extend(int(t) for t in emitted[row, :n_emitted[row]])
+            accepted_per_step[row].append(int(accepted[row]))
     tokens_out = [_truncate(row, max_new_tokens, eos_id) for row in out]
     stats.new_tokens = sum(len(r) for r in tokens_out)
-    return Generation(tokens_out, stats.as_dict())
+    return Generation(tokens_out, stats.as_dict(), accepted_per_step)
 
 
 def _truncate(row: list[int], limit: int, eos_id: int) -> list[int]:

@@ -108,10 +108,10 @@ def self_attention(positions) -> Attend:
     return attend
 
 
-def tandem_block_attention(k_primary, v_primary, positions, block: int) -> Attend:
-    """Query at position i sees primary-derived keys at positions < k = ⌊i/γ⌋·γ and its own keys at k..i."""
+def tandem_block_attention(k_primary, v_primary, positions, start) -> Attend:
+    """Query at position i sees primary-derived keys at positions < start[i] (its block's first position) and its
+    own keys at start[i]..i."""
     def attend(q, k, v):
-        start = (positions // block) * block
         from_primary = positions[:, None, :] < start[:, :, None]
         own = (positions[:, None, :] >= start[:, :, None]) & causal_mask(positions, positions)
         keys = jnp.concatenate([k_primary, k], axis=1)
@@ -162,13 +162,20 @@ def tandem_kv(params: Params, cfg: TandemConfig, primary_hiddens, positions):
     return out
 
 
-def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None = None, primary_hiddens=None):
-    """Training forward of the tandem secondary with fixed blocks of γ (default γ_train); returns its logits."""
-    block = block or cfg.gamma_train
+def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None = None, primary_hiddens=None,
+                   block_starts=None):
+    """Training forward of the tandem secondary; returns its logits [B, T, V].
+
+    Blocks are fixed, of γ = `block` (default γ_train) tokens, unless `block_starts` [B, T] gives each position's
+    block start k explicitly (as decoding produces them, wherever verification stopped).
+    """
     positions = sequence_positions(tokens)
+    if block_starts is None:
+        block = block or cfg.gamma_train
+        block_starts = (positions // block) * block
     if primary_hiddens is None:
         primary_hiddens = forward(params["primary"], cfg.primary, tokens)[1]
-    attends = [tandem_block_attention(k, v, positions, block)
+    attends = [tandem_block_attention(k, v, positions, block_starts)
                for k, v in tandem_kv(params, cfg, primary_hiddens, positions)]
     return decoder(params["secondary"], cfg.secondary, tokens, positions, attends)[0]
 

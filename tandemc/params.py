@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from tandemc.config import DecoderConfig, TandemConfig
+from tandemc.errors import TandemcError
 
 # A shape is a tuple of (size, label) pairs; the labels name the config fields behind each dimension so that a
 # mismatch can be reported in the user's terms.
@@ -18,22 +19,26 @@ Shape = tuple[tuple[int, str], ...]
 
 
 def decoder_shapes(cfg: DecoderConfig, prefix: str) -> dict[str, Shape]:
-    d = (cfg.d_model, f"{prefix}.d_model")
-    v = (cfg.vocab_size, f"{prefix}.vocab_size")
-    f = (cfg.d_ff, f"{prefix}.d_ff")
-    q = (cfg.n_heads * cfg.head_dim, f"{prefix}.n_heads*head_dim")
-    kv = (cfg.n_kv_heads * cfg.head_dim, f"{prefix}.n_kv_heads*head_dim")
-    shapes = {f"{prefix}.embed": (v, d)}
+    """Tensors of one decoder, named `{prefix}.embed`, ... (or `embed`, ... when prefix is empty)."""
+    def name(rest):
+        return f"{prefix}.{rest}" if prefix else rest
+
+    d = (cfg.d_model, name("d_model"))
+    v = (cfg.vocab_size, name("vocab_size"))
+    f = (cfg.d_ff, name("d_ff"))
+    q = (cfg.n_heads * cfg.head_dim, name("n_heads*head_dim"))
+    kv = (cfg.n_kv_heads * cfg.head_dim, name("n_kv_heads*head_dim"))
+    shapes = {name("embed"): (v, d)}
     for i in range(cfg.n_layers):
-        layer = f"{prefix}.layers.{i}"
+        layer = name(f"layers.{i}")
         shapes.update({
             f"{layer}.attn_norm": (d,), f"{layer}.wq": (d, q), f"{layer}.wk": (d, kv), f"{layer}.wv": (d, kv),
             f"{layer}.wo": (q, d), f"{layer}.mlp_norm": (d,), f"{layer}.w_gate": (d, f),
             f"{layer}.w_up": (d, f), f"{layer}.w_down": (f, d),
         })
-    shapes[f"{prefix}.final_norm"] = (d,)
+    shapes[name("final_norm")] = (d,)
     if not cfg.tie_embeddings:
-        shapes[f"{prefix}.lm_head"] = (d, v)
+        shapes[name("lm_head")] = (d, v)
     return shapes
 
 
@@ -57,6 +62,28 @@ def checkpoint_shapes(cfg: TandemConfig) -> dict[str, Shape]:
 
 def sizes(shape: Shape) -> tuple[int, ...]:
     return tuple(n for n, _ in shape)
+
+
+def check_tensors(expected: dict[str, Shape], tensors: dict[str, tuple[str, tuple[int, ...]]], dtype: str,
+                  source: str) -> None:
+    """tensors: name → (dtype name, shape). Raises on the first missing/extra/mis-shaped/mistyped tensor."""
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise TandemcError(f"{source}: missing tensor '{missing[0]}'{more} required by the config")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise TandemcError(f"{source}: unexpected tensor '{extra[0]}'{more} that the config does not describe")
+    for name, shape in expected.items():
+        actual_dtype, actual = tensors[name]
+        if tuple(actual) != sizes(shape):
+            labels = ", ".join(label for _, label in shape)
+            raise TandemcError(f"{source}: tensor '{name}' has shape {tuple(actual)} but the config implies "
+                               f"{sizes(shape)} = ({labels})")
+        if actual_dtype != dtype:
+            raise TandemcError(f"{source}: tensor '{name}' has dtype {actual_dtype} but config field 'dtype' is "
+                               f"{dtype}")
 
 
 def init_params(cfg: TandemConfig, seed: int = 0) -> dict[str, Any]:

@@ -1,0 +1,56 @@
+"""Shared helpers: random tandem configurations and their parameters."""
+
+import dataclasses
+import os
+
+# Tests compile many small graphs; LLVM's optimisation level changes compile time, not semantics.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tandemc.config import DecoderConfig, RouterConfig, TandemConfig
+from tandemc.params import init_params
+
+
+def decoder(vocab, d_model, n_layers, n_heads, n_kv_heads, head_dim, tie=False, max_seq_len=128):
+    return DecoderConfig(vocab, d_model, n_layers, n_heads, n_kv_heads, d_ff=2 * d_model, head_dim=head_dim,
+                         tie_embeddings=tie, max_seq_len=max_seq_len)
+
+
+# Shapes that stress the model: odd head counts, several GQA ratios, L_S not dividing L_L, tied and untied
+# embeddings, head_dim * n_heads != d_model. Small vocabularies make random drafts agree with the primary often
+# enough to exercise acceptance.
+CONFIGS = {
+    "mha-odd-heads": TandemConfig(decoder(5, 24, 3, 3, 3, 8), decoder(5, 12, 2, 3, 1, 4, tie=True),
+                                  drafter=decoder(5, 12, 2, 3, 1, 4)),
+    "gqa-4to2": TandemConfig(decoder(6, 32, 2, 4, 2, 8, tie=True), decoder(6, 16, 1, 2, 2, 8),
+                             drafter=decoder(6, 16, 1, 2, 1, 8)),
+    "mqa-5to1": TandemConfig(decoder(7, 40, 2, 5, 1, 6), decoder(7, 20, 2, 5, 1, 4), gamma_train=3),
+    "custom-map": TandemConfig(decoder(6, 32, 3, 6, 3, 6), decoder(6, 16, 2, 1, 1, 10, tie=True),
+                               layer_map=(0, 0), router=RouterConfig(top_k=3, hidden=8)),
+}
+
+
+def make(cfg: TandemConfig, seed: int = 0):
+    cfg = cfg.validate()
+    return cfg, jax.tree.map(jnp.asarray, init_params(cfg, seed))
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def tandem(request):
+    return make(CONFIGS[request.param], seed=hash(request.param) % 1000)
+
+
+def with_drafter_as_primary(cfg: TandemConfig, params, noise: float = 0.0, seed: int = 0):
+    """A standalone drafter that is a (noisy) copy of the primary: full or partial acceptance on demand."""
+    rng = np.random.default_rng(seed)
+    drafter = jax.tree.map(lambda x: x + noise * jnp.asarray(rng.standard_normal(x.shape), x.dtype), params["primary"])
+    return dataclasses.replace(cfg, drafter=cfg.primary), {**params, "drafter": drafter}
+
+
+def random_prompts(vocab, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
