@@ -1,0 +1,154 @@
+"""Speculative sampling draws from the primary's distribution; the sampling primitives are what they claim."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import CONFIGS, make
+from tandemc import model
+from tandemc.decoding import generate
+from tandemc.sampling import Sampling, sample, token_distribution, uniforms
+
+ALPHA = 1e-3  # significance level of the goodness-of-fit tests
+SAMPLES = 6000
+NEW = 3
+
+
+def primary_sequence_distribution(params, cfg, prompt, sampling):
+    """Exact probability of every continuation of NEW tokens under the primary (enumerated)."""
+    vocab = cfg.primary.vocab_size
+    conts = np.array(list(itertools.product(range(vocab), repeat=NEW)), np.int32)
+    seqs = np.concatenate([np.tile(prompt, (len(conts), 1)), conts], axis=1)
+    logits, _ = jax.jit(model.forward, static_argnums=1)(params["primary"], cfg.primary, seqs)
+    probs = np.asarray(token_distribution(logits, sampling))
+    n = len(prompt)
+    p = np.ones(len(conts))
+    for i in range(NEW):
+        p *= probs[np.arange(len(conts)), n - 1 + i, conts[:, i]]
+    return {tuple(c): q for c, q in zip(conts.tolist(), p)}
+
+
+def goodness_of_fit(samples, expected):
+    """Chi-square p-value of the observed continuations against `expected`, cells with expected count < 5 merged.
+    Also returns how many samples fell in cells the expected distribution says are impossible."""
+    observed = {}
+    for row in samples:
+        observed[tuple(row)] = observed.get(tuple(row), 0) + 1
+    impossible = sum(n for cell, n in observed.items() if expected.get(cell, 0.0) == 0.0)
+    big = [c for c, q in expected.items() if q * len(samples) >= 5]
+    small = [c for c, q in expected.items() if 0 < q * len(samples) < 5]
+    obs = [observed.get(c, 0) for c in big]
+    exp = [expected[c] * len(samples) for c in big]
+    if small:
+        obs.append(sum(observed.get(c, 0) for c in small))
+        exp.append(sum(expected[c] for c in small) * len(samples))
+    obs, exp = np.array(obs, float), np.array(exp, float)
+    exp *= obs.sum() / exp.sum()
+    return stats.chisquare(obs, exp).pvalue, impossible
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.8, 3, 0.9)])
+def test_speed_sampling_matches_primary_distribution(temperature, top_k, top_p):
+    cfg, params = make(CONFIGS["mha-odd-heads"], seed=4)
+    prompt = [1, 3, 0]
+    sampling = Sampling.make(temperature, top_k, top_p)
+    expected = primary_sequence_distribution(params, cfg, prompt, sampling)
+    kw = dict(max_new_tokens=NEW, temperature=temperature, top_k=top_k, top_p=top_p, seed=11)
+    prompts = [prompt] * SAMPLES  # every row draws its own uniforms: SAMPLES independent samples
+
+    speed = generate(params, cfg, prompts, mode="speed", block_length=2, **kw)
+    assert 0.05 < speed.stats["acceptance_rate"] < 0.95  # both acceptance and rejection happen
+    p_value, impossible = goodness_of_fit(speed.tokens, expected)
+    assert impossible == 0
+    assert p_value > ALPHA
+
+    # The same test has the power to reject a sampler that is not the primary's: standalone Tandem keeps the
+    # secondary's drafts.
+    tandem = generate(params, cfg, prompts, mode="tandem", block_length=2, **kw)
+    assert goodness_of_fit(tandem.tokens, expected)[0] < ALPHA
+
+
+def test_vanilla_sampling_matches_primary_distribution():
+    cfg, params = make(CONFIGS["gqa-4to2"], seed=2)
+    prompt = [2, 2, 5, 1]
+    expected = primary_sequence_distribution(params, cfg, prompt, Sampling.make(1.0))
+    out = generate(params, cfg, [prompt] * SAMPLES, mode="vanilla", block_length=3, max_new_tokens=NEW,
+                   temperature=1.0, seed=5)
+    p_value, impossible = goodness_of_fit(out.tokens, expected)
+    assert impossible == 0 and p_value > ALPHA
+
+
+def test_sampling_is_reproducible_from_the_seed():
+    cfg, params = make(CONFIGS["gqa-4to2"])
+    kw = dict(mode="speed", block_length=3, max_new_tokens=12, temperature=0.9)
+    a = generate(params, cfg, [[1, 2], [3]], seed=7, **kw)
+    assert a.tokens == generate(params, cfg, [[1, 2], [3]], seed=7, **kw).tokens
+    assert a.tokens != generate(params, cfg, [[1, 2], [3]], seed=8, **kw).tokens
+
+
+def reference_filter(logits, temperature, top_k, top_p):
+    """An independent numpy implementation of temperature → top-k → top-p."""
+    z = logits / temperature
+    order = np.argsort(-z, kind="stable")
+    keep = np.zeros(len(z), bool)
+    keep[order[:top_k] if top_k else order] = True
+    p = np.exp(z - z.max()) * keep
+    p /= p.sum()
+    if top_p < 1:
+        mass, nucleus = 0.0, np.zeros(len(z), bool)
+        for i in order:
+            if not keep[i] or mass >= top_p:
+                break
+            nucleus[i] = True
+            mass += p[i]
+        keep = nucleus
+    out = np.exp(z - z.max()) * keep
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.3, 4, 1.0),
+                                                       (1.0, 0, 0.6), (0.7, 5, 0.8), (1.0, 1, 1.0)])
+def test_token_distribution_matches_reference(temperature, top_k, top_p):
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((8, 20)).astype(np.float32) * 2
+    got = np.asarray(token_distribution(jnp.asarray(logits), Sampling.make(temperature, top_k, top_p)))
+    for row, l in zip(got, logits):
+        np.testing.assert_allclose(row, reference_filter(l.astype(np.float64), temperature, top_k, top_p),
+                                   atol=1e-6)
+
+
+def test_temperature_zero_is_one_hot_argmax():
+    logits = jnp.asarray([[0.1, 3.0, -1.0, 2.9]])
+    np.testing.assert_array_equal(np.asarray(token_distribution(logits, Sampling.make(0.0))), [[0, 1, 0, 0]])
+    # Inverse-CDF sampling from a one-hot picks its token for every u in [0, 1).
+    probs = jnp.asarray([[0.0, 1.0, 0.0, 0.0]] * 4)
+    assert np.asarray(sample(probs, jnp.asarray([0.0, 0.3, 0.999, 1 - 2 ** -24]))).tolist() == [1, 1, 1, 1]
+
+
+def test_inverse_cdf_sampling_frequencies():
+    probs = np.array([0.1, 0.0, 0.6, 0.3], np.float32)
+    u = (np.arange(10000) + 0.5) / 10000
+    counts = np.bincount(np.asarray(sample(jnp.tile(probs, (10000, 1)), jnp.asarray(u, jnp.float32))), minlength=4)
+    np.testing.assert_allclose(counts / 10000, probs, atol=1e-3)
+
+
+def _splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) % 2 ** 64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+    return x ^ (x >> 31)
+
+
+def test_uniform_stream_follows_its_documented_definition():
+    """Pure-Python integers, as another runtime would write it, against the vectorised numpy version."""
+    got = uniforms(seed=1234, call=5, rows=3, width=4)
+    for r in range(3):
+        for w in range(4):
+            h = _splitmix64(_splitmix64(_splitmix64(_splitmix64(1234) ^ 5) ^ r) ^ w)
+            assert got[r, w] == np.float32((h >> 40) / 2 ** 24)
+    assert got.dtype == np.float32 and ((got >= 0) & (got < 1)).all()
+    assert len(np.unique(uniforms(0, 0, 1000, 1))) > 990
