@@ -1,0 +1,86 @@
+"""The command line: init, inspect, generate; --json shapes; one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from tandemc.cli import cli
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    run("init", path, "--preset", "tiny", "--seed", 1)
+    return path
+
+
+def test_every_command_has_help():
+    for command in ([], ["init"], ["inspect"], ["generate"]):
+        result = run(*command, "--help")
+        assert "Usage:" in result.output and ("--json" in result.output or not command)
+
+
+def test_init_and_inspect(tiny, tmp_path):
+    data = json.loads(run("inspect", tiny, "--json").output)
+    assert data["models"]["primary"]["layers"] == 2 and data["models"]["secondary"]["d_model"] == 32
+    assert data["layer_map"] == [1] and data["gamma_train"] == 2
+    assert data["total_parameters"] == sum(
+        [data["models"][m]["parameters"] for m in data["models"]] + [data["tandem_parameters"],
+                                                                     data["router_parameters"]])
+    assert data["bytes_by_dtype"] == {"F32": 4 * data["total_parameters"]}
+    assert "layer map" in run("inspect", tiny).output
+    # --config FILE initialises from a config.json
+    out = json.loads(run("init", tmp_path / "again", "--config", tiny / "config.json", "--json").output)
+    assert sum(out["parameters"].values()) == data["total_parameters"]
+
+
+def test_generate_json(tiny):
+    data = json.loads(run("generate", tiny, "--prompt", "def f(", "-n", 12, "--json").output)
+    assert set(data) >= {"tokens", "text", "stats"}
+    assert len(data["tokens"]) == 12 and all(isinstance(t, int) for t in data["tokens"])
+    assert set(data["stats"]) >= {"steps", "drafted", "accepted", "mean_accepted_per_step", "acceptance_rate"}
+    primary = json.loads(run("generate", tiny, "--prompt", "def f(", "-n", 12, "--mode", "primary", "--json").output)
+    assert primary["tokens"] == data["tokens"]  # greedy SPEED is the primary's output
+
+
+def test_generate_sampling_and_stats(tiny):
+    args = ("generate", tiny, "--prompt", "x", "-n", 10, "-t", "0.9", "--top-k", 20, "--top-p", "0.95")
+    a = json.loads(run(*args, "--seed", 3, "--json").output)
+    assert a["tokens"] == json.loads(run(*args, "--seed", 3, "--json").output)["tokens"]
+    result = CliRunner().invoke(cli, [str(x) for x in args] + ["--stats", "--mode", "vanilla", "-g", "3"])
+    assert result.exit_code == 0 and "mean accepted/step" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "{tiny}", "--prompt", "x", "-n", "999"], "exceeds the cache length 256"),
+    (["generate", "{tiny}/nope", "--prompt", "x"], "does not exist"),
+    (["generate", "{tiny}", "--prompt", "x", "-t", "-1"], "--temperature >= 0"),
+    (["init", "{tiny}", "--preset", "tiny"], "already exists; pass --force"),
+    (["init", "{tiny}2", "--preset", "huge"], "unknown preset 'huge'"),
+    (["init", "{tiny}3"], "exactly one of --preset NAME or --config FILE"),
+    (["inspect", "{tiny}/config.json"], "does not exist"),
+])
+def test_errors_are_one_line_with_exit_2(tiny, args, message):
+    result = run(*[a.format(tiny=tiny) for a in args], ok=False)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_console_script_entry_point(tiny):
+    proc = subprocess.run([sys.executable, "-m", "tandemc.cli", "inspect", str(tiny), "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["dtype"] == "float32"
+    proc = subprocess.run([sys.executable, "-m", "tandemc.cli", "inspect", str(tiny / "missing")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
