@@ -207,3 +207,17 @@ def test_inspect_reads_header_only(ckpt):
 def test_config_json_round_trip():
     cfg = preset("small")
     assert TandemConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_presets_span_tiny_to_a_billion_parameters():
+    from tandemc.config import PRESETS
+    from tandemc.params import count
+
+    assert count(init_params(preset("tiny"), 0)["primary"]) == preset("tiny").primary.num_parameters()
+    sizes = {name: cfg.primary.num_parameters() for name, cfg in PRESETS.items()}
+    assert sizes["tiny"] < 200_000 and 4e6 < sizes["small"] < 6e6
+    assert 0.9e8 < sizes["100m"] < 1.2e8 and 0.9e9 < sizes["1b"] < 1.2e9
+    for name, cfg in PRESETS.items():
+        cfg.validate()
+        if name != "tiny":  # a primary several times the secondary's cost
+            assert cfg.secondary.num_parameters() * 5 < cfg.primary.num_parameters()
