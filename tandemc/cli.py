@@ -112,9 +112,9 @@ def inspect(path, as_json):
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--mode", type=click.Choice(["speed", "tandem", "primary", "vanilla"]), default="speed",
-              show_default=True, help="speed: exact draft-verify; tandem: standalone Tandem; primary: primary "
-              "only; vanilla: SPEED with the standalone drafter.")
+@click.option("--mode", type=click.Choice(["speed", "tandem", "adaptive", "primary", "vanilla"]), default="speed",
+              show_default=True, help="speed: exact draft-verify; tandem: standalone Tandem; adaptive: speed with "
+              "router-gated block length (up to γ); primary: primary only; vanilla: SPEED with the standalone drafter.")
 @click.option("--block-length", "-g", type=int, help="Draft block length γ [default: the checkpoint's gamma_train].")
 @click.option("--max-new-tokens", "-n", default=64, show_default=True)
 @click.option("--temperature", "-t", default=0.0, show_default=True, help="0 is greedy.")
@@ -151,6 +151,157 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
     click.echo(text)
     if stats:
         click.echo(_format_stats(run_stats), err=True)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Checkpoint to write.")
+@click.option("--stage", type=click.Choice(["pretrain", "tandem", "router"]), required=True)
+@click.option("--model", "model_name", type=click.Choice(["primary", "secondary", "drafter"]), default="primary",
+              show_default=True, help="pretrain: the decoder to train.")
+@click.option("--objective", type=click.Choice(["ce", "distil"]), default="ce", show_default=True,
+              help="distil: 0.5 ground truth + 0.5 the primary's distribution.")
+@click.option("--data", default="stdlib", show_default=True, help="Text file, directory, or 'stdlib'.")
+@click.option("--steps", default=1000, show_default=True)
+@click.option("--batch", default=32, show_default=True, help="Global batch, split over local devices.")
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--warmup", default=100, show_default=True)
+@click.option("--block-length", "-g", default=0, help="tandem/router: γ_train [default: the checkpoint's].")
+@click.option("--init-secondary-from-drafter", is_flag=True,
+              help="tandem: start the secondary from the standalone drafter's weights (same shape).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--save-every", default=200, show_default=True, help="Steps between resumable state saves.")
+@click.option("--state-dir", type=click.Path(path_type=Path),
+              help="Resumable training state [default: OUTPUT.train-state]; removed when the run completes.")
+@click.option("--stop-after", type=int, help="End this run after N steps, keeping the state to resume from.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@json_option
+def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq_len, lr, warmup, block_length,
+          init_secondary_from_drafter, seed, save_every, state_dir, stop_after, force, as_json):
+    """Train one stage of the recipe on CHECKPOINT and write the result to OUTPUT (resumable)."""
+    import shutil
+
+    from tandemc.checkpoint import load_checkpoint
+    from tandemc.data import load_corpus
+    from tandemc.train import TrainOptions, initialise_secondary_from_drafter, save_trained
+    from tandemc.train import train as run
+
+    if out.exists() and not force:
+        raise TandemcError(f"{out} already exists; pass --force to overwrite it")
+    ckpt = load_checkpoint(checkpoint)
+    if init_secondary_from_drafter:
+        ckpt = initialise_secondary_from_drafter(ckpt)
+    opts = TrainOptions(stage=stage, model=model_name, objective=objective, steps=steps, batch=batch,
+                        seq_len=seq_len, lr=lr, warmup=warmup, block_length=block_length, seed=seed,
+                        save_every=save_every).validate(ckpt)
+    corpus = load_corpus(data, ckpt.tokenizer)
+    state_dir = state_dir or out.with_name(out.name + ".train-state")
+    if (state_dir / "state.json").is_file() and not as_json:
+        click.echo(f"resuming from {state_dir}", err=True)
+    result = run(ckpt, corpus.train, opts, state_dir, stop_after=stop_after)
+    if result.step < opts.steps:
+        _emit(as_json, {"output": None, "state_dir": str(state_dir), "steps": result.step},
+              f"stopped at step {result.step}/{opts.steps}; rerun the same command to resume from {state_dir}")
+        return
+    save_trained(out, ckpt, result, opts, force=force)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    step, loss, accuracy = result.history[-1]
+    tokens = (opts.steps - result.history[0][0] + 1) * opts.batch * opts.seq_len
+    data_out = {"output": str(out), "stage": stage, "trained": list(opts.trained), "objective": objective,
+                "steps": step, "loss": loss, "accuracy": accuracy, "seconds": round(result.seconds, 2),
+                "tokens_per_second": round(tokens / max(result.seconds, 1e-9)), "train_files": corpus.n_files[0],
+                "held_out_files": corpus.n_files[1]}
+    _emit(as_json, data_out, f"wrote {out}: {stage} {'/'.join(opts.trained)} step {step} loss {loss:.4f} "
+                             f"accuracy {accuracy:.3f} ({result.seconds:.0f}s)")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data", default="stdlib", show_default=True, help="Text file, directory, or 'stdlib' (its held-out files).")
+@click.option("--windows", default=64, show_default=True, help="Held-out windows for next-token metrics.")
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--block-length", "-g", default=0, help="Tandem block length for next-token metrics [default: gamma_train].")
+@click.option("--gammas", default="1-8", show_default=True, help="Block lengths for the acceptance figures (e.g. 1-8 or 2,4).")
+@click.option("--prompts", default=16, show_default=True, help="Held-out prompts decoded per block length.")
+@click.option("--new-tokens", default=64, show_default=True)
+@json_option
+def evaluate(checkpoint, data, windows, seq_len, block_length, gammas, prompts, new_tokens, as_json):
+    """Held-out accuracy of the primary, tandem secondary and standalone drafter, and SPEED acceptance per γ."""
+    import jax
+
+    from tandemc.checkpoint import load_checkpoint
+    from tandemc.data import evaluation_windows, load_corpus
+    from tandemc.evaluate import acceptance_by_block_length, next_token_metrics
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt.config
+    block = block_length or cfg.gamma_train
+    gamma_list = _parse_range(gammas)
+    corpus = load_corpus(data, ckpt.tokenizer)
+    stream = corpus.held_out if len(corpus.held_out) > seq_len + 1 else corpus.train
+    params = jax.tree.map(jax.numpy.asarray, ckpt.params)
+    metrics = next_token_metrics(params, cfg, evaluation_windows(stream, seq_len, windows), block)
+    prompt_windows = evaluation_windows(stream, 64, prompts)[:, :64]
+    acceptance = acceptance_by_block_length(params, cfg, prompt_windows.tolist(), gamma_list, new_tokens)
+    result = {**metrics, "block_length": block, "acceptance": acceptance,
+              "held_out_files": corpus.n_files[1]}
+    lines = [f"next-token accuracy (held-out, tandem blocks of {block}): primary {metrics['primary_accuracy']:.4f}  "
+             f"tandem {metrics['tandem_accuracy']:.4f}" +
+             (f"  standalone {metrics['standalone_accuracy']:.4f}" if "standalone_accuracy" in metrics else "")]
+    if "relative_tv" in metrics:
+        lines.append(f"total-variation distance to the primary: tandem {metrics['tandem_tv']:.4f}  standalone "
+                     f"{metrics['standalone_tv']:.4f}  (relative {metrics['relative_tv']:.3f})")
+    lines.append("mean accepted tokens per greedy SPEED step:")
+    for gamma, row in acceptance.items():
+        lines.append(f"  gamma {gamma}: tandem {row['tandem']:.3f}" +
+                     (f"  standalone {row['standalone']:.3f}" if "standalone" in row else ""))
+    _emit(as_json, result, "\n".join(lines))
+
+
+def _parse_range(text: str) -> list[int]:
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            values = list(range(lo, hi + 1))
+        else:
+            values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise TandemcError(f"cannot read block lengths {text!r}; write e.g. 1-8 or 2,4") from None
+    if not values or min(values) < 1:
+        raise TandemcError(f"block lengths must be >= 1, got {text!r}")
+    return values
+
+
+@cli.command("import-hf")
+@click.option("--primary", "primary_dir", type=click.Path(path_type=Path), required=True,
+              help="Hugging Face Llama directory of the primary.")
+@click.option("--secondary", "secondary_dir", type=click.Path(path_type=Path), required=True,
+              help="Hugging Face Llama directory of the secondary (also the standalone drafter).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
+@click.option("--layer-map", help="Comma-separated primary layer per secondary layer [default: evenly spaced].")
+@click.option("--gamma-train", default=2, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed for the fresh tandem projections.")
+@click.option("--force", is_flag=True)
+@json_option
+def import_hf(primary_dir, secondary_dir, out, layer_map, gamma_train, dtype, seed, force, as_json):
+    """Build a tandem checkpoint from two Llama-family models that share a tokenizer."""
+    from tandemc.checkpoint import save_checkpoint
+    from tandemc.hf import import_tandem
+
+    try:
+        mapping = tuple(int(x) for x in layer_map.split(",")) if layer_map else ()
+    except ValueError:
+        raise TandemcError(f"--layer-map must be comma-separated layer numbers, got {layer_map!r}") from None
+    cfg, params, tokenizer_file = import_tandem(primary_dir, secondary_dir, layer_map=mapping,
+                                                gamma_train=gamma_train, dtype=dtype, seed=seed)
+    save_checkpoint(out, cfg, params, tokenizer_file=tokenizer_file, force=force)
+    counts = _parameter_counts(params)
+    _emit(as_json, {"path": str(out), "parameters": counts, "layer_map": list(cfg.layer_map),
+                    "tokenizer": cfg.tokenizer.type},
+          f"wrote {out} ({', '.join(f'{k} {_human(v)}' for k, v in counts.items())} parameters; layer map "
+          f"{list(cfg.layer_map)}; tokenizer {cfg.tokenizer.type})")
 
 
 def _format_stats(s: dict) -> str:

@@ -32,7 +32,8 @@ from tandemc.config import TandemConfig
 from tandemc.errors import TandemcError
 from tandemc.sampling import Sampling, sample, token_distribution, uniforms
 
-MODES = ("speed", "tandem", "primary", "vanilla")
+MODES = ("speed", "tandem", "adaptive", "primary", "vanilla")
+TANDEM_MODES = ("speed", "tandem", "adaptive")  # modes drafting with the tandem secondary
 
 
 def drafter_name(mode: str) -> str | None:
@@ -68,7 +69,7 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, lengths, u, sam
     last = lengths - 1
     first = sample(token_distribution(logits[rows, last], sampling), u[:, 0])
     secondary_cache = state["secondary"]
-    if mode in ("speed", "tandem"):
+    if mode in TANDEM_MODES:
         kvs = model.tandem_kv(params, cfg, hiddens, positions)
         secondary_cache = model.write_tandem_kv(secondary_cache, kvs, jnp.zeros((b,), jnp.int32))
     elif mode == "vanilla":
@@ -85,8 +86,9 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, lengths, u, sam
 def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: Sampling, eos_id):
     """One draft-verify iteration. u [B, 2γ+1]: γ for drafting, γ for acceptance, 1 for the final token.
 
-    Returns (new state, emitted [B, γ+1], n_emitted [B], accepted [B]); row b's new tokens are
-    emitted[b, :n_emitted[b]]. Rows already done keep their state and emit nothing.
+    Returns (new state, emitted [B, γ+1], n_emitted [B], accepted [B], drafted [B]); row b's new tokens are
+    emitted[b, :n_emitted[b]]. Rows already done keep their state and emit nothing. In `adaptive` mode drafting
+    stops at the first draft the router predicts will be rejected (γ is then the maximum block length).
     """
     b = state["token"].shape[0]
     rows = jnp.arange(b)
@@ -96,6 +98,7 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
     secondary_cache = state["secondary"]
 
     drafts, draft_probs = [], []
+    n_drafted = jnp.full((b,), gamma, jnp.int32)
     if gamma > 0:
         if mode == "vanilla":
             # The drafter never saw d_γ when the whole previous draft was accepted: re-read the token at p-1
@@ -108,6 +111,10 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
                                                             secondary_cache)
             q = token_distribution(logits[:, -1], sampling)
             d = sample(q, u[:, t])
+            if mode == "adaptive":  # stop drafting at the first draft the router expects to be rejected
+                features = model.router_features(cfg.router, draft_params["embed"], jax.nn.softmax(logits[:, -1]))
+                reject = model.router_reject_probability(params["router"], features) > cfg.router.threshold
+                n_drafted = jnp.where((n_drafted == gamma) & reject, t, n_drafted)
             drafts.append(d)
             draft_probs.append(q)
             tokens, positions = d[:, None], (p + t + 1)[:, None]
@@ -124,11 +131,13 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
         q = jnp.stack(draft_probs, axis=1)
         p_d = jnp.take_along_axis(target[:, :gamma], d[..., None], axis=-1)[..., 0]
         q_d = jnp.take_along_axis(q, d[..., None], axis=-1)[..., 0]
-        accept = u[:, gamma:2 * gamma] * q_d < p_d  # u < p/q
+        proposed = jnp.arange(gamma)[None, :] < n_drafted[:, None]
+        accept = (u[:, gamma:2 * gamma] * q_d < p_d) & proposed  # u < p/q
         if mode == "tandem":
             accept = jnp.ones_like(accept)
         a = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)
-        q_ext = jnp.concatenate([q, jnp.zeros((b, 1, vocab), q.dtype)], axis=1)
+        # Drafts never proposed contribute no q: after an early stop the final token comes from p itself.
+        q_ext = jnp.concatenate([jnp.where(proposed[..., None], q, 0.0), jnp.zeros((b, 1, vocab), q.dtype)], axis=1)
     else:
         d = jnp.zeros((b, 0), jnp.int32)
         a = jnp.zeros((b,), jnp.int32)
@@ -144,7 +153,7 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
     emitted = jnp.where(slots < a[:, None], padded, y[:, None])
     n_emitted = a + 1
 
-    if mode in ("speed", "tandem"):
+    if mode in TANDEM_MODES:
         secondary_cache = model.write_tandem_kv(secondary_cache, model.tandem_kv(params, cfg, hiddens, block_pos), p)
 
     hit_eos = jnp.any((slots < n_emitted[:, None]) & (emitted == eos_id), axis=1)
@@ -158,7 +167,7 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
         "primary": primary_cache, "secondary": secondary_cache,
     }
     n_emitted = jnp.where(active, n_emitted, 0)
-    return new_state, emitted, n_emitted, jnp.where(active, a, 0)
+    return new_state, emitted, n_emitted, jnp.where(active, a, 0), jnp.where(active, n_drafted, 0)
 
 
 @dataclass
@@ -197,6 +206,9 @@ def check_request(cfg: TandemConfig, mode: str, prompts, max_new_tokens: int, ga
     if mode == "vanilla" and cfg.drafter is None:
         raise TandemcError("mode 'vanilla' needs a standalone drafter, and this checkpoint has none; use "
                            "--mode speed or add drafter.* weights")
+    if mode == "adaptive" and cfg.router is None:
+        raise TandemcError("mode 'adaptive' needs a router, and this checkpoint has none; train one with "
+                           "`tandemc train --stage router` or use --mode speed")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TandemcError("every prompt must hold at least one token")
     if max_new_tokens < 1:
@@ -237,12 +249,12 @@ def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str =
     while not bool(np.all(np.asarray(state["done"]))):
         call += 1
         active = ~np.asarray(state["done"])
-        state, emitted, n_emitted, accepted = _step(params, cfg, mode, gamma, state,
-                                                    uniforms(seed, call, batch, 2 * gamma + 1), sampling, eos)
+        state, emitted, n_emitted, accepted, drafted = _step(params, cfg, mode, gamma, state,
+                                                             uniforms(seed, call, batch, 2 * gamma + 1), sampling, eos)
         emitted, n_emitted, accepted = np.asarray(emitted), np.asarray(n_emitted), np.asarray(accepted)
         stats.steps += 1
         stats.row_steps += int(active.sum())
-        stats.drafted += gamma * int(active.sum())
+        stats.drafted += int(np.asarray(drafted).sum())
         stats.accepted += int(accepted.sum())
         for row in np.flatnonzero(active):
             out[row].extend(int(t) for t in emitted[row, :n_emitted[row]])

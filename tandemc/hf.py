@@ -110,3 +110,57 @@ def _our_name(name: str) -> str | None:
         if rest in _LAYER_NAMES:
             return f"layers.{int(index)}.{_LAYER_NAMES[rest]}"
     return None
+
+
+def _special_token(directory: Path, hf_config: dict, key: str) -> str:
+    """The name of a special token from tokenizer_config.json (or config.json's id via the tokenizer)."""
+    tok_cfg = directory / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        value = json.loads(tok_cfg.read_text()).get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            return value
+    token_id = hf_config.get(f"{key}_id")
+    if isinstance(token_id, int) and (directory / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(directory / "tokenizer.json")).id_to_token(token_id) or ""
+    return ""
+
+
+def import_tandem(primary_dir: str | Path, secondary_dir: str | Path, *, layer_map: tuple[int, ...] = (),
+                  gamma_train: int = 2, dtype: str = "float32", seed: int = 0):
+    """Two Hugging Face Llama models sharing a tokenizer → (TandemConfig, params, tokenizer.json path or None).
+
+    The secondary also becomes the standalone drafter (the vanilla-SPEED baseline); the tandem projections are
+    freshly initialised, ready for `tandemc train --stage tandem`.
+    """
+    from tandemc.config import TandemConfig, TokenizerConfig
+    from tandemc.params import init_params
+
+    primary_dir, secondary_dir = Path(primary_dir), Path(secondary_dir)
+    primary_cfg, primary = load_llama(primary_dir, dtype)
+    secondary_cfg, secondary = load_llama(secondary_dir, dtype)
+    if primary_cfg.vocab_size != secondary_cfg.vocab_size:
+        raise TandemcError(f"vocabularies differ: {primary_dir.name} has {primary_cfg.vocab_size} tokens, "
+                           f"{secondary_dir.name} has {secondary_cfg.vocab_size}; a tandem needs one shared tokenizer")
+    tokenizer_file = primary_dir / "tokenizer.json"
+    other = secondary_dir / "tokenizer.json"
+    if tokenizer_file.is_file() and other.is_file() and tokenizer_file.read_bytes() != other.read_bytes():
+        raise TandemcError(f"{primary_dir.name} and {secondary_dir.name} ship different tokenizer.json files; a "
+                           "tandem needs one shared tokenizer")
+    if tokenizer_file.is_file():
+        hf = json.loads((primary_dir / "config.json").read_text())
+        tokenizer = TokenizerConfig(type="hf", file="tokenizer.json",
+                                    bos_token=_special_token(primary_dir, hf, "bos_token"),
+                                    eos_token=_special_token(primary_dir, hf, "eos_token"),
+                                    pad_token=_special_token(primary_dir, hf, "pad_token"))
+    else:
+        tokenizer_file = None
+        tokenizer = TokenizerConfig()
+    cfg = TandemConfig(primary=primary_cfg, secondary=secondary_cfg, drafter=secondary_cfg, layer_map=layer_map,
+                       gamma_train=gamma_train, tokenizer=tokenizer, dtype=dtype).validate()
+    fresh = init_params(cfg, seed)
+    params = {"primary": primary, "secondary": secondary, "drafter": secondary, "tandem": fresh["tandem"]}
+    return cfg, params, tokenizer_file

@@ -1,0 +1,67 @@
+"""Held-out metrics of a tandem checkpoint: next-token accuracy and distance to the primary, and SPEED acceptance.
+
+Next-token metrics are teacher-forced over held-out windows, the tandem secondary with fixed blocks of γ. The
+acceptance figures come from real greedy SPEED decoding on held-out prompts, with the tandem secondary and with
+the standalone drafter, so they measure exactly what a deployment would see.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tandemc import model
+from tandemc.config import TandemConfig
+from tandemc.decoding import generate
+
+
+def _batch_metrics(params, cfg: TandemConfig, tokens, block: int):
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    primary_logits, hiddens = model.forward(params["primary"], cfg.primary, x)
+    primary_probs = jax.nn.softmax(primary_logits)
+    primary_choice = jnp.argmax(primary_logits, -1)
+    models = {"tandem": model.tandem_forward(params, cfg, x, block, primary_hiddens=hiddens)}
+    if cfg.drafter is not None:
+        models["standalone"] = model.forward(params["drafter"], cfg.drafter, x)[0]
+    out = {"primary_correct": jnp.sum(primary_choice == y)}
+    for name, logits in models.items():
+        choice = jnp.argmax(logits, -1)
+        out[f"{name}_correct"] = jnp.sum(choice == y)
+        out[f"{name}_agree"] = jnp.sum(choice == primary_choice)
+        out[f"{name}_tv"] = jnp.sum(0.5 * jnp.sum(jnp.abs(jax.nn.softmax(logits) - primary_probs), -1))
+    return out
+
+
+_batch_metrics_jit = jax.jit(_batch_metrics, static_argnames=("cfg", "block"))
+
+
+def next_token_metrics(params, cfg: TandemConfig, windows: np.ndarray, block: int, batch: int = 16) -> dict:
+    totals: dict[str, float] = {}
+    for i in range(0, len(windows), batch):
+        for k, v in _batch_metrics_jit(params, cfg, windows[i:i + batch], block).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    n = windows.shape[0] * (windows.shape[1] - 1)
+    out = {"primary_accuracy": totals["primary_correct"] / n}
+    for name in ("tandem", "standalone"):
+        if f"{name}_correct" in totals:
+            out[f"{name}_accuracy"] = totals[f"{name}_correct"] / n
+            out[f"{name}_agreement"] = totals[f"{name}_agree"] / n
+            out[f"{name}_tv"] = totals[f"{name}_tv"] / n
+    if "standalone_tv" in out:
+        out["relative_tv"] = out["tandem_tv"] / out["standalone_tv"]
+    out["positions"] = n
+    return out
+
+
+def acceptance_by_block_length(params, cfg: TandemConfig, prompts: list[list[int]], gammas, new_tokens: int) -> dict:
+    """γ → mean accepted drafts per greedy SPEED step, for the tandem secondary and the standalone drafter."""
+    out = {}
+    for gamma in gammas:
+        row = {"tandem": generate(params, cfg, prompts, mode="speed", block_length=gamma,
+                                  max_new_tokens=new_tokens).stats["mean_accepted_per_step"]}
+        if cfg.drafter is not None:
+            row["standalone"] = generate(params, cfg, prompts, mode="vanilla", block_length=gamma,
+                                         max_new_tokens=new_tokens).stats["mean_accepted_per_step"]
+        out[str(gamma)] = row
+    return out

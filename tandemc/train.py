@@ -1,0 +1,286 @@
+"""The training recipe (design.md §1): pretraining, the tandem stage, and the router.
+
+Stages, each a run of `train` over a checkpoint:
+- `pretrain`: a plain decoder (`primary`, `drafter` or `secondary`) with cross-entropy, or for a small model
+  `distil` (λ = 0.5 between ground truth and the primary's distribution).
+- `tandem`: the secondary and its projections with the primary frozen; `ce` (Tandem-CE) or `distil`
+  (Tandem-Distil), fixed blocks of γ_train.
+- `router`: the adaptive-block-length router, regressed onto the total-variation distance between the secondary's
+  and the primary's next-token distributions (the probability that a sampled draft is rejected).
+
+Only the trained subtree is optimised; everything else is passed as a frozen argument, so a frozen model stays
+bit-identical. Batches are sharded over all local devices along a `data` mesh axis (data parallelism). Training
+state (trained parameters, optimiser state, step) is saved atomically every `save_every` steps and on exit, and a
+rerun with the same options resumes from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tandemc import model, safetensors_io
+from tandemc.atomic import atomic_directory
+from tandemc.checkpoint import Checkpoint, save_checkpoint
+from tandemc.data import batch_at
+from tandemc.errors import TandemcError
+from tandemc.params import flatten, unflatten
+
+STAGES = ("pretrain", "tandem", "router")
+DISTIL_WEIGHT = 0.5  # λ between the primary's distribution and the ground truth
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    stage: str = "pretrain"
+    model: str = "primary"  # pretrain only: which decoder
+    objective: str = "ce"  # "ce" or "distil"
+    steps: int = 1000
+    batch: int = 32
+    seq_len: int = 256
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    block_length: int = 0  # tandem stage: γ_train (0: the checkpoint's)
+    seed: int = 0
+    save_every: int = 200
+
+    def validate(self, ckpt: Checkpoint) -> "TrainOptions":
+        cfg = ckpt.config
+        if self.stage not in STAGES:
+            raise TandemcError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
+        if self.objective not in ("ce", "distil"):
+            raise TandemcError(f"unknown objective {self.objective!r}; choose ce or distil")
+        if self.stage == "pretrain":
+            if self.model not in ("primary", "secondary", "drafter"):
+                raise TandemcError(f"--model must be primary, secondary or drafter, got {self.model!r}")
+            if self.model == "drafter" and cfg.drafter is None:
+                raise TandemcError("this checkpoint has no drafter to train")
+            if self.model == "primary" and self.objective == "distil":
+                raise TandemcError("the primary cannot be distilled from itself; use --objective ce")
+        if self.stage == "router" and cfg.router is None:
+            raise TandemcError("this checkpoint has no router config; add a 'router' section to config.json")
+        for name in ("steps", "batch", "seq_len"):
+            if getattr(self, name) < 1:
+                raise TandemcError(f"--{name.replace('_', '-')} must be positive")
+        longest = min(c.max_seq_len for c in (cfg.primary, cfg.secondary))
+        if self.seq_len > longest:
+            raise TandemcError(f"--seq-len {self.seq_len} exceeds the models' max_seq_len {longest}")
+        devices = jax.local_device_count()
+        if self.batch % devices:
+            raise TandemcError(f"--batch {self.batch} must be a multiple of the {devices} local devices")
+        return self
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        return {"pretrain": (self.model,), "tandem": ("secondary", "tandem"), "router": ("router",)}[self.stage]
+
+
+# --- losses -----------------------------------------------------------------------------------------------------
+
+def _nll(logits, targets):
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def objective_loss(logits, targets, teacher_logits, objective: str):
+    """Mean loss and accuracy; `distil` mixes in cross-entropy against the teacher's distribution."""
+    ce = jnp.mean(_nll(logits, targets))
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
+    if objective == "ce":
+        return ce, accuracy
+    soft = -jnp.mean(jnp.sum(jax.nn.softmax(teacher_logits) * jax.nn.log_softmax(logits), axis=-1))
+    return (1 - DISTIL_WEIGHT) * ce + DISTIL_WEIGHT * soft, accuracy
+
+
+def total_variation(p_logits, q_logits):
+    return 0.5 * jnp.sum(jnp.abs(jax.nn.softmax(p_logits) - jax.nn.softmax(q_logits)), axis=-1)
+
+
+def make_loss(cfg, opts: TrainOptions):
+    """loss(trained, frozen, tokens) → (loss, accuracy); `trained` and `frozen` are disjoint parts of the params."""
+    block = opts.block_length or cfg.gamma_train
+
+    def loss(trained, frozen, tokens):
+        params = {**frozen, **trained}
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        if opts.stage == "pretrain":
+            logits, _ = model.forward(params[opts.model], getattr(cfg, opts.model), x)
+            teacher = None
+            if opts.objective == "distil":
+                teacher = jax.lax.stop_gradient(model.forward(params["primary"], cfg.primary, x)[0])
+            return objective_loss(logits, y, teacher, opts.objective)
+        primary_logits, hiddens = jax.lax.stop_gradient(model.forward(params["primary"], cfg.primary, x))
+        if opts.stage == "tandem":
+            logits = model.tandem_forward(params, cfg, x, block, primary_hiddens=hiddens)
+            return objective_loss(logits, y, primary_logits, opts.objective)
+        secondary_logits = jax.lax.stop_gradient(model.tandem_forward(params, cfg, x, block, primary_hiddens=hiddens))
+        features = model.router_features(cfg.router, params["secondary"]["embed"], jax.nn.softmax(secondary_logits))
+        predicted = model.router_reject_probability(params["router"], features)
+        target = total_variation(secondary_logits, primary_logits)
+        bce = -jnp.mean(target * jnp.log(predicted + 1e-7) + (1 - target) * jnp.log(1 - predicted + 1e-7))
+        return bce, jnp.mean(jnp.abs(predicted - target))
+
+    return loss
+
+
+def make_optimizer(opts: TrainOptions):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, opts.lr, min(opts.warmup, opts.steps - 1), opts.steps,
+                                                  end_value=opts.lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=opts.weight_decay))
+
+
+# --- training state on disk ---------------------------------------------------------------------------------------
+
+STATE_FILE, STATE_META = "state.safetensors", "state.json"
+
+
+def save_state(path: Path, trained, opt_state, step: int, opts: TrainOptions) -> None:
+    leaves = jax.tree_util.tree_leaves(opt_state)
+    tensors = {f"params.{k}": np.asarray(v) for k, v in flatten(trained).items()}
+    tensors.update({f"opt.{i:05d}": np.asarray(v) for i, v in enumerate(leaves)})
+    with atomic_directory(path, force=True) as tmp:
+        safetensors_io.write(tmp / STATE_FILE, tensors)
+        (tmp / STATE_META).write_text(json.dumps({"step": step, "options": dataclasses.asdict(opts)}, indent=2))
+
+
+def load_state(path: Path, opt_state_template, opts: TrainOptions):
+    meta = json.loads((path / STATE_META).read_text())
+    if meta["options"] != dataclasses.asdict(opts):
+        changed = sorted(k for k, v in dataclasses.asdict(opts).items() if meta["options"].get(k) != v)
+        raise TandemcError(f"training state in {path} was saved with different options ({', '.join(changed)}); "
+                           "rerun with the same options to resume, or delete the state directory")
+    tensors = safetensors_io.read(path / STATE_FILE)
+    trained = unflatten({k[len("params."):]: jnp.asarray(v) for k, v in tensors.items() if k.startswith("params.")})
+    template, treedef = jax.tree_util.tree_flatten(opt_state_template)
+    leaves = [jnp.asarray(tensors[f"opt.{i:05d}"]) for i in range(len(template))]
+    return trained, jax.tree_util.tree_unflatten(treedef, leaves), meta["step"]
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+
+class Progress:
+    """A one-line progress bar on stderr: step, loss, accuracy, tokens/s, time left."""
+
+    def __init__(self, total: int, label: str, stream=sys.stderr):
+        self.total, self.label, self.stream = total, label, stream
+        self.tty = stream.isatty()
+        self.start = time.perf_counter()
+        self.first_step = None
+
+    def update(self, step: int, loss: float, accuracy: float, tokens: int) -> None:
+        now = time.perf_counter()
+        if self.first_step is None:
+            self.first_step, self.start = step, now
+            return
+        rate = (step - self.first_step) / max(now - self.start, 1e-9)
+        left = (self.total - step) / max(rate, 1e-9)
+        line = (f"{self.label} step {step}/{self.total}  loss {loss:.4f}  acc {accuracy:.3f}  "
+                f"{rate * tokens / 1e3:.1f}k tok/s  {int(left // 60)}m{int(left % 60):02d}s left")
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+@dataclass
+class TrainResult:
+    params: dict
+    step: int
+    history: list  # (step, loss, accuracy)
+    seconds: float
+
+
+def train(ckpt: Checkpoint, corpus_train: np.ndarray, opts: TrainOptions, state_dir: Path | None = None,
+          log_every: int = 20, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Run (or resume) one stage; returns the full parameter tree with the trained part updated.
+
+    `stop_after` ends this run after that many steps with its state saved (time-boxed runs); the result's `step`
+    says how far training got."""
+    opts = opts.validate(ckpt)
+    cfg = dataclasses.replace(ckpt.config, gamma_train=opts.block_length or ckpt.config.gamma_train) \
+        if opts.stage == "tandem" else ckpt.config
+    params = jax.tree.map(jnp.asarray, ckpt.params)
+    trained = {k: params[k] for k in opts.trained}
+    frozen = {k: v for k, v in params.items() if k not in opts.trained}
+
+    mesh = Mesh(np.array(jax.local_devices()), ("data",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    optimizer = make_optimizer(opts)
+    loss_fn = make_loss(cfg, opts)
+
+    def step_fn(trained, opt_state, frozen, tokens):
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained, frozen, tokens)
+        updates, opt_state = optimizer.update(grads, opt_state, trained)
+        return optax.apply_updates(trained, updates), opt_state, loss, accuracy
+
+    train_step = jax.jit(step_fn, in_shardings=(replicated, replicated, replicated, sharded),
+                         out_shardings=(replicated, replicated, replicated, replicated), donate_argnums=(0, 1))
+
+    opt_state = optimizer.init(trained)
+    start = 0
+    if state_dir is not None and (state_dir / STATE_META).is_file():
+        trained, opt_state, start = load_state(state_dir, opt_state, opts)
+    trained, opt_state, frozen = jax.device_put((trained, opt_state, frozen), replicated)
+
+    bar = Progress(opts.steps, f"[{opts.stage} {'/'.join(opts.trained)}]") if progress else None
+    history, began, completed = [], time.perf_counter(), start
+    last = opts.steps if stop_after is None else min(opts.steps, start + stop_after)
+    if state_dir is None and last < opts.steps:
+        raise TandemcError("stopping early needs a state directory to resume from")
+    try:
+        for step in range(start + 1, last + 1):
+            tokens = jax.device_put(batch_at(corpus_train, opts.seed, step, opts.batch, opts.seq_len), sharded)
+            trained, opt_state, loss, accuracy = train_step(trained, opt_state, frozen, tokens)
+            completed = step
+            if step % log_every == 0 or step == last or step == start + 1:
+                history.append((step, float(loss), float(accuracy)))
+                if bar:
+                    bar.update(step, *history[-1][1:], opts.batch * opts.seq_len)
+                if not np.isfinite(history[-1][1]):
+                    raise TandemcError(f"the loss became {history[-1][1]} at step {step}; lower --lr")
+            if state_dir is not None and step % opts.save_every == 0 and step < opts.steps:
+                save_state(state_dir, trained, opt_state, step, opts)
+    except KeyboardInterrupt:
+        if state_dir is not None and completed > start:
+            save_state(state_dir, trained, opt_state, completed, opts)
+        raise
+    finally:
+        if bar:
+            bar.close()
+    if state_dir is not None:
+        save_state(state_dir, trained, opt_state, completed, opts)
+    out = {**params, **jax.tree.map(np.asarray, trained)}
+    return TrainResult(jax.tree.map(np.asarray, out), completed, history, time.perf_counter() - began)
+
+
+def save_trained(path: Path, ckpt: Checkpoint, result: TrainResult, opts: TrainOptions, force: bool) -> None:
+    cfg = ckpt.config
+    if opts.stage == "tandem" and opts.block_length:
+        cfg = dataclasses.replace(cfg, gamma_train=opts.block_length)
+    tokenizer_file = ckpt.path / cfg.tokenizer.file if cfg.tokenizer.type == "hf" else None
+    save_checkpoint(path, cfg, result.params, tokenizer_file=tokenizer_file, force=force)
+
+
+def initialise_secondary_from_drafter(ckpt: Checkpoint) -> Checkpoint:
+    """Stage 1 starts the tandem secondary from a standalone secondary: copy the drafter's weights."""
+    if ckpt.config.drafter is None:
+        raise TandemcError("--init-secondary-from-drafter needs a checkpoint with a drafter")
+    if ckpt.config.drafter != ckpt.config.secondary:
+        raise TandemcError("--init-secondary-from-drafter needs the drafter and secondary configs to be identical")
+    params = {**ckpt.params, "secondary": jax.tree.map(np.copy, ckpt.params["drafter"])}
+    return dataclasses.replace(ckpt, params=params)

@@ -1,0 +1,172 @@
+"""The training recipe: losses fall, frozen models stay bit-identical, runs resume, the router shortens drafts."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import make
+from tandemc.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from tandemc.config import preset
+from tandemc.data import batch_at, is_held_out, list_files, load_corpus, stdlib_root
+from tandemc.decoding import generate
+from tandemc.errors import TandemcError
+from tandemc.params import flatten, init_params
+from tandemc.tokenizer import ByteTokenizer
+from tandemc.train import TrainOptions, initialise_secondary_from_drafter, train
+
+SMALL = dict(batch=8, seq_len=64, lr=3e-3, warmup=5)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A few real files of the standard library's source, as a directory."""
+    root = tmp_path_factory.mktemp("data")
+    for name in ("json/decoder.py", "json/encoder.py", "textwrap.py", "bisect.py", "heapq.py", "shlex.py"):
+        (root / name.replace("/", "_")).write_bytes((stdlib_root() / name).read_bytes())
+    return load_corpus(root, ByteTokenizer())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = preset("tiny")
+    return Checkpoint(cfg, init_params(cfg, 0), ByteTokenizer())
+
+
+def first_last_loss(result):
+    return result.history[0][1], result.history[-1][1]
+
+
+def test_pretraining_loss_falls(tiny, corpus):
+    result = train(tiny, corpus.train, TrainOptions(stage="pretrain", model="primary", steps=40, **SMALL),
+                   log_every=10, progress=False)
+    first, last = first_last_loss(result)
+    assert last < first - 1.0  # from ~5.5 (uniform over 259) well into the byte statistics
+    changed = flatten(result.params)
+    for name, value in flatten(tiny.params).items():
+        assert np.array_equal(changed[name], value) != name.startswith("primary.")
+
+
+@pytest.mark.parametrize("objective", ["ce", "distil"])
+def test_tandem_stage_keeps_the_primary_bit_identical(tiny, corpus, objective):
+    start = initialise_secondary_from_drafter(tiny)
+    np.testing.assert_array_equal(start.params["secondary"]["embed"], tiny.params["drafter"]["embed"])
+    result = train(start, corpus.train, TrainOptions(stage="tandem", objective=objective, steps=25, **SMALL),
+                   log_every=5, progress=False)
+    first, last = first_last_loss(result)
+    assert last < first
+    before, after = flatten(start.params), flatten(result.params)
+    for name in before:
+        frozen = not name.startswith(("secondary.", "tandem."))
+        assert np.array_equal(before[name], after[name]) == frozen, name
+
+
+def test_resumption_continues_from_the_saved_step(tiny, corpus, tmp_path):
+    opts = TrainOptions(stage="pretrain", model="drafter", objective="distil", steps=12, save_every=4, **SMALL)
+    straight = train(tiny, corpus.train, opts, progress=False)
+    state = tmp_path / "state"
+    part = train(tiny, corpus.train, opts, state, progress=False, stop_after=7)
+    assert part.step == 7 and json.loads((state / "state.json").read_text())["step"] == 7
+    resumed = train(tiny, corpus.train, opts, state, progress=False)
+    assert resumed.history[0][0] == 8  # continued, did not restart
+    for name, value in flatten(straight.params).items():
+        np.testing.assert_allclose(flatten(resumed.params)[name], value, rtol=0, atol=1e-6)
+    with pytest.raises(TandemcError, match="saved with different options \\(lr\\)"):
+        train(tiny, corpus.train, dataclasses.replace(opts, lr=1e-4), state, progress=False)
+
+
+def test_router_learns_rejection_and_shortens_drafts(corpus):
+    """A random secondary's drafts are almost always rejected; a trained router learns that and stops drafting."""
+    cfg, params = make(dataclasses.replace(preset("tiny"), router=dataclasses.replace(preset("tiny").router,
+                                                                                       threshold=0.5)))
+    ckpt = Checkpoint(cfg, jax.tree.map(np.asarray, params), ByteTokenizer())
+    result = train(ckpt, corpus.train, TrainOptions(stage="router", steps=60, batch=8, seq_len=64, lr=1e-2,
+                                                     warmup=5), log_every=10, progress=False)
+    first, last = first_last_loss(result)
+    assert last < first
+    trained = jax.tree.map(jax.numpy.asarray, result.params)
+    prompts = [list(b) for b in batch_at(corpus.train, 0, 0, 4, 16)]
+    reference = generate(trained, cfg, prompts, mode="primary", max_new_tokens=16)
+    adaptive = generate(trained, cfg, prompts, mode="adaptive", block_length=4, max_new_tokens=16)
+    assert adaptive.tokens == reference.tokens  # still exact
+    assert adaptive.stats["drafted"] < 0.5 * 4 * adaptive.stats["steps"] * len(prompts)
+    # A router that never predicts rejection drafts the full block every step.
+    eager = {**trained, "router": {**trained["router"], "b2": jax.numpy.full((1,), -30.0)}}
+    full = generate(eager, cfg, prompts, mode="adaptive", block_length=4, max_new_tokens=16)
+    assert full.tokens == reference.tokens
+    assert full.stats["drafted"] == 4 * sum(len(a) for a in full.accepted)
+
+
+def test_data_split_is_deterministic_by_file_name():
+    root, files = list_files("stdlib")
+    held = [f for f in files if is_held_out(f.relative_to(root).as_posix())]
+    assert 0.02 < len(held) / len(files) < 0.08
+    assert is_held_out("json/decoder.py") == is_held_out("json/decoder.py")
+    with pytest.raises(TandemcError, match="does not exist"):
+        list_files("/nonexistent/corpus")
+
+
+def test_batches_are_a_function_of_seed_and_step(corpus):
+    a = batch_at(corpus.train, 3, 17, 4, 32)
+    assert a.shape == (4, 33) and np.array_equal(a, batch_at(corpus.train, 3, 17, 4, 32))
+    assert not np.array_equal(a, batch_at(corpus.train, 3, 18, 4, 32))
+
+
+DATA_PARALLEL = """
+import json, sys
+import jax, numpy as np
+from tandemc.config import preset
+from tandemc.checkpoint import Checkpoint
+from tandemc.data import load_corpus
+from tandemc.params import init_params
+from tandemc.tokenizer import ByteTokenizer
+from tandemc.train import TrainOptions, train
+cfg = preset("tiny")
+corpus = load_corpus(sys.argv[1], ByteTokenizer())
+opts = TrainOptions(stage="tandem", objective="distil", steps=4, batch=8, seq_len=32, warmup=1)
+r = train(Checkpoint(cfg, init_params(cfg, 0), ByteTokenizer()), corpus.train, opts, log_every=1, progress=False)
+print(json.dumps({"devices": jax.local_device_count(), "losses": [h[1] for h in r.history]}))
+"""
+
+
+def test_data_parallel_over_8_devices_matches_one(tmp_path):
+    data = tmp_path / "data.py"
+    data.write_bytes((stdlib_root() / "textwrap.py").read_bytes())
+    runs = {}
+    for devices in (1, 8):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL, str(data)], env=env, capture_output=True,
+                              text=True, check=True)
+        runs[devices] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs[8]["devices"] == 8 and runs[1]["devices"] == 1
+    np.testing.assert_allclose(runs[8]["losses"], runs[1]["losses"], rtol=1e-4)
+
+
+def test_train_cli_writes_a_loadable_checkpoint(tmp_path, corpus):
+    from click.testing import CliRunner
+
+    from tandemc.cli import cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.py").write_bytes((stdlib_root() / "heapq.py").read_bytes())
+    init = save_checkpoint(tmp_path / "init", preset("tiny"), init_params(preset("tiny"), 0))
+    result = CliRunner().invoke(cli, ["train", str(init), "-o", str(tmp_path / "out"), "--stage", "tandem",
+                                      "--objective", "distil", "--init-secondary-from-drafter", "--data", str(data),
+                                      "--steps", "3", "--batch", "4", "--seq-len", "32", "--block-length", "3",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["steps"] == 3 and report["trained"] == ["secondary", "tandem"]
+    out = load_checkpoint(tmp_path / "out")
+    assert out.config.gamma_train == 3
+    assert not (tmp_path / "out.train-state").exists()
+    bad = CliRunner().invoke(cli, ["train", str(init), "-o", str(tmp_path / "x"), "--stage", "pretrain",
+                                   "--model", "primary", "--objective", "distil", "--data", str(data)])
+    assert bad.exit_code == 2 and "cannot be distilled from itself" in bad.output
