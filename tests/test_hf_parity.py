@@ -66,3 +66,47 @@ def test_rejects_unsupported_models(tmp_path):
     (path / "model.safetensors").rename(path / "pytorch_model.bin")
     with pytest.raises(TandemcError, match="pickled PyTorch weights are never loaded"):
         load_llama(path)
+
+
+def test_import_hf_builds_a_tandem_that_reproduces_both_models(tmp_path):
+    from click.testing import CliRunner
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tandemc.checkpoint import load_checkpoint
+    from tandemc.cli import cli
+    from tandemc.decoding import generate
+
+    big, big_path = hf_llama(tmp_path, "big", num_hidden_layers=4)
+    small, small_path = hf_llama(tmp_path, "small", hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, intermediate_size=40)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w2"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    for path in (big_path, small_path):
+        tok.save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "w1", "eos_token": "w0"}))
+    out = tmp_path / "tandem"
+    result = CliRunner().invoke(cli, ["import-hf", "--primary", str(big_path), "--secondary", str(small_path),
+                                      "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(out)
+    assert ckpt.config.layer_map == (3,) and ckpt.tokenizer.eos_id == 0 and ckpt.tokenizer.bos_id == 1
+    tokens = np.random.default_rng(1).integers(0, 97, (1, 12))
+    forward = jax.jit(model.forward, static_argnums=1)
+    with torch.no_grad():
+        for name, hf in (("primary", big), ("drafter", small)):
+            got, _ = forward(ckpt.params[name], getattr(ckpt.config, name), tokens)
+            assert float(np.max(np.abs(np.asarray(got) - hf(torch.tensor(tokens)).logits.numpy()))) <= TOL
+    # The imported pair decodes; greedy SPEED reproduces the primary.
+    params = jax.tree.map(jax.numpy.asarray, ckpt.params)
+    prompt = [ckpt.tokenizer.encode("w5 w9 w11")]
+    assert (generate(params, ckpt.config, prompt, mode="speed", block_length=3, max_new_tokens=10).tokens ==
+            generate(params, ckpt.config, prompt, mode="primary", max_new_tokens=10).tokens)
+
+
+def test_import_hf_rejects_mismatched_vocabularies(tmp_path):
+    from tandemc.hf import import_tandem
+
+    _, a = hf_llama(tmp_path, "a")
+    _, b = hf_llama(tmp_path, "b", vocab_size=98)
+    with pytest.raises(TandemcError, match="vocabularies differ: a has 97 tokens, b has 98"):
+        import_tandem(a, b)
