@@ -170,6 +170,9 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @click.option("--block-length", "-g", default=0, help="tandem/router: γ_train [default: the checkpoint's].")
 @click.option("--init-secondary-from-drafter", is_flag=True,
               help="tandem: start the secondary from the standalone drafter's weights (same shape).")
+@click.option("--init-projections", type=click.Choice(["random", "fit"]), default="random", show_default=True,
+              help="tandem: keep the checkpoint's projections (random at init, as in the paper) or fit them by least "
+              "squares to reproduce the secondary's own layer inputs.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-every", default=200, show_default=True, help="Steps between resumable state saves.")
 @click.option("--state-dir", type=click.Path(path_type=Path),
@@ -178,13 +181,14 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @json_option
 def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq_len, lr, warmup, block_length,
-          init_secondary_from_drafter, seed, save_every, state_dir, stop_after, force, as_json):
+          init_secondary_from_drafter, init_projections, seed, save_every, state_dir, stop_after, force, as_json):
     """Train one stage of the recipe on CHECKPOINT and write the result to OUTPUT (resumable)."""
     import shutil
 
     from tandemc.checkpoint import load_checkpoint
     from tandemc.data import load_corpus
-    from tandemc.train import TrainOptions, initialise_secondary_from_drafter, save_trained
+    from tandemc.data import batch_at
+    from tandemc.train import TrainOptions, fit_projections, initialise_secondary_from_drafter, save_trained
     from tandemc.train import train as run
 
     if out.exists() and not force:
@@ -196,6 +200,8 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
                         seq_len=seq_len, lr=lr, warmup=warmup, block_length=block_length, seed=seed,
                         save_every=save_every).validate(ckpt)
     corpus = load_corpus(data, ckpt.tokenizer)
+    if init_projections == "fit":
+        ckpt = fit_projections(ckpt, batch_at(corpus.train, seed, 0, 64, seq_len)[:, :-1])
     state_dir = state_dir or out.with_name(out.name + ".train-state")
     if (state_dir / "state.json").is_file() and not as_json:
         click.echo(f"resuming from {state_dir}", err=True)

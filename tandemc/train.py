@@ -284,3 +284,28 @@ def initialise_secondary_from_drafter(ckpt: Checkpoint) -> Checkpoint:
         raise TandemcError("--init-secondary-from-drafter needs the drafter and secondary configs to be identical")
     params = {**ckpt.params, "secondary": jax.tree.map(np.copy, ckpt.params["drafter"])}
     return dataclasses.replace(ckpt, params=params)
+
+
+def fit_projections(ckpt: Checkpoint, tokens: np.ndarray, ridge: float = 1e-3) -> Checkpoint:
+    """Initialise each FF_j by least squares so that FF_j(rms(h_primary^ℓ(j))) reproduces the secondary's own
+    normalised input to layer j (what its W_k, W_v read) at the same positions.
+
+    With random projections the tandem secondary starts out blind to everything before its block; fitted ones start
+    it close to the standalone secondary it was initialised from, and training then only has to learn what the
+    primary's representations add.
+    """
+    cfg = ckpt.config
+    params = jax.tree.map(jnp.asarray, ckpt.params)
+    primary_hiddens = model.forward(params["primary"], cfg.primary, tokens)[1]
+    secondary = params["secondary"]
+    stream = [secondary["embed"][tokens]] + model.forward(secondary, cfg.secondary, tokens)[1]
+    fitted = []
+    for j, source in enumerate(cfg.layer_map):
+        x = model.rms_norm(primary_hiddens[source], None, cfg.primary.norm_eps).reshape(-1, cfg.primary.d_model)
+        x = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1).astype(jnp.float32)
+        y = model.rms_norm(stream[j], secondary["layers"][j]["attn_norm"], cfg.secondary.norm_eps)
+        y = y.reshape(-1, cfg.secondary.d_model).astype(x.dtype)
+        solution = jnp.linalg.solve(x.T @ x + ridge * x.shape[0] * jnp.eye(x.shape[1], dtype=x.dtype), x.T @ y)
+        dtype = ckpt.params["tandem"][j]["weight"].dtype
+        fitted.append({"weight": np.asarray(solution[:-1], dtype), "bias": np.asarray(solution[-1], dtype)})
+    return dataclasses.replace(ckpt, params={**ckpt.params, "tandem": fitted})
