@@ -84,3 +84,17 @@ def test_console_script_entry_point(tiny):
     proc = subprocess.run([sys.executable, "-m", "tandemc.cli", "inspect", str(tiny / "missing")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+
+
+def test_evaluate_reports_accuracies_and_acceptance(tiny, tmp_path):
+    from tandemc.data import stdlib_root
+
+    for name in ("heapq.py", "bisect.py"):
+        (tmp_path / name).write_bytes((stdlib_root() / name).read_bytes())
+    data = json.loads(run("evaluate", tiny, "--data", tmp_path, "--windows", 4, "--seq-len", 32, "--gammas", "1,3",
+                          "--prompts", 2, "--new-tokens", 6, "--json").output)
+    for key in ("primary_accuracy", "standalone_accuracy", "tandem_accuracy", "relative_tv"):
+        assert 0.0 <= data[key] <= 1.0 or key == "relative_tv"
+    assert set(data["acceptance"]) == {"1", "3"}
+    assert set(data["acceptance"]["3"]) == {"tandem", "standalone"}
+    assert data["positions"] == 4 * 32
