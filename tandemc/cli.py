@@ -210,6 +210,19 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
         _emit(as_json, {"output": None, "state_dir": str(state_dir), "steps": result.step},
               f"stopped at step {result.step}/{opts.steps}; rerun the same command to resume from {state_dir}")
         return
+    extra = {}
+    if stage == "router":
+        import dataclasses
+
+        from tandemc.data import evaluation_windows
+        from tandemc.train import choose_router_threshold
+
+        trained = dataclasses.replace(ckpt, params=result.params)
+        stream = corpus.held_out if len(corpus.held_out) > seq_len + 1 else corpus.train
+        threshold, extra = choose_router_threshold(trained, evaluation_windows(stream, seq_len, 16))
+        ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(
+            ckpt.config, router=dataclasses.replace(ckpt.config.router, threshold=threshold)))
+        extra = {"router_threshold": threshold, **extra}
     save_trained(out, ckpt, result, opts, force=force)
     shutil.rmtree(state_dir, ignore_errors=True)
     step, loss, accuracy = result.history[-1]
@@ -217,7 +230,7 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
     data_out = {"output": str(out), "stage": stage, "trained": list(opts.trained), "objective": objective,
                 "steps": step, "loss": loss, "accuracy": accuracy, "seconds": round(result.seconds, 2),
                 "tokens_per_second": round(tokens / max(result.seconds, 1e-9)), "train_files": corpus.n_files[0],
-                "held_out_files": corpus.n_files[1]}
+                "held_out_files": corpus.n_files[1], **extra}
     _emit(as_json, data_out, f"wrote {out}: {stage} {'/'.join(opts.trained)} step {step} loss {loss:.4f} "
                              f"accuracy {accuracy:.3f} ({result.seconds:.0f}s)")
 

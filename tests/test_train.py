@@ -188,3 +188,24 @@ def test_fitted_projections_start_the_tandem_close_to_its_standalone_init(tiny, 
 
     assert distance(fitted) < 0.7 * distance(start)  # measured: 0.21 vs 0.38 mean total variation
     np.testing.assert_array_equal(flatten(fitted.params)["primary.embed"], flatten(start.params)["primary.embed"])
+
+
+def test_router_stage_chooses_its_threshold_on_held_out_data(tmp_path):
+    from click.testing import CliRunner
+
+    from tandemc.cli import cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("heapq.py", "bisect.py", "textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "netrc.py"):
+        (data / name).write_bytes((stdlib_root() / name).read_bytes())
+    init = save_checkpoint(tmp_path / "init", preset("tiny"), init_params(preset("tiny"), 0))
+    result = CliRunner().invoke(cli, ["train", str(init), "-o", str(tmp_path / "out"), "--stage", "router",
+                                      "--data", str(data), "--steps", "20", "--batch", "4", "--seq-len", "32",
+                                      "--lr", "1e-2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert 0.05 <= report["router_threshold"] <= 0.95
+    assert load_checkpoint(tmp_path / "out").config.router.threshold == report["router_threshold"]
+    # The router's predictions track the held-out rejection probability (total variation) on average.
+    assert abs(report["mean_predicted"] - report["mean_total_variation"]) < 0.15
