@@ -186,9 +186,9 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
     import shutil
 
     from tandemc.checkpoint import load_checkpoint
-    from tandemc.data import load_corpus
-    from tandemc.data import batch_at
-    from tandemc.train import TrainOptions, fit_projections, initialise_secondary_from_drafter, save_trained
+    from tandemc.data import batch_at, load_corpus
+    from tandemc.train import (TrainOptions, fit_projections, initialise_secondary_from_drafter, save_trained,
+                               with_router_threshold)
     from tandemc.train import train as run
 
     if out.exists() and not force:
@@ -212,21 +212,12 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
         return
     extra = {}
     if stage == "router":
-        import dataclasses
-
-        from tandemc.data import evaluation_windows
-        from tandemc.train import choose_router_threshold
-
-        trained = dataclasses.replace(ckpt, params=result.params)
-        stream = corpus.held_out if len(corpus.held_out) > seq_len + 1 else corpus.train
-        threshold, extra = choose_router_threshold(trained, evaluation_windows(stream, seq_len, 16))
-        ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(
-            ckpt.config, router=dataclasses.replace(ckpt.config.router, threshold=threshold)))
-        extra = {"router_threshold": threshold, **extra}
+        ckpt, extra = with_router_threshold(ckpt, result.params, corpus, seq_len)
     save_trained(out, ckpt, result, opts, force=force)
     shutil.rmtree(state_dir, ignore_errors=True)
-    step, loss, accuracy = result.history[-1]
-    tokens = (opts.steps - result.history[0][0] + 1) * opts.batch * opts.seq_len
+    step, loss, accuracy = result.history[-1] if result.history else (result.step, float("nan"), float("nan"))
+    run_steps = result.step - result.history[0][0] + 1 if result.history else 0
+    tokens = run_steps * opts.batch * opts.seq_len
     data_out = {"output": str(out), "stage": stage, "trained": list(opts.trained), "objective": objective,
                 "steps": step, "loss": loss, "accuracy": accuracy, "seconds": round(result.seconds, 2),
                 "tokens_per_second": round(tokens / max(result.seconds, 1e-9)), "train_files": corpus.n_files[0],

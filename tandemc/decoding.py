@@ -201,8 +201,6 @@ _step = jax.jit(step, static_argnames=("cfg", "mode", "gamma"), donate_argnames=
 
 
 def check_request(cfg: TandemConfig, mode: str, prompts, max_new_tokens: int, gamma: int, max_seq_len: int):
-    if mode not in MODES:
-        raise TandemcError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "vanilla" and cfg.drafter is None:
         raise TandemcError("mode 'vanilla' needs a standalone drafter, and this checkpoint has none; use "
                            "--mode speed or add drafter.* weights")
@@ -227,11 +225,12 @@ def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str =
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = -1,
              max_seq_len: int | None = None) -> Generation:
     """Generate up to max_new_tokens per prompt (token id lists) with the chosen mode; see module docstring."""
+    if mode not in MODES:
+        raise TandemcError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     gamma = 0 if mode == "primary" else (cfg.gamma_train if block_length is None else block_length)
-    check_request(cfg, mode, prompts, max_new_tokens, gamma, max_seq_len or cfg.primary.max_seq_len)
     if max_seq_len is None:
         max_seq_len = min(c.max_seq_len for c in (cfg.primary, drafter_config(cfg, mode)) if c)
-        check_request(cfg, mode, prompts, max_new_tokens, gamma, max_seq_len)
+    check_request(cfg, mode, prompts, max_new_tokens, gamma, max_seq_len)
     batch = len(prompts)
     sampling = Sampling.make(temperature, top_k, top_p)
     eos = np.int32(eos_id)

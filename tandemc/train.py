@@ -334,3 +334,15 @@ def choose_router_threshold(ckpt: Checkpoint, windows: np.ndarray) -> tuple[floa
     best = float(grid[int(np.argmin(costs))])
     return best, {"cost_ratio": c, "expected_cost": min(costs), "mean_predicted": float(predicted.mean()),
                   "mean_total_variation": float(reject.mean())}
+
+
+def with_router_threshold(ckpt: Checkpoint, params, corpus, seq_len: int) -> tuple[Checkpoint, dict]:
+    """The checkpoint's config with the router threshold chosen on held-out windows, and the choice's report."""
+    from tandemc.data import evaluation_windows
+
+    stream = corpus.held_out if len(corpus.held_out) > seq_len + 1 else corpus.train
+    threshold, report = choose_router_threshold(dataclasses.replace(ckpt, params=params),
+                                                evaluation_windows(stream, seq_len, 16))
+    router = dataclasses.replace(ckpt.config.router, threshold=threshold)
+    return dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, router=router)), \
+        {"router_threshold": threshold, **report}
