@@ -107,6 +107,15 @@ def total_variation(p_logits, q_logits):
     return 0.5 * jnp.sum(jnp.abs(jax.nn.softmax(p_logits) - jax.nn.softmax(q_logits)), axis=-1)
 
 
+def router_inputs(params, cfg, x, block=None):
+    """Per position: the router's features from the tandem secondary, and the rejection probability it should
+    predict (total variation between the secondary's and the primary's next-token distributions)."""
+    primary_logits, hiddens = model.forward(params["primary"], cfg.primary, x)
+    secondary_logits = model.tandem_forward(params, cfg, x, block, primary_hiddens=hiddens)
+    features = model.router_features(cfg.router, params["secondary"]["embed"], jax.nn.softmax(secondary_logits))
+    return features, total_variation(secondary_logits, primary_logits)
+
+
 def make_loss(cfg, opts: TrainOptions):
     """loss(trained, frozen, tokens) → (loss, accuracy); `trained` and `frozen` are disjoint parts of the params."""
     block = opts.block_length or cfg.gamma_train
@@ -120,14 +129,12 @@ def make_loss(cfg, opts: TrainOptions):
             if opts.objective == "distil":
                 teacher = jax.lax.stop_gradient(model.forward(params["primary"], cfg.primary, x)[0])
             return objective_loss(logits, y, teacher, opts.objective)
-        primary_logits, hiddens = jax.lax.stop_gradient(model.forward(params["primary"], cfg.primary, x))
         if opts.stage == "tandem":
+            primary_logits, hiddens = jax.lax.stop_gradient(model.forward(params["primary"], cfg.primary, x))
             logits = model.tandem_forward(params, cfg, x, block, primary_hiddens=hiddens)
             return objective_loss(logits, y, primary_logits, opts.objective)
-        secondary_logits = jax.lax.stop_gradient(model.tandem_forward(params, cfg, x, block, primary_hiddens=hiddens))
-        features = model.router_features(cfg.router, params["secondary"]["embed"], jax.nn.softmax(secondary_logits))
+        features, target = jax.lax.stop_gradient(router_inputs(params, cfg, x, block))
         predicted = model.router_reject_probability(params["router"], features)
-        target = total_variation(secondary_logits, primary_logits)
         bce = -jnp.mean(target * jnp.log(predicted + 1e-7) + (1 - target) * jnp.log(1 - predicted + 1e-7))
         return bce, jnp.mean(jnp.abs(predicted - target))
 
@@ -322,12 +329,9 @@ def choose_router_threshold(ckpt: Checkpoint, windows: np.ndarray) -> tuple[floa
     """
     cfg = ckpt.config
     params = jax.tree.map(jnp.asarray, ckpt.params)
-    x = jnp.asarray(windows[:, :-1])
-    primary_logits, hiddens = model.forward(params["primary"], cfg.primary, x)
-    secondary_logits = model.tandem_forward(params, cfg, x, primary_hiddens=hiddens)
-    features = model.router_features(cfg.router, params["secondary"]["embed"], jax.nn.softmax(secondary_logits))
+    features, reject = router_inputs(params, cfg, jnp.asarray(windows[:, :-1]))
     predicted = np.asarray(model.router_reject_probability(params["router"], features)).ravel()
-    reject = np.asarray(total_variation(secondary_logits, primary_logits)).ravel()
+    reject = np.asarray(reject).ravel()
     c = max(cfg.secondary.num_parameters() / cfg.primary.num_parameters(), 0.02)
     grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
     costs = [float(np.sum(np.where(predicted > t, 1 - reject, c * reject))) / len(reject) for t in grid]
