@@ -49,9 +49,11 @@ def drafter_config(cfg: TandemConfig, mode: str):
 def init_state(cfg: TandemConfig, mode: str, batch: int, cache_len: int, limit) -> dict:
     dtype = jnp.dtype(cfg.dtype)
     draft_cfg = drafter_config(cfg, mode)
-    zeros = jnp.zeros((batch,), jnp.int32)
+    def zeros():  # a fresh buffer per field: the state is donated, and a donated buffer must appear once
+        return jnp.zeros((batch,), jnp.int32)
+
     return {
-        "token": zeros, "pos": zeros, "prev": zeros, "generated": zeros,
+        "token": zeros(), "pos": zeros(), "prev": zeros(), "generated": zeros(),
         "limit": jnp.asarray(limit, jnp.int32), "done": jnp.zeros((batch,), bool),
         "primary": model.empty_cache(cfg.primary, batch, cache_len, dtype),
         "secondary": model.empty_cache(draft_cfg, batch, cache_len, dtype) if draft_cfg else [],
