@@ -41,7 +41,9 @@ def make(cfg: TandemConfig, seed: int = 0):
 
 @pytest.fixture(params=sorted(CONFIGS))
 def tandem(request):
-    return make(CONFIGS[request.param], seed=hash(request.param) % 1000)
+    # One fixed seed (never str hash(), which is salted per process). Random tiny models often draft a single
+    # token forever; with this seed every shape's drafts are accepted sometimes, which test_speed asserts.
+    return make(CONFIGS[request.param], seed=1)
 
 
 def with_drafter_as_primary(cfg: TandemConfig, params, noise: float = 0.0, seed: int = 0):
