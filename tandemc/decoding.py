@@ -20,7 +20,7 @@ masked by position and overwritten later).
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from dataclasses import dataclass, field
 
 import jax
@@ -46,41 +46,58 @@ def drafter_config(cfg: TandemConfig, mode: str):
     return getattr(cfg, name) if name else None
 
 
-def init_state(cfg: TandemConfig, mode: str, batch: int, cache_len: int, limit) -> dict:
+def init_state(cfg: TandemConfig, mode: str, batch: int, cache_len: int) -> dict:
+    """The decode state before the first prefill call: all zeros (`prefill` sets each row's limit)."""
     dtype = jnp.dtype(cfg.dtype)
     draft_cfg = drafter_config(cfg, mode)
+
     def zeros():  # a fresh buffer per field: the state is donated, and a donated buffer must appear once
         return jnp.zeros((batch,), jnp.int32)
 
     return {
-        "token": zeros(), "pos": zeros(), "prev": zeros(), "generated": zeros(),
-        "limit": jnp.asarray(limit, jnp.int32), "done": jnp.zeros((batch,), bool),
+        "token": zeros(), "pos": zeros(), "prev": zeros(), "generated": zeros(), "limit": zeros(),
+        "done": jnp.zeros((batch,), bool),
         "primary": model.empty_cache(cfg.primary, batch, cache_len, dtype),
         "secondary": model.empty_cache(draft_cfg, batch, cache_len, dtype) if draft_cfg else [],
     }
 
 
-def prefill(params, cfg: TandemConfig, mode: str, state, tokens, lengths, u, sampling: Sampling, eos_id):
-    """Run prompts [B, T] (row b valid up to lengths[b]) through the primary, fill the drafter's cache, pick the
-    first token from the primary at position lengths-1 with uniform u[:, 0]."""
+def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths, limit, u, sampling: Sampling,
+            eos_id):
+    """Run one chunk of prompts through the primary and fill the drafter's cache.
+
+    tokens [B, C] sit at positions start[b]..start[b]+C-1 of prompts whose full lengths are lengths[b]; a row whose
+    last prompt token falls in this chunk picks its first token from the primary there (uniform u[:, 0]) and is
+    ready to step, with limit[b] new tokens allowed (0 marks an unused row, done at once). Calling with chunks in
+    order (start 0, C, 2C, ...) is the same as one call over the whole prompt; positions past a row's prompt get
+    scratch keys/values that decoding overwrites before any query can see them.
+    """
     b, t = tokens.shape
     rows = jnp.arange(b)
-    positions = model.sequence_positions(tokens)
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
     logits, hiddens, primary_cache = model.decode_block(params["primary"], cfg.primary, tokens, positions,
                                                          state["primary"])
-    last = lengths - 1
-    first = sample(token_distribution(logits[rows, last], sampling), u[:, 0])
     secondary_cache = state["secondary"]
     if mode in TANDEM_MODES:
-        kvs = model.tandem_kv(params, cfg, hiddens, positions)
-        secondary_cache = model.write_tandem_kv(secondary_cache, kvs, jnp.zeros((b,), jnp.int32))
+        secondary_cache = model.write_tandem_kv(secondary_cache, model.tandem_kv(params, cfg, hiddens, positions),
+                                                start)
     elif mode == "vanilla":
         _, _, secondary_cache = model.decode_block(params["drafter"], cfg.drafter, tokens, positions,
                                                    secondary_cache)
+    last = lengths - 1 - start
+    ends_here = (last >= 0) & (last < t)
+    last = jnp.clip(last, 0, t - 1)
+    first = sample(token_distribution(logits[rows, last], sampling), u[:, 0])
     generated = jnp.ones((b,), jnp.int32)
+
+    def pick(new, old):
+        return jnp.where(ends_here, new, old)
+
     return {
-        **state, "token": first, "pos": lengths.astype(jnp.int32), "prev": tokens[rows, last],
-        "generated": generated, "done": (first == eos_id) | (generated >= state["limit"]),
+        **state, "token": pick(first, state["token"]), "pos": pick(lengths.astype(jnp.int32), state["pos"]),
+        "prev": pick(tokens[rows, last], state["prev"]), "generated": pick(generated, state["generated"]),
+        "limit": pick(limit.astype(jnp.int32), state["limit"]),
+        "done": pick((first == eos_id) | (generated >= limit), state["done"]),
         "primary": primary_cache, "secondary": secondary_cache,
     }
 
@@ -88,8 +105,8 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, lengths, u, sam
 def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: Sampling, eos_id):
     """One draft-verify iteration. u [B, 2γ+1]: γ for drafting, γ for acceptance, 1 for the final token.
 
-    Returns (new state, emitted [B, γ+1], n_emitted [B], accepted [B], drafted [B]); row b's new tokens are
-    emitted[b, :n_emitted[b]]. Rows already done keep their state and emit nothing. In `adaptive` mode drafting
+    Returns (new state, outputs): emitted [B, γ+1], n_emitted [B], accepted [B], drafted [B] and the primary's
+    logits [B, γ+1, V] over the verified block; row b's new tokens are emitted[b, :n_emitted[b]]. Rows already done keep their state and emit nothing. In `adaptive` mode drafting
     stops at the first draft the router predicts will be rejected (γ is then the maximum block length).
     """
     b = state["token"].shape[0]
@@ -168,8 +185,9 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
         "done": state["done"] | (active & (hit_eos | (generated >= state["limit"]))),
         "primary": primary_cache, "secondary": secondary_cache,
     }
-    n_emitted = jnp.where(active, n_emitted, 0)
-    return new_state, emitted, n_emitted, jnp.where(active, a, 0), jnp.where(active, n_drafted, 0)
+    outputs = {"emitted": emitted, "n_emitted": jnp.where(active, n_emitted, 0), "accepted": jnp.where(active, a, 0),
+               "drafted": jnp.where(active, n_drafted, 0), "logits": logits}
+    return new_state, outputs
 
 
 @dataclass
@@ -182,9 +200,12 @@ class Stats:
     accepted: int = 0
     new_tokens: int = 0
 
+    def __add__(self, other: "Stats") -> "Stats":
+        return Stats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
     def as_dict(self) -> dict:
         return {
-            "steps": self.steps, "drafted": self.drafted, "accepted": self.accepted, "new_tokens": self.new_tokens,
+            "steps": self.steps, "row_steps": self.row_steps, "drafted": self.drafted, "accepted": self.accepted, "new_tokens": self.new_tokens,
             "mean_accepted_per_step": self.accepted / self.row_steps if self.row_steps else 0.0,
             "mean_tokens_per_step": (self.accepted + self.row_steps) / self.row_steps if self.row_steps else 0.0,
             "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
@@ -196,6 +217,7 @@ class Generation:
     tokens: list[list[int]]  # new tokens per row, up to and including EOS
     stats: dict = field(default_factory=dict)
     accepted: list[list[int]] = field(default_factory=list)  # per row, drafts accepted at each of its steps
+    logits: list[np.ndarray] = field(default_factory=list)  # with record_logits: the step outputs' logits
 
 
 _prefill = jax.jit(prefill, static_argnames=("cfg", "mode"), donate_argnames=("state",))
@@ -225,7 +247,7 @@ def check_request(cfg: TandemConfig, mode: str, prompts, max_new_tokens: int, ga
 def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str = "speed",
              block_length: int | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = -1,
-             max_seq_len: int | None = None) -> Generation:
+             max_seq_len: int | None = None, record_logits: bool = False) -> Generation:
     """Generate up to max_new_tokens per prompt (token id lists) with the chosen mode; see module docstring."""
     if mode not in MODES:
         raise TandemcError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -233,36 +255,66 @@ def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str =
     if max_seq_len is None:
         max_seq_len = min(c.max_seq_len for c in (cfg.primary, drafter_config(cfg, mode)) if c)
     check_request(cfg, mode, prompts, max_new_tokens, gamma, max_seq_len)
-    batch = len(prompts)
     sampling = Sampling.make(temperature, top_k, top_p)
     eos = np.int32(eos_id)
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    tokens = np.zeros((batch, int(lengths.max())), np.int32)
+    # The verify block writes up to γ positions past the last committed token.
+    state = init_state(cfg, mode, len(prompts), max_seq_len + gamma)
+
+    def prefill_call(state, tokens, start, lengths, limit, u):
+        return _prefill(params, cfg, mode, state, tokens, start, lengths, limit, u, sampling, eos)
+
+    def step_call(state, u):
+        return _step(params, cfg, mode, gamma, state, u, sampling, eos)
+
+    return decode_loop(prefill_call, step_call, state, prompts, batch=len(prompts),
+                       chunk=max(len(p) for p in prompts), gamma=gamma, max_new_tokens=max_new_tokens, seed=seed,
+                       eos_id=eos_id, record_logits=record_logits)
+
+
+def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, batch: int, chunk: int, gamma: int,
+                max_new_tokens: int, seed: int, eos_id: int, record_logits: bool = False) -> Generation:
+    """Drive prefill chunks, then steps until every row is done: the host loop every backend shares.
+
+    `prefill_call(state, tokens [B, C], start [B], lengths [B], limit [B], u [B, 1])` and `step_call(state, u)`
+    return the new state (a mapping with at least `done`, `token`) and, for a step, its outputs. Up to `batch`
+    prompts; missing rows are padded with a one-token prompt and limit 0 (done at once). Uniforms come from the
+    documented stream (call 0 for every prefill chunk, call n for step n), so any backend draws the same tokens.
+    """
+    n = len(prompts)
+    lengths = np.ones((batch,), np.int32)
+    lengths[:n] = [len(p) for p in prompts]
+    limit = np.zeros((batch,), np.int32)
+    limit[:n] = max_new_tokens
+    padded = -(-int(lengths.max()) // chunk) * chunk
+    tokens = np.zeros((batch, padded), np.int32)
     for i, prompt in enumerate(prompts):
         tokens[i, :len(prompt)] = prompt
-    # The verify block writes up to γ positions past the last committed token.
-    state = init_state(cfg, mode, batch, max_seq_len + gamma, np.full((batch,), max_new_tokens, np.int32))
-    state = _prefill(params, cfg, mode, state, tokens, lengths, uniforms(seed, 0, batch, 1), sampling, eos)
-    out = [[int(t)] for t in np.asarray(state["token"])]
-    stats = Stats(new_tokens=batch)
+    u0 = uniforms(seed, 0, batch, 1)
+    for start in range(0, padded, chunk):
+        state = prefill_call(state, tokens[:, start:start + chunk], np.full((batch,), start, np.int32), lengths,
+                             limit, u0)
+    out = [[int(t)] for t in np.asarray(state["token"])[:n]]
+    stats = Stats()
     accepted_per_step: list[list[int]] = [[] for _ in prompts]
+    logits: list[np.ndarray] = []
     call = 0
     while not bool(np.all(np.asarray(state["done"]))):
         call += 1
         active = ~np.asarray(state["done"])
-        state, emitted, n_emitted, accepted, drafted = _step(params, cfg, mode, gamma, state,
-                                                             uniforms(seed, call, batch, 2 * gamma + 1), sampling, eos)
-        emitted, n_emitted, accepted = np.asarray(emitted), np.asarray(n_emitted), np.asarray(accepted)
+        state, outputs = step_call(state, uniforms(seed, call, batch, 2 * gamma + 1))
+        emitted, n_emitted, accepted = (np.asarray(outputs[k]) for k in ("emitted", "n_emitted", "accepted"))
         stats.steps += 1
         stats.row_steps += int(active.sum())
-        stats.drafted += int(np.asarray(drafted).sum())
+        stats.drafted += int(np.asarray(outputs["drafted"]).sum())
         stats.accepted += int(accepted.sum())
-        for row in np.flatnonzero(active):
+        if record_logits:
+            logits.append(np.where(active[:, None, None], np.asarray(outputs["logits"]), np.nan))
+        for row in np.flatnonzero(active[:n]):
             out[row].extend(int(t) for t in emitted[row, :n_emitted[row]])
             accepted_per_step[row].append(int(accepted[row]))
     tokens_out = [_truncate(row, max_new_tokens, eos_id) for row in out]
     stats.new_tokens = sum(len(r) for r in tokens_out)
-    return Generation(tokens_out, stats.as_dict(), accepted_per_step)
+    return Generation(tokens_out, stats.as_dict(), accepted_per_step, logits)
 
 
 def _truncate(row: list[int], limit: int, eos_id: int) -> list[int]:

@@ -1,0 +1,118 @@
+"""The artifact directory (docs/artifact.md): manifest.json, graph files, one weights file, the tokenizer.
+
+The manifest is the contract with runtimes in any language: it lists every graph's inputs and outputs by name,
+which state output feeds which input on the next call, the decode settings, and the sha256 of every other file.
+Writing is atomic and deterministic (sorted keys, no timestamps or absolute paths), so the same inputs give a
+byte-identical artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tandemc import __version__, safetensors_io
+from tandemc.config import TandemConfig
+from tandemc.errors import TandemcError
+from tandemc.program import Program
+from tandemc.trace import Graph, mode_params, named_leaves
+
+FORMAT = "tandemc-artifact"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+TARGETS = ("tpu", "cpu", "gpu")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def graph_entry(graph: Graph, files: dict[str, str]) -> dict:
+    return {
+        "name": graph.name, "seq_len": graph.seq_len, **files,
+        "weights": [w.name for w in graph.weights],
+        "inputs": [t.to_dict() for t in graph.inputs],
+        "outputs": [t.to_dict() for t in graph.outputs],
+        "state": graph.state_wiring,
+    }
+
+
+def write_files(directory: Path, program: Program, graphs: list[Graph], graph_files: dict[str, bytes],
+                graph_file_names: dict[str, dict[str, str]], target: str, extra: dict[str, Any],
+                tokenizer_file: Path | None) -> dict:
+    """Write weights, graphs and tokenizer into `directory`; return the manifest (written by `write_manifest`)."""
+    flat = dict(named_leaves(mode_params(program.params, program.options.mode)))
+    weights = {w.name: np.asarray(flat[w.name]) for w in graphs[0].weights}
+    safetensors_io.write(directory / WEIGHTS, weights, {"format": FORMAT})
+    for name, data in sorted(graph_files.items()):
+        (directory / name).write_bytes(data)
+    cfg = program.config
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, directory / cfg.tokenizer.file)
+    opts = program.options
+    manifest = {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION, "tandemc_version": __version__, "target": target,
+        "model": cfg.to_dict(),
+        "decode": {"mode": opts.mode, "block_length": program.gamma, "batch": opts.batch,
+                   "prefill_chunk": opts.prefill_chunk, "max_new_tokens": opts.max_new_tokens,
+                   "cache_buckets": list(opts.max_seq_len), "dtype": opts.dtype},
+        "weights_file": WEIGHTS,
+        "graphs": {g.key: graph_entry(g, graph_file_names[g.key]) for g in graphs},
+        "passes": list(program.passes),
+        **extra,
+    }
+    return manifest
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    files = sorted(p.name for p in directory.iterdir() if p.name != MANIFEST)
+    manifest = {**manifest, "files": {name: sha256(directory / name) for name in files}}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def read_manifest(path: str | Path, check_hashes: bool = True) -> dict:
+    """The manifest of an artifact directory, after checking its format, schema version and file hashes."""
+    path = Path(path)
+    file = path / MANIFEST
+    if not path.is_dir():
+        raise TandemcError(f"artifact directory {path} does not exist")
+    if not file.is_file():
+        raise TandemcError(f"{path} has no {MANIFEST}; is it a tandemc artifact directory?")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TandemcError(f"{file} is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise TandemcError(f"{file} is not a tandemc artifact manifest (format is not {FORMAT!r})")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise TandemcError(f"{file} has schema_version {manifest.get('schema_version')}; this tandemc reads version "
+                           f"{SCHEMA_VERSION}: re-export the artifact with this tandemc")
+    if manifest.get("target") not in TARGETS:
+        raise TandemcError(f"{file} names unknown target {manifest.get('target')!r}")
+    hashes = manifest.get("files") or {}
+    if check_hashes:
+        present = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and not p.name.startswith("."))
+        for name in present:
+            if name not in hashes:
+                raise TandemcError(f"{path / name} is not listed in the manifest; remove it or re-export")
+        for name, digest in sorted(hashes.items()):
+            if not (path / name).is_file():
+                raise TandemcError(f"{path / name} is missing; the artifact is incomplete, re-export it")
+            if sha256(path / name) != digest:
+                raise TandemcError(f"{path / name} does not match its sha256 in the manifest; the artifact was "
+                                   "modified or corrupted, re-export it")
+    return manifest
+
+
+def manifest_config(manifest: dict) -> TandemConfig:
+    return TandemConfig.from_dict(manifest["model"])

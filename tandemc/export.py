@@ -1,0 +1,64 @@
+"""`tandemc export`: checkpoint → Program → graphs → target files → verified artifact directory.
+
+Everything is written into a temporary directory and renamed into place only after the artifact has been loaded
+back and verified against the reference, so a failed or interrupted export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from tandemc import artifact
+from tandemc.atomic import atomic_directory
+from tandemc.checkpoint import Checkpoint
+from tandemc.errors import TandemcError
+from tandemc.program import ExportOptions, Program
+from tandemc.trace import build_graphs
+
+
+def lower_for_target(program: Program, target: str, platforms: Sequence[str] | None):
+    """(graphs, files, per-graph file names, manifest extras) for one target."""
+    graphs = build_graphs(program)
+    if target == "tpu":
+        from tandemc.targets import stablehlo
+
+        platforms = stablehlo.check_platforms(platforms or stablehlo.DEFAULT_PLATFORMS)
+        files = stablehlo.lower(graphs, platforms)
+        names = {g.key: {"module": g.key + stablehlo.MODULE_SUFFIX, "text": g.key + ".mlir"} for g in graphs}
+        return graphs, files, names, {"platforms": list(platforms)}
+    raise TandemcError(f"target {target!r} is not available in this tandemc; choose tpu")
+
+
+def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOptions, *,
+           platforms: Sequence[str] | None = None, force: bool = False, verify: bool = True,
+           verify_prompts: int = 4) -> dict:
+    """Write a verified artifact for `target` to `out`; returns its manifest."""
+    from tandemc.runtime import load
+    from tandemc.verify import verify as run_verify
+
+    if target not in artifact.TARGETS:
+        raise TandemcError(f"unknown target {target!r}; choose one of {', '.join(artifact.TARGETS)}")
+    program = Program.make(ckpt.config, ckpt.params, options)
+    out = Path(out)
+    if out.exists() and not force:
+        raise TandemcError(f"{out} already exists; pass --force to overwrite it")
+    graphs, files, names, extra = lower_for_target(program, target, platforms)
+    tokenizer_file = (ckpt.path / ckpt.config.tokenizer.file) if ckpt.config.tokenizer.type == "hf" else None
+    with atomic_directory(out, force) as tmp:
+        manifest = artifact.write_files(tmp, program, graphs, files, names, target, extra, tokenizer_file)
+        artifact.write_manifest(tmp, manifest)
+        if verify:
+            report = run_verify(load(tmp), program, prompts=verify_prompts)
+            manifest["verification"] = report
+            if not report["ok"]:
+                raise TandemcError(f"verification failed, nothing written: {_summary(report)}; rerun with "
+                                   "--no-verify to keep the artifact for inspection")
+        artifact.write_manifest(tmp, manifest)
+    return artifact.read_manifest(out)
+
+
+def _summary(report: dict) -> str:
+    return (f"greedy identical {report['greedy_identical']}, generate graph identical "
+            f"{report['generate_graph_identical']}, sampled identical {report['sampled_identical']}, max |Δlogits| "
+            f"{report['max_abs_logit_diff']:.2e} (tolerance {report['logit_tolerance']:.0e})")

@@ -1,0 +1,101 @@
+"""A Program: what the compiler works on — a tandem config, its parameters and the export options.
+
+Passes map a Program to a Program (design.md §2); tracing turns one into static graphs. Export options fix every
+shape up front (batch, cache lengths, prefill chunk, block length, generate length), and invalid combinations are
+refused here, before anything is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+
+from tandemc.config import DTYPES, TandemConfig
+from tandemc.decoding import MODES, drafter_config
+from tandemc.errors import TandemcError
+from tandemc.params import np_dtype
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Static shapes and the decoding mode of the exported graphs (the CLI flags of `tandemc export`)."""
+
+    mode: str = "speed"
+    block_length: int = 0  # γ; 0 = the checkpoint's gamma_train (ignored in `primary` mode)
+    max_seq_len: tuple[int, ...] = (256,)  # cache-length buckets S: prompt + new tokens must fit in one
+    batch: int = 1
+    prefill_chunk: int = 64  # C: prompt tokens per prefill call
+    max_new_tokens: int = 64  # the in-graph `generate` loop's length
+    dtype: str = "float32"  # weights and caches
+
+    def gamma(self, cfg: TandemConfig) -> int:
+        if self.mode == "primary":
+            return 0
+        return self.block_length or cfg.gamma_train
+
+    def validate(self, cfg: TandemConfig) -> "ExportOptions":
+        if self.mode not in MODES:
+            raise TandemcError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.mode == "vanilla" and cfg.drafter is None:
+            raise TandemcError("--mode vanilla needs a standalone drafter, and this checkpoint has none")
+        if self.mode == "adaptive" and cfg.router is None:
+            raise TandemcError("--mode adaptive needs a router, and this checkpoint has none; train one with "
+                               "`tandemc train --stage router`")
+        if self.mode != "primary" and not 1 <= self.gamma(cfg) <= 64:
+            raise TandemcError(f"--block-length must be in 1..64, got {self.block_length}")
+        if self.dtype not in DTYPES:
+            raise TandemcError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.batch < 1:
+            raise TandemcError(f"--batch must be >= 1, got {self.batch}")
+        if not self.max_seq_len or list(self.max_seq_len) != sorted(set(self.max_seq_len)):
+            raise TandemcError(f"--max-seq-len must list distinct cache lengths in increasing order, got "
+                               f"{','.join(map(str, self.max_seq_len))}")
+        limit = min(c.max_seq_len for c in (cfg.primary, drafter_config(cfg, self.mode)) if c)
+        if self.max_seq_len[0] < 2 or self.max_seq_len[-1] > limit:
+            raise TandemcError(f"--max-seq-len values must be in 2..{limit} (the models' max_seq_len), got "
+                               f"{','.join(map(str, self.max_seq_len))}")
+        if not 1 <= self.prefill_chunk <= self.max_seq_len[-1]:
+            raise TandemcError(f"--prefill-chunk must be in 1..{self.max_seq_len[-1]}, got {self.prefill_chunk}")
+        if not 1 <= self.max_new_tokens < self.max_seq_len[-1]:
+            raise TandemcError(f"--max-new-tokens must be in 1..{self.max_seq_len[-1] - 1} (below the largest "
+                               f"cache length), got {self.max_new_tokens}")
+        return self
+
+    def cache_array_length(self, seq_len: int, cfg: TandemConfig) -> int:
+        """Cache rows for bucket S: a verify block writes γ positions past the last committed token, and the last
+        prefill chunk may run past the prompt up to a multiple of C. Nothing is ever written out of range."""
+        chunks = -(-seq_len // self.prefill_chunk)
+        return max(seq_len + self.gamma(cfg), chunks * self.prefill_chunk)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "max_seq_len": list(self.max_seq_len)}
+
+
+@dataclass(frozen=True)
+class Program:
+    """Config + parameters (numpy pytree) + export options, and the reports of the passes applied so far."""
+
+    config: TandemConfig
+    params: dict[str, Any]
+    options: ExportOptions
+    passes: tuple[dict, ...] = field(default_factory=tuple)
+
+    @staticmethod
+    def make(config: TandemConfig, params: dict[str, Any], options: ExportOptions) -> "Program":
+        options = options.validate(config)
+        config = dataclasses.replace(config, dtype=options.dtype)
+        return Program(config, cast_params(params, options.dtype), options)
+
+    @property
+    def gamma(self) -> int:
+        return self.options.gamma(self.config)
+
+
+def cast_params(params: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """Every weight in `dtype` (checkpoints hold one dtype throughout, docs/checkpoint.md)."""
+    target = np_dtype(dtype)
+    return jax.tree.map(lambda a: np.asarray(a).astype(target), params)

@@ -1,0 +1,192 @@
+"""Loading and running artifacts: `load(path).generate(prompts, ...)`.
+
+A runtime needs only the manifest: it calls `prefill` per prompt chunk and `step` until every row is done,
+feeding each graph's state outputs back as the next call's state inputs, exactly as the manifest wires them
+(docs/artifact.md). Backends differ only in how they call one graph; the loop is `decoding.decode_loop`, the
+same one the JAX reference uses.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tandemc import safetensors_io
+from tandemc.artifact import manifest_config, read_manifest
+from tandemc.decoding import Generation, Stats, decode_loop
+from tandemc.errors import TandemcError
+from tandemc.sampling import uniforms
+from tandemc.tokenizer import load_tokenizer
+
+
+class StableHLOBackend:
+    """Serialized jax.export modules, called through JAX on this host's platform."""
+
+    def __init__(self, path: Path, manifest: dict, weights: dict[str, np.ndarray]):
+        import jax
+        from jax import export
+
+        self._jax = jax
+        platform = jax.default_backend()
+        self._fns, self._weights = {}, {}
+        device_weights = {name: jax.device_put(array) for name, array in weights.items()}
+        for key, entry in manifest["graphs"].items():
+            exported = export.deserialize(bytearray((path / entry["module"]).read_bytes()))
+            if platform not in exported.platforms:
+                raise TandemcError(f"graph {key} was exported for {', '.join(exported.platforms)}; this host runs "
+                                   f"{platform}: re-export with --platforms including {platform}")
+            n_weights = len(entry["weights"])
+            n_state = len(entry["state"])
+            donate = tuple(range(n_weights, n_weights + n_state))  # the caches are updated in place
+            self._fns[key] = jax.jit(exported.call, donate_argnums=donate)
+            self._weights[key] = [device_weights[name] for name in entry["weights"]]
+
+    def call(self, key: str, inputs: list) -> list:
+        return list(self._fns[key](*self._weights[key], *inputs))
+
+    def to_host(self, array) -> np.ndarray:
+        return np.asarray(array)
+
+
+BACKENDS = {"tpu": StableHLOBackend}
+
+
+@dataclass
+class Result:
+    tokens: list[list[int]]
+    text: list[str]
+    stats: dict
+
+
+class Artifact:
+    """A loaded artifact: its manifest, config, tokenizer and one backend."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.config = manifest_config(self.manifest)
+        self.decode = self.manifest["decode"]
+        self.tokenizer = load_tokenizer(self.config.tokenizer, self.path)
+        weights = safetensors_io.read(self.path / self.manifest["weights_file"])
+        target = self.manifest["target"]
+        if target not in BACKENDS:
+            raise TandemcError(f"no runtime backend for target {target!r} in this tandemc")
+        self.backend = BACKENDS[target](self.path, self.manifest, weights)
+
+    # --- one request of up to `batch` prompts --------------------------------------------------------------
+
+    def bucket(self, longest_prompt: int, max_new_tokens: int) -> int:
+        """The smallest cache length that fits the prompt and its new tokens."""
+        need = longest_prompt + max_new_tokens
+        for seq_len in self.decode["cache_buckets"]:
+            if need <= seq_len:
+                return seq_len
+        raise TandemcError(f"prompt of {longest_prompt} tokens + {max_new_tokens} new tokens = {need} exceeds the "
+                           f"artifact's largest cache length {self.decode['cache_buckets'][-1]}; shorten the prompt "
+                           "or re-export with a larger --max-seq-len")
+
+    def _graph(self, name: str, seq_len: int) -> tuple[str, dict]:
+        key = f"{name}.s{seq_len}"
+        return key, self.manifest["graphs"][key]
+
+    def _controls(self, temperature, top_k, top_p, eos_id) -> list[np.ndarray]:
+        return [np.float32(temperature), np.int32(top_k), np.float32(top_p), np.int32(eos_id)]
+
+    def run_steps(self, prompts: list[list[int]], max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0,
+                  seed=0, eos_id=-1, record_logits=False) -> Generation:
+        """Host-driven loop over the `prefill` and `step` graphs (one batch of up to `batch` prompts)."""
+        seq_len = self.bucket(max(len(p) for p in prompts), max_new_tokens)
+        controls = self._controls(temperature, top_k, top_p, eos_id)
+        prefill_key, prefill = self._graph("prefill", seq_len)
+        step_key, step = self._graph("step", seq_len)
+        state_names = [spec["name"] for spec in prefill["inputs"] if spec["name"].startswith("state.")]
+        state = {name[len("state."):]: np.zeros(spec["shape"], spec["dtype"])
+                 for spec in prefill["inputs"] for name in [spec["name"]] if name in state_names}
+        backend = self.backend
+
+        def unpack(outputs, entry):
+            named = dict(zip((o["name"] for o in entry["outputs"]), outputs))
+            new_state = {entry["state"][name][len("state."):]: named.pop(name) for name in list(entry["state"])}
+            return new_state, named
+
+        def prefill_call(state, tokens, start, lengths, limit, u):
+            outputs = backend.call(prefill_key, [state[n[6:]] for n in state_names]
+                                   + [tokens, start, lengths, limit, u] + controls)
+            return unpack(outputs, prefill)[0]
+
+        def step_call(state, u):
+            outputs = backend.call(step_key, [state[n[6:]] for n in state_names] + [u] + controls)
+            new_state, named = unpack(outputs, step)
+            return new_state, {k: backend.to_host(v) for k, v in named.items()}
+
+        return decode_loop(prefill_call, step_call, state, prompts, batch=self.decode["batch"],
+                           chunk=self.decode["prefill_chunk"], gamma=self.decode["block_length"],
+                           max_new_tokens=max_new_tokens, seed=seed, eos_id=eos_id, record_logits=record_logits)
+
+    def run_generate(self, prompts: list[list[int]], max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0,
+                     seed=0, eos_id=-1) -> Generation:
+        """One call of the in-graph `generate` loop (one batch of up to `batch` prompts)."""
+        if max_new_tokens > self.decode["max_new_tokens"]:
+            raise TandemcError(f"max_new_tokens {max_new_tokens} exceeds the generate graph's "
+                               f"{self.decode['max_new_tokens']}; use the step loop or re-export with a larger "
+                               "--max-new-tokens")
+        seq_len = self.bucket(max(len(p) for p in prompts), max_new_tokens)
+        key, entry = self._graph("generate", seq_len)
+        specs = {s["name"]: s for s in entry["inputs"]}
+        batch, width = specs["tokens"]["shape"]
+        n_steps, _, u_width = specs["u_steps"]["shape"]
+        tokens = np.zeros((batch, width), np.int32)
+        lengths = np.ones((batch,), np.int32)
+        limit = np.zeros((batch,), np.int32)
+        for i, prompt in enumerate(prompts):
+            tokens[i, :len(prompt)] = prompt
+            lengths[i] = len(prompt)
+            limit[i] = max_new_tokens
+        u_steps = np.stack([uniforms(seed, call, batch, u_width) for call in range(1, n_steps + 1)])
+        outputs = self.backend.call(key, [tokens, lengths, limit, uniforms(seed, 0, batch, 1), u_steps]
+                                    + self._controls(temperature, top_k, top_p, eos_id))
+        named = {o["name"]: self.backend.to_host(v) for o, v in zip(entry["outputs"], outputs)}
+        n = len(prompts)
+        out = [named["tokens"][i, :named["n_tokens"][i]].tolist() for i in range(n)]
+        stats = Stats(steps=int(named["steps"][:n].max(initial=0)), row_steps=int(named["steps"][:n].sum()),
+                      drafted=int(named["drafted"][:n].sum()), accepted=int(named["accepted"][:n].sum()),
+                      new_tokens=sum(len(r) for r in out))
+        return Generation(out, stats.as_dict())
+
+    # --- the user-facing call --------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str] | list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_generate_graph: bool = False) -> Result:
+        """Text or token-id prompts → tokens, text and statistics; batches of the artifact's batch size."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        if not ids or any(len(p) == 0 for p in ids):
+            raise TandemcError("every prompt must hold at least one token")
+        if max_new_tokens < 1:
+            raise TandemcError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+            raise TandemcError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        run = self.run_generate if use_generate_graph else self.run_steps
+        batch = self.decode["batch"]
+        tokens, total = [], Stats()
+        start = time.perf_counter()
+        for first in range(0, len(ids), batch):
+            result = run(ids[first:first + batch], max_new_tokens, temperature, top_k, top_p, seed,
+                         self.tokenizer.eos_id)
+            tokens += result.tokens
+            total = total + Stats(**{k: result.stats[k] for k in ("steps", "row_steps", "drafted", "accepted",
+                                                                   "new_tokens")})
+        seconds = time.perf_counter() - start
+        stats = {**total.as_dict(), "seconds": round(seconds, 4),
+                 "tokens_per_second": round(total.new_tokens / seconds, 2) if seconds > 0 else 0.0}
+        return Result(tokens, [self.tokenizer.decode(t) for t in tokens], stats)
+
+
+def load(path: str | Path) -> Artifact:
+    """Open an artifact directory: manifest, hashes and schema checked before anything runs."""
+    return Artifact(path)
