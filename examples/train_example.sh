@@ -15,17 +15,19 @@ work=examples/build/train
 out=examples/tandem-stdlib
 mkdir -p "$work"
 common=(--data stdlib --batch 32 --seq-len 256)
-PRIMARY_STEPS=${PRIMARY_STEPS:-600}
+PRIMARY_STEPS=${PRIMARY_STEPS:-500}
 DRAFTER_STEPS=${DRAFTER_STEPS:-600}
-TANDEM_STEPS=${TANDEM_STEPS:-300}
-ROUTER_STEPS=${ROUTER_STEPS:-100}
+TANDEM_STEPS=${TANDEM_STEPS:-250}
+ROUTER_STEPS=${ROUTER_STEPS:-80}
 INIT_PROJECTIONS=${INIT_PROJECTIONS:-fit}
 
-step() {  # step NAME ARGS...: run a stage unless its output exists
+step() {  # step NAME ARGS...: run a stage unless its output exists; its wall time goes to timing.txt
   local name=$1; shift
   if [ -d "$work/$name" ]; then echo "== $name (done)"; return; fi
   echo "== $name"
+  local start=$SECONDS
   "$tandemc" train "$@" -o "$work/$name" "${common[@]}"
+  echo "$name $((SECONDS - start))" >> "$work/timing.txt"
 }
 
 [ -d "$work/0-init" ] || "$tandemc" init "$work/0-init" --config examples/example_config.json --seed 0
@@ -39,8 +41,10 @@ step 4-standalone-distil "$work/3-tandem-distil" --stage pretrain --model drafte
   --steps "$TANDEM_STEPS" --lr 2e-3 --warmup 20
 step 5-router "$work/4-standalone-distil" --stage router --steps "$ROUTER_STEPS" --lr 3e-3 --warmup 10
 
-"$tandemc" evaluate "$work/3-tandem-ce" --json > "$work/metrics-tandem-ce.json"
-"$tandemc" evaluate "$work/5-router" --json > "$work/metrics-final.json"
+start=$SECONDS
+[ -f "$work/metrics-tandem-ce.json" ] || "$tandemc" evaluate "$work/3-tandem-ce" --gammas 4 --json > "$work/metrics-tandem-ce.json"
+[ -f "$work/metrics-final.json" ] || "$tandemc" evaluate "$work/5-router" --json > "$work/metrics-final.json"
+echo "evaluate $((SECONDS - start))" >> "$work/timing.txt"
 rm -rf "$out.tmp" && mkdir -p "$out.tmp"
 cp "$work/5-router/config.json" "$work/5-router/model.safetensors" "$out.tmp/"
 cp "$work/metrics-final.json" "$out.tmp/metrics.json"

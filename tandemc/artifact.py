@@ -49,7 +49,7 @@ def graph_entry(graph: Graph, files: dict[str, str]) -> dict:
 
 def write_files(directory: Path, program: Program, graphs: list[Graph], graph_files: dict[str, bytes],
                 graph_file_names: dict[str, dict[str, str]], target: str, extra: dict[str, Any],
-                tokenizer_file: Path | None) -> dict:
+                tokenizer, tokenizer_file: Path | None) -> dict:
     """Write weights, graphs and tokenizer into `directory`; return the manifest (written by `write_manifest`)."""
     flat = dict(named_leaves(mode_params(program.params, program.options.mode)))
     weights = {w.name: np.asarray(flat[w.name]) for w in graphs[0].weights}
@@ -66,6 +66,8 @@ def write_files(directory: Path, program: Program, graphs: list[Graph], graph_fi
         "decode": {"mode": opts.mode, "block_length": program.gamma, "batch": opts.batch,
                    "prefill_chunk": opts.prefill_chunk, "max_new_tokens": opts.max_new_tokens,
                    "cache_buckets": list(opts.max_seq_len), "dtype": opts.dtype},
+        "tokenizer": {"type": cfg.tokenizer.type, "file": cfg.tokenizer.file or None, "bos_id": tokenizer.bos_id,
+                      "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
         "weights_file": WEIGHTS,
         "graphs": {g.key: graph_entry(g, graph_file_names[g.key]) for g in graphs},
         "passes": list(program.passes),

@@ -30,6 +30,17 @@ def _emit(as_json: bool, data: dict, human: str) -> None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
+def sampling_options(fn):
+    for option in reversed([
+        click.option("--temperature", "-t", default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0: off)."),
+        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1: off)."),
+        click.option("--seed", default=0, show_default=True),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tandemc")
 def cli():
@@ -71,8 +82,12 @@ def init(out, preset, config_file, seed, force, as_json):
 @click.argument("path", type=click.Path(path_type=Path))
 @json_option
 def inspect(path, as_json):
-    """Describe a checkpoint: parameters per model, shapes, layer map, bytes by dtype."""
+    """Describe a checkpoint (parameters, shapes, layer map, bytes) or an artifact (target, graphs, verification)."""
+    from tandemc.artifact import MANIFEST
     from tandemc.checkpoint import inspect_checkpoint
+
+    if (path / MANIFEST).is_file():
+        return _inspect_artifact(path, as_json)
 
     cfg, header = inspect_checkpoint(path)
     by_model: Counter = Counter()
@@ -117,10 +132,7 @@ def inspect(path, as_json):
               "router-gated block length (up to γ); primary: primary only; vanilla: SPEED with the standalone drafter.")
 @click.option("--block-length", "-g", type=int, help="Draft block length γ [default: the checkpoint's gamma_train].")
 @click.option("--max-new-tokens", "-n", default=64, show_default=True)
-@click.option("--temperature", "-t", default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0: off).")
-@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1: off).")
-@click.option("--seed", default=0, show_default=True)
+@sampling_options
 @click.option("--max-seq-len", type=int, help="Cache length [default: the models' max_seq_len].")
 @click.option("--stats", is_flag=True, help="Print decoding statistics to stderr.")
 @json_option
@@ -318,6 +330,142 @@ def _format_stats(s: dict) -> str:
     return (f"steps {s['steps']}  new tokens {s['new_tokens']}  drafted {s['drafted']}  accepted {s['accepted']}  "
             f"mean accepted/step {s['mean_accepted_per_step']:.2f}  acceptance {s['acceptance_rate']:.1%}  "
             f"{s['seconds']:.2f}s (includes compilation)")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["tpu", "cpu", "gpu"]), required=True,
+              help="tpu: StableHLO (jax.export); cpu: ONNX for ONNX Runtime; gpu: TensorRT.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Artifact directory.")
+@click.option("--mode", type=click.Choice(["speed", "tandem", "adaptive", "primary", "vanilla"]), default="speed",
+              show_default=True, help="Decoding the graphs implement (primary and vanilla are the baselines).")
+@click.option("--block-length", "-g", default=0, help="Draft block length γ [default: the checkpoint's gamma_train].")
+@click.option("--max-seq-len", default="256", show_default=True,
+              help="Cache length, or increasing buckets (e.g. 128,512): the runtime picks the smallest that fits.")
+@click.option("--batch", default=1, show_default=True, help="Rows per call.")
+@click.option("--prefill-chunk", default=64, show_default=True, help="Prompt tokens per prefill call.")
+@click.option("--max-new-tokens", default=64, show_default=True, help="Length of the in-graph generate loop.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--platforms", default="", help="tpu target: comma-separated platforms [default: tpu,cpu].")
+@click.option("--mesh", default="", help="tpu target: DATAxMODEL device mesh, e.g. 2x4 (batch over DATA, heads and "
+              "MLP width over MODEL).")
+@click.option("--no-verify", is_flag=True, help="Skip the check against the reference before writing.")
+@click.option("--verify-prompts", default=4, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@json_option
+def export(checkpoint, target, out, mode, block_length, max_seq_len, batch, prefill_chunk, max_new_tokens, dtype,
+           platforms, mesh, no_verify, verify_prompts, force, as_json):
+    """Compile CHECKPOINT into a verified artifact directory for a target."""
+    from tandemc.checkpoint import load_checkpoint
+    from tandemc.export import export as run
+    from tandemc.program import ExportOptions
+
+    options = ExportOptions(mode=mode, block_length=block_length, max_seq_len=_parse_ints(max_seq_len, "--max-seq-len"),
+                            batch=batch, prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, dtype=dtype,
+                            mesh=_parse_mesh(mesh) if mesh else None)
+    start = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint)
+    options.validate(ckpt.config)
+    manifest = run(ckpt, target, out, options, platforms=[p for p in platforms.split(",") if p] or None,
+                   force=force, verify=not no_verify, verify_prompts=verify_prompts)
+    seconds = time.perf_counter() - start
+    check = manifest.get("verification")
+    _emit(as_json, {"output": str(out), "target": target, "graphs": sorted(manifest["graphs"]),
+                    "verification": check, "seconds": round(seconds, 2)},
+          f"wrote {out}: {target}, {len(manifest['graphs'])} graphs, "
+          + (f"verified ({_verify_line(check)})" if check else "not verified") + f" ({seconds:.0f}s)")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeat for a batch).")
+@click.option("--max-new-tokens", "-n", default=64, show_default=True)
+@sampling_options
+@click.option("--generate-graph", is_flag=True, help="One call of the in-graph generate loop instead of steps.")
+@click.option("--stats", is_flag=True, help="Print decoding statistics to stderr.")
+@json_option
+def run(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, generate_graph, stats, as_json):
+    """Generate text with a compiled artifact."""
+    from tandemc.runtime import load
+
+    loaded = load(artifact)
+    result = loaded.generate(list(prompts), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seed=seed, use_generate_graph=generate_graph)
+    if as_json:
+        rows = [{"tokens": t, "text": x} for t, x in zip(result.tokens, result.text)]
+        data = {**rows[0], "stats": result.stats, "mode": loaded.decode["mode"]} if len(rows) == 1 else \
+            {"results": rows, "stats": result.stats, "mode": loaded.decode["mode"]}
+        _emit(True, data, "")
+        return
+    click.echo("\n".join(result.text))
+    if stats:
+        click.echo(_format_stats(result.stats), err=True)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="The checkpoint it came from.")
+@click.option("--prompts", default=8, show_default=True, help="Random-token prompts to compare on.")
+@json_option
+def verify(artifact, checkpoint, prompts, as_json):
+    """Compare an artifact with the JAX reference: token identity (greedy, sampled) and max |Δlogits|."""
+    from tandemc.checkpoint import load_checkpoint
+    from tandemc.program import program_for_artifact
+    from tandemc.runtime import load
+    from tandemc.verify import verify as run
+
+    loaded = load(artifact)
+    report = run(loaded, program_for_artifact(load_checkpoint(checkpoint), loaded.manifest), prompts=prompts)
+    _emit(as_json, report, ("OK: " if report["ok"] else "MISMATCH: ") + _verify_line(report))
+    if not report["ok"]:
+        sys.exit(1)
+
+
+def _verify_line(r: dict) -> str:
+    buckets = ", ".join(f"{b['cache_length']}" for b in r["buckets"])
+    return (f"{r['prompts']} prompts per cache length ({buckets}): greedy identical {r['greedy_identical']}, "
+            f"generate graph identical {r['generate_graph_identical']}, sampled identical {r['sampled_identical']}, "
+            f"max |dlogits| {r['max_abs_logit_diff']:.2e} (tolerance {r['logit_tolerance']:.0e})")
+
+
+def _inspect_artifact(path: Path, as_json: bool) -> None:
+    from tandemc.artifact import read_manifest
+
+    m = read_manifest(path)
+    sizes = {name: (path / name).stat().st_size for name in m["files"]}
+    graphs = {key: {"inputs": len(g["inputs"]), "outputs": len(g["outputs"]), "weights": len(g["weights"]),
+                    "seq_len": g["seq_len"]} for key, g in m["graphs"].items()}
+    data = {"path": str(path), "target": m["target"], "tandemc_version": m["tandemc_version"], "decode": m["decode"],
+            "graphs": graphs, "passes": m["passes"], "verification": m.get("verification"),
+            "bytes": sum(sizes.values()), "files": sizes, **({"platforms": m["platforms"]} if "platforms" in m else {})}
+    d = m["decode"]
+    lines = [f"{path}: tandemc artifact for {m['target']} (schema {m['schema_version']}, tandemc "
+             f"{m['tandemc_version']}){'  platforms ' + ','.join(m['platforms']) if 'platforms' in m else ''}",
+             f"  decode: mode {d['mode']}  block length {d['block_length']}  batch {d['batch']}  prefill chunk "
+             f"{d['prefill_chunk']}  cache buckets {d['cache_buckets']}  generate {d['max_new_tokens']} tokens  "
+             f"{d['dtype']}",
+             f"  passes: {', '.join(p['name'] for p in m['passes']) or 'none'}"]
+    for key, g in sorted(m["graphs"].items()):
+        lines.append(f"  graph {key:16s} {len(g['weights'])} weights + {len(g['inputs'])} inputs -> "
+                     f"{len(g['outputs'])} outputs ({len(g['state'])} state)")
+    lines.append(f"  files: {len(sizes)}, {_bytes(sum(sizes.values()))}")
+    check = m.get("verification")
+    lines.append("  verification: " + (_verify_line(check) if check else "not run"))
+    _emit(as_json, data, "\n".join(lines))
+
+
+def _parse_mesh(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise TandemcError(f"--mesh takes DATAxMODEL, e.g. 2x4, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _parse_ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise TandemcError(f"{flag} takes integers separated by commas, got {text!r}") from None
 
 
 def _parameter_counts(params) -> dict:

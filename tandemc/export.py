@@ -24,9 +24,18 @@ def lower_for_target(program: Program, target: str, platforms: Sequence[str] | N
         from tandemc.targets import stablehlo
 
         platforms = stablehlo.check_platforms(platforms or stablehlo.DEFAULT_PLATFORMS)
-        files = stablehlo.lower(graphs, platforms)
+        mesh, batch = program.options.mesh, program.options.batch
+        files = stablehlo.lower(graphs, platforms, mesh, batch)
         names = {g.key: {"module": g.key + stablehlo.MODULE_SUFFIX, "text": g.key + ".mlir"} for g in graphs}
-        return graphs, files, names, {"platforms": list(platforms)}
+        extra = {"platforms": list(platforms)}
+        if mesh:
+            extra["mesh"] = {"axes": list(stablehlo.MESH_AXES), "shape": list(mesh)}
+            for g in graphs:
+                ins, outs = stablehlo.graph_partition_specs(g, mesh, batch)
+                names[g.key]["sharding"] = {"inputs": [list(s) for s in ins], "outputs": [list(s) for s in outs]}
+        return graphs, files, names, extra
+    if program.options.mesh:
+        raise TandemcError("--mesh is supported by the tpu target only")
     raise TandemcError(f"target {target!r} is not available in this tandemc; choose tpu")
 
 
@@ -46,7 +55,8 @@ def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOption
     graphs, files, names, extra = lower_for_target(program, target, platforms)
     tokenizer_file = (ckpt.path / ckpt.config.tokenizer.file) if ckpt.config.tokenizer.type == "hf" else None
     with atomic_directory(out, force) as tmp:
-        manifest = artifact.write_files(tmp, program, graphs, files, names, target, extra, tokenizer_file)
+        manifest = artifact.write_files(tmp, program, graphs, files, names, target, extra, ckpt.tokenizer,
+                                           tokenizer_file)
         artifact.write_manifest(tmp, manifest)
         if verify:
             report = run_verify(load(tmp), program, prompts=verify_prompts)

@@ -31,6 +31,7 @@ class ExportOptions:
     prefill_chunk: int = 64  # C: prompt tokens per prefill call
     max_new_tokens: int = 64  # the in-graph `generate` loop's length
     dtype: str = "float32"  # weights and caches
+    mesh: tuple[int, int] | None = None  # (data, model): batch rows over `data`, heads and MLP width over `model`
 
     def gamma(self, cfg: TandemConfig) -> int:
         if self.mode == "primary":
@@ -51,6 +52,12 @@ class ExportOptions:
             raise TandemcError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.batch < 1:
             raise TandemcError(f"--batch must be >= 1, got {self.batch}")
+        if self.mesh is not None:
+            data, model = self.mesh
+            if data < 1 or model < 1:
+                raise TandemcError(f"--mesh sizes must be positive, got {data}x{model}")
+            if self.batch % data:
+                raise TandemcError(f"--batch {self.batch} must be a multiple of the mesh's data axis ({data})")
         if not self.max_seq_len or list(self.max_seq_len) != sorted(set(self.max_seq_len)):
             raise TandemcError(f"--max-seq-len must list distinct cache lengths in increasing order, got "
                                f"{','.join(map(str, self.max_seq_len))}")
@@ -72,7 +79,8 @@ class ExportOptions:
         return max(seq_len + self.gamma(cfg), chunks * self.prefill_chunk)
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "max_seq_len": list(self.max_seq_len)}
+        return {**dataclasses.asdict(self), "max_seq_len": list(self.max_seq_len),
+                "mesh": list(self.mesh) if self.mesh else None}
 
 
 @dataclass(frozen=True)
@@ -99,3 +107,16 @@ def cast_params(params: dict[str, Any], dtype: str) -> dict[str, Any]:
     """Every weight in `dtype` (checkpoints hold one dtype throughout, docs/checkpoint.md)."""
     target = np_dtype(dtype)
     return jax.tree.map(lambda a: np.asarray(a).astype(target), params)
+
+
+def program_for_artifact(ckpt, manifest: dict) -> Program:
+    """The Program an artifact was exported from, rebuilt from its checkpoint and the manifest's decode options."""
+    d = manifest["decode"]
+    options = ExportOptions(mode=d["mode"], block_length=d["block_length"] if d["mode"] != "primary" else 0, max_seq_len=tuple(d["cache_buckets"]),
+                            batch=d["batch"], prefill_chunk=d["prefill_chunk"], max_new_tokens=d["max_new_tokens"],
+                            dtype=d["dtype"])
+    program = Program.make(ckpt.config, ckpt.params, options)
+    if program.config.to_dict() != manifest["model"]:
+        raise TandemcError("the checkpoint's config differs from the one the artifact was exported from; pass the "
+                           "checkpoint given to `tandemc export`")
+    return program

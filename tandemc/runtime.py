@@ -33,7 +33,12 @@ class StableHLOBackend:
         self._jax = jax
         platform = jax.default_backend()
         self._fns, self._weights = {}, {}
-        device_weights = {name: jax.device_put(array) for name, array in weights.items()}
+        mesh = None
+        if "mesh" in manifest:
+            from tandemc.targets.stablehlo import make_mesh
+
+            mesh = make_mesh(tuple(manifest["mesh"]["shape"]))
+        device_weights = {} if mesh else {name: jax.device_put(array) for name, array in weights.items()}
         for key, entry in manifest["graphs"].items():
             exported = export.deserialize(bytearray((path / entry["module"]).read_bytes()))
             if platform not in exported.platforms:
@@ -42,7 +47,16 @@ class StableHLOBackend:
             n_weights = len(entry["weights"])
             n_state = len(entry["state"])
             donate = tuple(range(n_weights, n_weights + n_state))  # the caches are updated in place
-            self._fns[key] = jax.jit(exported.call, donate_argnums=donate)
+            placement = {}
+            if mesh:
+                from jax.sharding import NamedSharding, PartitionSpec
+
+                ins, outs = ([NamedSharding(mesh, PartitionSpec(*spec)) for spec in specs]
+                             for specs in (entry["sharding"]["inputs"], entry["sharding"]["outputs"]))
+                placement = {"in_shardings": tuple(ins), "out_shardings": tuple(outs)}
+                for name, sharding in zip(entry["weights"], ins):
+                    device_weights.setdefault(name, jax.device_put(weights[name], sharding))
+            self._fns[key] = jax.jit(exported.call, donate_argnums=donate, **placement)
             self._weights[key] = [device_weights[name] for name in entry["weights"]]
 
     def call(self, key: str, inputs: list) -> list:

@@ -28,40 +28,44 @@ def verification_prompts(program: Program, count: int, longest: int, seed: int =
 
 
 def verify(artifact, program: Program, prompts: int = 4, seeds: tuple[int, ...] = (1, 2)) -> dict:
-    """Run `artifact` (a runtime.Artifact) and the reference on the same prompts; a JSON-able report."""
+    """Run `artifact` (a runtime.Artifact) and the reference on the same prompts, in every cache-length bucket
+    (the longest prompt of each bucket's set just overflows the bucket below); a JSON-able report."""
     opts = program.options
-    seq_len = opts.max_seq_len[0]
-    max_new = max(1, min(opts.max_new_tokens, seq_len // 2))
-    longest = min(seq_len - max_new, 2 * opts.prefill_chunk + 1)
-    batch_prompts = verification_prompts(program, prompts, longest)
     params = jax.tree.map(jnp.asarray, program.params)
     eos = artifact.tokenizer.eos_id
-
-    def reference(batch, **kw):
-        return reference_generate(params, program.config, batch, mode=opts.mode, block_length=program.gamma or None,
-                                  max_new_tokens=max_new, eos_id=eos, max_seq_len=seq_len, **kw)
-
     greedy_ok = generate_ok = sampled_ok = True
     max_diff = 0.0
-    for first in range(0, len(batch_prompts), opts.batch):
-        batch = batch_prompts[first:first + opts.batch]
-        ref = reference(batch, record_logits=True)
-        got = artifact.run_steps(batch, max_new, eos_id=eos, record_logits=True)
-        greedy_ok &= got.tokens == ref.tokens
-        for a, b in zip(got.logits, ref.logits):
-            rows = min(a.shape[0], b.shape[0])
-            diff = np.abs(a[:rows] - b[:rows])
-            if np.any(np.isfinite(diff)):
-                max_diff = max(max_diff, float(np.nanmax(diff)))
-        if max_new <= opts.max_new_tokens:
+    checked = []
+    below = 0
+    for seq_len in opts.max_seq_len:
+        max_new = max(1, min(opts.max_new_tokens, seq_len // 2))
+        longest = seq_len - max_new if below else min(seq_len - max_new, 2 * opts.prefill_chunk + 1)
+        below = seq_len
+        checked.append({"cache_length": seq_len, "longest_prompt": longest, "max_new_tokens": max_new})
+
+        def reference(batch, **kw):
+            return reference_generate(params, program.config, batch, mode=opts.mode,
+                                      block_length=program.gamma or None, max_new_tokens=max_new, eos_id=eos,
+                                      max_seq_len=seq_len, **kw)
+
+        bucket_prompts = verification_prompts(program, prompts, longest, seed=seq_len)
+        for first in range(0, len(bucket_prompts), opts.batch):
+            batch = bucket_prompts[first:first + opts.batch]
+            ref = reference(batch, record_logits=True)
+            got = artifact.run_steps(batch, max_new, eos_id=eos, record_logits=True)
+            greedy_ok &= got.tokens == ref.tokens
+            for a, b in zip(got.logits, ref.logits):  # the artifact's batch may hold padding rows
+                diff = np.abs(a[:b.shape[0]] - b)
+                if np.any(np.isfinite(diff)):
+                    max_diff = max(max_diff, float(np.nanmax(diff)))
             generate_ok &= artifact.run_generate(batch, max_new, eos_id=eos).tokens == ref.tokens
-        for seed in seeds:
-            ref_s = reference(batch, seed=seed, **SAMPLING)
-            got_s = artifact.run_steps(batch, max_new, seed=seed, eos_id=eos, **SAMPLING)
-            sampled_ok &= got_s.tokens == ref_s.tokens
+            for seed in seeds:
+                ref_s = reference(batch, seed=seed, **SAMPLING)
+                got_s = artifact.run_steps(batch, max_new, seed=seed, eos_id=eos, **SAMPLING)
+                sampled_ok &= got_s.tokens == ref_s.tokens
     tolerance = LOGIT_TOLERANCE[program.config.dtype]
     return {
-        "prompts": len(batch_prompts), "max_new_tokens": max_new, "cache_length": seq_len,
+        "prompts": prompts, "buckets": checked,
         "greedy_identical": bool(greedy_ok), "generate_graph_identical": bool(generate_ok),
         "sampled_identical": bool(sampled_ok), "sampling": {**SAMPLING, "seeds": list(seeds)},
         "max_abs_logit_diff": max_diff, "logit_tolerance": tolerance,

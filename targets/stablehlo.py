@@ -11,10 +11,12 @@ import contextlib
 from typing import Sequence
 
 import jax
+import numpy as np
 from jax import export
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tandemc.errors import TandemcError
-from tandemc.trace import Graph
+from tandemc.trace import Graph, TensorSpec
 
 PLATFORMS = ("tpu", "cpu", "cuda", "rocm")
 DEFAULT_PLATFORMS = ("tpu", "cpu")
@@ -48,11 +50,61 @@ def export_graph(graph: Graph, platforms: Sequence[str], shardings=None) -> expo
         return export.export(jitted, platforms=tuple(platforms))(*graph.arg_structs())
 
 
-def lower(graphs: list[Graph], platforms: Sequence[str], shardings=None) -> dict[str, bytes]:
+def lower(graphs: list[Graph], platforms: Sequence[str], mesh: tuple[int, int] | None = None,
+          batch: int = 1) -> dict[str, bytes]:
     """Artifact files for every graph: `<key>.jaxexport` (serialized) and `<key>.mlir` (text)."""
     files = {}
+    device_mesh = make_mesh(mesh) if mesh else None
     for graph in graphs:
-        exported = export_graph(graph, platforms, shardings(graph) if shardings else None)
+        shardings = None
+        if mesh:
+            shardings = tuple(tuple(NamedSharding(device_mesh, PartitionSpec(*spec)) for spec in specs)
+                              for specs in graph_partition_specs(graph, mesh, batch))
+        exported = export_graph(graph, platforms, shardings)
         files[graph.key + MODULE_SUFFIX] = bytes(exported.serialize())
         files[graph.key + ".mlir"] = exported.mlir_module().encode()
     return files
+
+
+# --- tensor parallelism: heads and MLP width over the `model` axis, batch over `data` ---------------------------
+
+MESH_AXES = ("data", "model")
+COLUMN_PARALLEL = ("wq", "wk", "wv", "w_gate", "w_up")  # [d_in, heads·hd or d_ff]: split the output dimension
+ROW_PARALLEL = ("wo", "w_down")  # [heads·hd or d_ff, d_out]: split the input dimension
+
+
+def make_mesh(shape: tuple[int, int]) -> Mesh:
+    devices = jax.devices()
+    need = shape[0] * shape[1]
+    if len(devices) < need:
+        raise TandemcError(f"mesh {shape[0]}x{shape[1]} needs {need} devices, this host has {len(devices)}; on a CPU "
+                           f"host set XLA_FLAGS=--xla_force_host_platform_device_count={need}")
+    return Mesh(np.array(devices[:need]).reshape(shape), MESH_AXES)
+
+
+def partition_spec(tensor: TensorSpec, batch: int, mesh_shape: tuple[int, int]) -> tuple:
+    """Where a graph input or output lives on the mesh, from its name and shape (replicated where nothing divides).
+
+    Attention and MLP weights are split Megatron-style (column- then row-parallel), KV caches by KV head, and
+    anything with a leading batch dimension (state, tokens, uniforms) by row.
+    """
+    data, model = mesh_shape
+    shape, leaf = tensor.shape, tensor.name.rsplit(".", 1)[-1]
+    spec = [None] * len(shape)
+    if tensor.name.startswith(("primary.", "secondary.", "drafter.")) and len(shape) == 2:
+        axis = 1 if leaf in COLUMN_PARALLEL else 0 if leaf in ROW_PARALLEL else None
+        if axis is not None and shape[axis] % model == 0:
+            spec[axis] = "model"
+        return tuple(spec)
+    batch_axis = 1 if tensor.name == "u_steps" else 0
+    if len(shape) > batch_axis and shape[batch_axis] == batch and batch % data == 0:
+        spec[batch_axis] = "data"
+    if tensor.name.startswith(("state.", "new_state.")) and len(shape) == 4 and shape[2] % model == 0:
+        spec[2] = "model"  # KV cache [B, S, kv_heads, head_dim]
+    return tuple(spec)
+
+
+def graph_partition_specs(graph: Graph, mesh_shape: tuple[int, int], batch: int) -> tuple[list, list]:
+    """Partition specs of (weights + inputs, outputs), in call order."""
+    return ([partition_spec(t, batch, mesh_shape) for t in graph.weights + graph.inputs],
+            [partition_spec(t, batch, mesh_shape) for t in graph.outputs])

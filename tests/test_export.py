@@ -1,0 +1,150 @@
+"""The TPU target: exported StableHLO artifacts run here token-identical to the reference; the artifact contract."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import CONFIGS, make
+from tandemc import artifact as artifact_io
+from tandemc.checkpoint import Checkpoint
+from tandemc.errors import TandemcError
+from tandemc.export import export
+from tandemc.program import ExportOptions, Program
+from tandemc.runtime import load
+from tandemc.tokenizer import ByteTokenizer
+from tandemc.verify import verify
+
+
+def checkpoint(name, seed=1):
+    cfg, params = make(CONFIGS[name], seed)
+    return Checkpoint(cfg, jax.tree.map(np.asarray, params), ByteTokenizer())
+
+
+def export_ok(ckpt, out, **options):
+    manifest = export(ckpt, "tpu", out, ExportOptions(**options), platforms=["cpu"], verify_prompts=4)
+    report = manifest["verification"]
+    assert report["ok"], report
+    return manifest
+
+
+# Every shape, batch 1 and 4, γ 1, 4 and 8: greedy (host steps and in-graph generate) and fixed-seed sampling are
+# token-identical to the reference, and the verify-block logits agree within 1e-3 (verify()'s checks).
+@pytest.mark.parametrize("batch, gamma", [(1, 1), (4, 4), (4, 8)])
+def test_artifact_matches_reference(tandem_name, batch, gamma, tmp_path):
+    export_ok(checkpoint(tandem_name), tmp_path / "a", batch=batch, block_length=gamma, max_seq_len=(48,),
+              prefill_chunk=8, max_new_tokens=16)
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def tandem_name(request):
+    return request.param
+
+
+@pytest.mark.parametrize("mode", ["primary", "vanilla", "tandem", "adaptive"])
+def test_every_mode_exports_and_matches(mode, tmp_path):
+    name = {"vanilla": "gqa-4to2", "adaptive": "custom-map"}.get(mode, "mha-odd-heads")
+    manifest = export_ok(checkpoint(name), tmp_path / "a", mode=mode, batch=2, block_length=3, max_seq_len=(40,),
+                         prefill_chunk=16, max_new_tokens=12)
+    assert manifest["decode"]["mode"] == mode
+    weights = {n.split(".")[0] for g in manifest["graphs"].values() for n in g["weights"]}
+    assert weights == {"primary": {"primary"}, "vanilla": {"primary", "drafter"},
+                       "tandem": {"primary", "secondary", "tandem"},
+                       "adaptive": {"primary", "secondary", "tandem", "router"}}[mode]
+
+
+def test_buckets_pick_the_smallest_cache_and_all_verify(tmp_path):
+    manifest = export_ok(checkpoint("gqa-4to2"), tmp_path / "a", batch=2, block_length=2, max_seq_len=(24, 64),
+                         prefill_chunk=8, max_new_tokens=8)
+    assert [b["cache_length"] for b in manifest["verification"]["buckets"]] == [24, 64]
+    art = load(tmp_path / "a")
+    assert art.bucket(10, 8) == 24 and art.bucket(17, 8) == 64
+    with pytest.raises(TandemcError, match="exceeds the artifact's largest cache length 64"):
+        art.bucket(60, 8)
+
+
+def test_step_loop_and_generate_graph_agree_on_batches_larger_than_the_artifact(tmp_path):
+    export_ok(checkpoint("mqa-5to1"), tmp_path / "a", batch=2, block_length=4, max_seq_len=(64,), prefill_chunk=8,
+              max_new_tokens=20)
+    art = load(tmp_path / "a")
+    prompts = [[1, 2], [3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6], [2]]
+    steps = art.generate(prompts, max_new_tokens=20, temperature=0.7, seed=3)
+    graph = art.generate(prompts, max_new_tokens=20, temperature=0.7, seed=3, use_generate_graph=True)
+    assert steps.tokens == graph.tokens and all(len(t) == 20 for t in steps.tokens)
+    assert steps.stats["accepted"] == graph.stats["accepted"] and steps.stats["drafted"] == graph.stats["drafted"]
+
+
+def test_export_is_byte_identical_and_refuses_to_overwrite(tmp_path):
+    ckpt = checkpoint("custom-map")
+    options = dict(batch=1, block_length=2, max_seq_len=(32,), prefill_chunk=8, max_new_tokens=8)
+    export_ok(ckpt, tmp_path / "a", **options)
+    export_ok(ckpt, tmp_path / "b", **options)
+    files_a = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files_a == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in files_a:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert not any(b"/tmp" in (tmp_path / "a" / n).read_bytes() for n in files_a)
+    with pytest.raises(TandemcError, match="already exists; pass --force"):
+        export(ckpt, "tpu", tmp_path / "a", ExportOptions(**options))
+
+
+def test_tampered_or_foreign_artifacts_are_refused(tmp_path):
+    export_ok(checkpoint("gqa-4to2"), tmp_path / "a", batch=1, block_length=2, max_seq_len=(32,), prefill_chunk=8,
+              max_new_tokens=8)
+    weights = tmp_path / "a" / artifact_io.WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(TandemcError, match="weights.safetensors does not match its sha256"):
+        load(tmp_path / "a")
+    weights.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 1]))
+    (tmp_path / "a" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(TandemcError, match="extra.bin is not listed in the manifest"):
+        load(tmp_path / "a")
+    (tmp_path / "a" / "extra.bin").unlink()
+    manifest_file = tmp_path / "a" / artifact_io.MANIFEST
+    manifest = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(TandemcError, match="schema_version 99; this tandemc reads version 1"):
+        load(tmp_path / "a")
+    manifest_file.write_text(json.dumps({**manifest, "format": "other"}))
+    with pytest.raises(TandemcError, match="is not a tandemc artifact manifest"):
+        load(tmp_path / "a")
+
+
+def test_verify_detects_an_artifact_that_differs_from_its_checkpoint(tmp_path):
+    ckpt = checkpoint("gqa-4to2")
+    wrong = dataclasses.replace(ckpt, params=jax.tree.map(lambda a: a * 1.5, ckpt.params))
+    options = ExportOptions(batch=1, block_length=2, max_seq_len=(32,), prefill_chunk=8, max_new_tokens=8)
+    export(wrong, "tpu", tmp_path / "a", options, platforms=["cpu"], verify=False)
+    report = verify(load(tmp_path / "a"), Program.make(ckpt.config, ckpt.params, options), prompts=2)
+    assert not report["ok"] and report["max_abs_logit_diff"] > 1e-3
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(mode="adaptive"), "needs a router"),
+    (dict(mode="fast"), "unknown mode"),
+    (dict(block_length=65), "block-length must be in 1..64"),
+    (dict(max_seq_len=(64, 32)), "distinct cache lengths in increasing order"),
+    (dict(max_seq_len=(4096,)), "must be in 2..128"),
+    (dict(prefill_chunk=0), "prefill-chunk must be in 1..64"),
+    (dict(max_new_tokens=64), "max-new-tokens must be in 1..63"),
+    (dict(batch=0), "batch must be >= 1"),
+    (dict(dtype="int8"), "dtype must be one of"),
+])
+def test_invalid_options_are_refused_up_front(options, message, tmp_path):
+    ckpt = checkpoint("gqa-4to2")
+    with pytest.raises(TandemcError, match=message):
+        export(ckpt, "tpu", tmp_path / "a", ExportOptions(**{"max_seq_len": (64,), **options}))
+    assert not (tmp_path / "a").exists()
+
+
+def test_bfloat16_artifact_matches_its_reference(tmp_path):
+    manifest = export_ok(checkpoint("mha-odd-heads"), tmp_path / "a", batch=2, block_length=4, max_seq_len=(32,),
+                         prefill_chunk=8, max_new_tokens=8, dtype="bfloat16")
+    header = json.loads((tmp_path / "a" / artifact_io.WEIGHTS).read_bytes()[8:8 + int.from_bytes(
+        (tmp_path / "a" / artifact_io.WEIGHTS).read_bytes()[:8], "little")])
+    assert {e["dtype"] for k, e in header.items() if k != "__metadata__"} == {"BF16"}
+    assert manifest["decode"]["dtype"] == "bfloat16"
