@@ -37,6 +37,12 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def artifact_files(directory: Path) -> list[str]:
+    """Every file under the artifact (relative POSIX paths, sorted), except the manifest and hidden files."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+
+
 def graph_entry(graph: Graph, files: dict[str, str]) -> dict:
     return {
         "name": graph.name, "seq_len": graph.seq_len, **files,
@@ -51,9 +57,7 @@ def write_files(directory: Path, program: Program, graphs: list[Graph], graph_fi
                 graph_file_names: dict[str, dict[str, str]], target: str, extra: dict[str, Any],
                 tokenizer, tokenizer_file: Path | None) -> dict:
     """Write weights, graphs and tokenizer into `directory`; return the manifest (written by `write_manifest`)."""
-    flat = dict(named_leaves(mode_params(program.params, program.options.mode)))
-    weights = {w.name: np.asarray(flat[w.name]) for w in graphs[0].weights}
-    safetensors_io.write(directory / WEIGHTS, weights, {"format": FORMAT})
+    safetensors_io.write(directory / WEIGHTS, graph_weights(program, graphs), {"format": FORMAT})
     for name, data in sorted(graph_files.items()):
         (directory / name).write_bytes(data)
     cfg = program.config
@@ -76,8 +80,14 @@ def write_files(directory: Path, program: Program, graphs: list[Graph], graph_fi
     return manifest
 
 
+def graph_weights(program: Program, graphs: list[Graph]) -> dict[str, np.ndarray]:
+    """The weights the graphs take, by name (every graph of an artifact takes the same ones)."""
+    flat = dict(named_leaves(mode_params(program.params, program.options.mode)))
+    return {w.name: np.asarray(flat[w.name]) for w in graphs[0].weights}
+
+
 def write_manifest(directory: Path, manifest: dict) -> None:
-    files = sorted(p.name for p in directory.iterdir() if p.name != MANIFEST)
+    files = artifact_files(directory)
     manifest = {**manifest, "files": {name: sha256(directory / name) for name in files}}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
@@ -103,8 +113,7 @@ def read_manifest(path: str | Path, check_hashes: bool = True) -> dict:
         raise TandemcError(f"{file} names unknown target {manifest.get('target')!r}")
     hashes = manifest.get("files") or {}
     if check_hashes:
-        present = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and not p.name.startswith("."))
-        for name in present:
+        for name in artifact_files(path):
             if name not in hashes:
                 raise TandemcError(f"{path / name} is not listed in the manifest; remove it or re-export")
         for name, digest in sorted(hashes.items()):

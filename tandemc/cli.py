@@ -349,12 +349,14 @@ def _format_stats(s: dict) -> str:
 @click.option("--platforms", default="", help="tpu target: comma-separated platforms [default: tpu,cpu].")
 @click.option("--mesh", default="", help="tpu target: DATAxMODEL device mesh, e.g. 2x4 (batch over DATA, heads and "
               "MLP width over MODEL).")
+@click.option("--savedmodel", is_flag=True, help="tpu target: also write a TensorFlow SavedModel wrapping the same "
+              "StableHLO, for TF Serving (needs tandemc[tf]).")
 @click.option("--no-verify", is_flag=True, help="Skip the check against the reference before writing.")
 @click.option("--verify-prompts", default=4, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @json_option
 def export(checkpoint, target, out, mode, block_length, max_seq_len, batch, prefill_chunk, max_new_tokens, dtype,
-           platforms, mesh, no_verify, verify_prompts, force, as_json):
+           platforms, mesh, savedmodel, no_verify, verify_prompts, force, as_json):
     """Compile CHECKPOINT into a verified artifact directory for a target."""
     from tandemc.checkpoint import load_checkpoint
     from tandemc.export import export as run
@@ -367,7 +369,7 @@ def export(checkpoint, target, out, mode, block_length, max_seq_len, batch, pref
     ckpt = load_checkpoint(checkpoint)
     options.validate(ckpt.config)
     manifest = run(ckpt, target, out, options, platforms=[p for p in platforms.split(",") if p] or None,
-                   force=force, verify=not no_verify, verify_prompts=verify_prompts)
+                   force=force, verify=not no_verify, verify_prompts=verify_prompts, savedmodel=savedmodel)
     seconds = time.perf_counter() - start
     check = manifest.get("verification")
     _emit(as_json, {"output": str(out), "target": target, "graphs": sorted(manifest["graphs"]),
@@ -382,13 +384,15 @@ def export(checkpoint, target, out, mode, block_length, max_seq_len, batch, pref
 @click.option("--max-new-tokens", "-n", default=64, show_default=True)
 @sampling_options
 @click.option("--generate-graph", is_flag=True, help="One call of the in-graph generate loop instead of steps.")
+@click.option("--backend", type=click.Choice(["savedmodel"]), help="Run the artifact's TensorFlow SavedModel instead "
+              "of its target's own graphs.")
 @click.option("--stats", is_flag=True, help="Print decoding statistics to stderr.")
 @json_option
-def run(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, generate_graph, stats, as_json):
+def run(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, generate_graph, backend, stats, as_json):
     """Generate text with a compiled artifact."""
     from tandemc.runtime import load
 
-    loaded = load(artifact)
+    loaded = load(artifact, backend)
     result = loaded.generate(list(prompts), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, seed=seed, use_generate_graph=generate_graph)
     if as_json:

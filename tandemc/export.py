@@ -41,14 +41,17 @@ def lower_for_target(program: Program, target: str, platforms: Sequence[str] | N
 
 def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOptions, *,
            platforms: Sequence[str] | None = None, force: bool = False, verify: bool = True,
-           verify_prompts: int = 4) -> dict:
-    """Write a verified artifact for `target` to `out`; returns its manifest."""
+           verify_prompts: int = 4, savedmodel: bool = False) -> dict:
+    """Write a verified artifact for `target` to `out`; returns its manifest. `savedmodel` (tpu target) adds a
+    TensorFlow SavedModel wrapping the same StableHLO, verified like the rest."""
     from tandemc.runtime import load
     from tandemc.verify import verify as run_verify
 
     if target not in artifact.TARGETS:
         raise TandemcError(f"unknown target {target!r}; choose one of {', '.join(artifact.TARGETS)}")
     program = Program.make(ckpt.config, ckpt.params, options)
+    if savedmodel and (target != "tpu" or options.mesh):
+        raise TandemcError("--savedmodel wraps unsharded StableHLO: use it with --target tpu and no --mesh")
     out = Path(out)
     if out.exists() and not force:
         raise TandemcError(f"{out} already exists; pass --force to overwrite it")
@@ -57,10 +60,19 @@ def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOption
     with atomic_directory(out, force) as tmp:
         manifest = artifact.write_files(tmp, program, graphs, files, names, target, extra, ckpt.tokenizer,
                                            tokenizer_file)
+        if savedmodel:
+            from tandemc.targets import savedmodel as tf_target
+
+            tf_target.write(tmp, graphs, artifact.graph_weights(program, graphs), extra["platforms"])
+            manifest["savedmodel"] = {"directory": tf_target.DIRECTORY,
+                                      "signatures": {g.key: tf_target.signature_name(g.key) for g in graphs}}
         artifact.write_manifest(tmp, manifest)
         if verify:
-            report = run_verify(load(tmp), program, prompts=verify_prompts)
-            manifest["verification"] = report
+            manifest["verification"] = report = run_verify(load(tmp), program, prompts=verify_prompts)
+            if savedmodel:
+                manifest["verification_savedmodel"] = tf_report = run_verify(load(tmp, backend="savedmodel"), program,
+                                                                             prompts=verify_prompts)
+                report = {**tf_report, "ok": report["ok"] and tf_report["ok"]}
             if not report["ok"]:
                 raise TandemcError(f"verification failed, nothing written: {_summary(report)}; rerun with "
                                    "--no-verify to keep the artifact for inspection")

@@ -66,7 +66,33 @@ class StableHLOBackend:
         return np.asarray(array)
 
 
-BACKENDS = {"tpu": StableHLOBackend}
+class SavedModelBackend:
+    """The artifact's TensorFlow SavedModel (`export --savedmodel`), one signature per graph."""
+
+    def __init__(self, path: Path, manifest: dict, weights: dict[str, np.ndarray]):
+        from tandemc.targets import savedmodel
+
+        if "savedmodel" not in manifest:
+            raise TandemcError(f"{path} has no SavedModel; export it with --savedmodel")
+        tf = savedmodel.import_tensorflow()
+        self._tf, self._names = tf, savedmodel.tensor_name
+        loaded = tf.saved_model.load(str(path / manifest["savedmodel"]["directory"]))
+        self._loaded = loaded  # keeps the variables alive
+        self._graphs = {key: (loaded.signatures[sig], manifest["graphs"][key])
+                        for key, sig in manifest["savedmodel"]["signatures"].items()}
+
+    def call(self, key: str, inputs: list) -> list:
+        fn, entry = self._graphs[key]
+        tf = self._tf
+        outputs = fn(**{self._names(spec["name"]): x if isinstance(x, tf.Tensor) else tf.constant(x)
+                        for spec, x in zip(entry["inputs"], inputs)})
+        return [outputs[self._names(o["name"])] for o in entry["outputs"]]
+
+    def to_host(self, array) -> np.ndarray:
+        return array.numpy()
+
+
+BACKENDS = {"tpu": StableHLOBackend, "savedmodel": SavedModelBackend}
 
 
 @dataclass
@@ -79,17 +105,17 @@ class Result:
 class Artifact:
     """A loaded artifact: its manifest, config, tokenizer and one backend."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, backend: str | None = None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.config = manifest_config(self.manifest)
         self.decode = self.manifest["decode"]
         self.tokenizer = load_tokenizer(self.config.tokenizer, self.path)
         weights = safetensors_io.read(self.path / self.manifest["weights_file"])
-        target = self.manifest["target"]
-        if target not in BACKENDS:
-            raise TandemcError(f"no runtime backend for target {target!r} in this tandemc")
-        self.backend = BACKENDS[target](self.path, self.manifest, weights)
+        backend = backend or self.manifest["target"]
+        if backend not in BACKENDS:
+            raise TandemcError(f"no runtime backend {backend!r} in this tandemc; choose one of {', '.join(BACKENDS)}")
+        self.backend = BACKENDS[backend](self.path, self.manifest, weights)
 
     # --- one request of up to `batch` prompts --------------------------------------------------------------
 
@@ -201,6 +227,7 @@ class Artifact:
         return Result(tokens, [self.tokenizer.decode(t) for t in tokens], stats)
 
 
-def load(path: str | Path) -> Artifact:
-    """Open an artifact directory: manifest, hashes and schema checked before anything runs."""
-    return Artifact(path)
+def load(path: str | Path, backend: str | None = None) -> Artifact:
+    """Open an artifact directory: manifest, hashes and schema checked before anything runs. `backend` defaults to
+    the artifact's target; `savedmodel` runs a tpu artifact's TensorFlow SavedModel instead."""
+    return Artifact(path, backend)

@@ -98,3 +98,44 @@ def test_evaluate_reports_accuracies_and_acceptance(tiny, tmp_path):
     assert set(data["acceptance"]) == {"1", "3"}
     assert set(data["acceptance"]["3"]) == {"tandem", "standalone"}
     assert data["positions"] == 4 * 32
+
+
+def test_export_run_inspect_verify(tiny, tmp_path):
+    art = tmp_path / "art"
+    out = json.loads(run("export", tiny, "--target", "tpu", "-o", art, "--batch", 2, "--max-seq-len", "48,96",
+                         "--prefill-chunk", 16, "--max-new-tokens", 12, "--platforms", "cpu", "--json").output)
+    assert out["verification"]["ok"] and out["graphs"] == sorted(
+        f"{g}.s{s}" for g in ("generate", "prefill", "step") for s in (48, 96))
+    # `run --json` has the shape of `generate --json`, and the same greedy tokens as the reference
+    ran = json.loads(run("run", art, "--prompt", "def f(", "-n", 12, "--json").output)
+    ref = json.loads(run("generate", tiny, "--prompt", "def f(", "-n", 12, "--json").output)
+    assert set(ran) >= {"tokens", "text", "stats"} and ran["tokens"] == ref["tokens"] and ran["text"] == ref["text"]
+    graph = json.loads(run("run", art, "--prompt", "def f(", "-n", 12, "--generate-graph", "--json").output)
+    assert graph["tokens"] == ref["tokens"]
+    info = json.loads(run("inspect", art, "--json").output)
+    assert info["target"] == "tpu" and info["decode"]["cache_buckets"] == [48, 96] and info["verification"]["ok"]
+    assert "graph step.s48" in run("inspect", art).output
+    assert run("verify", art, "--checkpoint", tiny, "--prompts", 2).output.startswith("OK:")
+    again = run("export", tiny, "--target", "tpu", "-o", art, ok=False)
+    assert again.exit_code == 2 and "already exists; pass --force" in again.output
+
+
+def test_verify_fails_on_a_different_checkpoint(tiny, tmp_path):
+    run("export", tiny, "--target", "tpu", "-o", tmp_path / "art", "--max-seq-len", 32, "--prefill-chunk", 8,
+        "--max-new-tokens", 8, "--platforms", "cpu", "--no-verify")
+    run("init", tmp_path / "other", "--preset", "tiny", "--seed", 2)
+    result = run("verify", tmp_path / "art", "--checkpoint", tmp_path / "other", "--prompts", 2, ok=False)
+    assert result.exit_code == 1 and result.output.startswith("MISMATCH:")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--max-seq-len", "64,32"), "increasing order"),
+    (("--mesh", "2by4"), "--mesh takes DATAxMODEL"),
+    (("--mesh", "4x1", "--batch", "2"), "multiple of the mesh's data axis"),
+    (("--max-seq-len", "abc"), "takes integers"),
+])
+def test_export_refuses_bad_options_in_one_line(tiny, tmp_path, args, message):
+    result = run("export", tiny, "--target", "tpu", "-o", tmp_path / "art", *args, ok=False)
+    lines = [line for line in result.output.splitlines() if line]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "art").exists()
