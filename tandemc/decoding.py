@@ -272,11 +272,13 @@ def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str =
 
 
 def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, batch: int, chunk: int, gamma: int,
-                max_new_tokens: int, seed: int, eos_id: int, record_logits: bool = False) -> Generation:
+                max_new_tokens: int, seed: int, eos_id: int, record_logits: bool = False,
+                read=lambda state, name: np.asarray(state[name])) -> Generation:
     """Drive prefill chunks, then steps until every row is done: the host loop every backend shares.
 
     `prefill_call(state, tokens [B, C], start [B], lengths [B], limit [B], u [B, 1])` and `step_call(state, u)`
-    return the new state (a mapping with at least `done`, `token`) and, for a step, its outputs. Up to `batch`
+    return the new state and, for a step, its outputs; `read(state, name)` gives a state field (`token`, `done`)
+    as a host array. Up to `batch`
     prompts; missing rows are padded with a one-token prompt and limit 0 (done at once). Uniforms come from the
     documented stream (call 0 for every prefill chunk, call n for step n), so any backend draws the same tokens.
     """
@@ -293,14 +295,14 @@ def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, bat
     for start in range(0, padded, chunk):
         state = prefill_call(state, tokens[:, start:start + chunk], np.full((batch,), start, np.int32), lengths,
                              limit, u0)
-    out = [[int(t)] for t in np.asarray(state["token"])[:n]]
+    out = [[int(t)] for t in read(state, "token")[:n]]
     stats = Stats()
     accepted_per_step: list[list[int]] = [[] for _ in prompts]
     logits: list[np.ndarray] = []
     call = 0
-    while not bool(np.all(np.asarray(state["done"]))):
+    while not bool(np.all(read(state, "done"))):
         call += 1
-        active = ~np.asarray(state["done"])
+        active = ~read(state, "done")
         state, outputs = step_call(state, uniforms(seed, call, batch, 2 * gamma + 1))
         emitted, n_emitted, accepted = (np.asarray(outputs[k]) for k in ("emitted", "n_emitted", "accepted"))
         stats.steps += 1

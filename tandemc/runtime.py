@@ -143,29 +143,27 @@ class Artifact:
         controls = self._controls(temperature, top_k, top_p, eos_id)
         prefill_key, prefill = self._graph("prefill", seq_len)
         step_key, step = self._graph("step", seq_len)
-        state_names = [spec["name"] for spec in prefill["inputs"] if spec["name"].startswith("state.")]
-        state = {name[len("state."):]: np.zeros(spec["shape"], spec["dtype"])
-                 for spec in prefill["inputs"] for name in [spec["name"]] if name in state_names}
+        # State travels as {input name: array}; every state input starts as zeros (docs/artifact.md).
+        state = {spec["name"]: np.zeros(spec["shape"], spec["dtype"]) for spec in prefill["inputs"]
+                 if spec["name"] in prefill["state"].values()}
         backend = self.backend
 
-        def unpack(outputs, entry):
-            named = dict(zip((o["name"] for o in entry["outputs"]), outputs))
-            new_state = {entry["state"][name][len("state."):]: named.pop(name) for name in list(entry["state"])}
-            return new_state, named
+        def call(key, entry, state, inputs):
+            state_inputs = [state[spec["name"]] for spec in entry["inputs"] if spec["name"] in state]
+            outputs = dict(zip((o["name"] for o in entry["outputs"]), backend.call(key, [*state_inputs, *inputs])))
+            return {entry["state"][name]: outputs.pop(name) for name in entry["state"]}, outputs
 
         def prefill_call(state, tokens, start, lengths, limit, u):
-            outputs = backend.call(prefill_key, [state[n[6:]] for n in state_names]
-                                   + [tokens, start, lengths, limit, u] + controls)
-            return unpack(outputs, prefill)[0]
+            return call(prefill_key, prefill, state, [tokens, start, lengths, limit, u, *controls])[0]
 
         def step_call(state, u):
-            outputs = backend.call(step_key, [state[n[6:]] for n in state_names] + [u] + controls)
-            new_state, named = unpack(outputs, step)
-            return new_state, {k: backend.to_host(v) for k, v in named.items()}
+            new_state, outputs = call(step_key, step, state, [u, *controls])
+            return new_state, {k: backend.to_host(v) for k, v in outputs.items()}
 
         return decode_loop(prefill_call, step_call, state, prompts, batch=self.decode["batch"],
                            chunk=self.decode["prefill_chunk"], gamma=self.decode["block_length"],
-                           max_new_tokens=max_new_tokens, seed=seed, eos_id=eos_id, record_logits=record_logits)
+                           max_new_tokens=max_new_tokens, seed=seed, eos_id=eos_id, record_logits=record_logits,
+                           read=lambda state, name: backend.to_host(state["state." + name]))
 
     def run_generate(self, prompts: list[list[int]], max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0,
                      seed=0, eos_id=-1) -> Generation:
