@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tandemc import model
+from tandemc import model, primitives
 from tandemc.config import TandemConfig
 from tandemc.errors import TandemcError
 from tandemc.sampling import Sampling, sample, token_distribution, uniforms
@@ -73,7 +73,6 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths,
     scratch keys/values that decoding overwrites before any query can see them.
     """
     b, t = tokens.shape
-    rows = jnp.arange(b)
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
     logits, hiddens, primary_cache = model.decode_block(params["primary"], cfg.primary, tokens, positions,
                                                          state["primary"])
@@ -87,7 +86,7 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths,
     last = lengths - 1 - start
     ends_here = (last >= 0) & (last < t)
     last = jnp.clip(last, 0, t - 1)
-    first = sample(token_distribution(logits[rows, last], sampling), u[:, 0])
+    first = sample(token_distribution(primitives.take_rows(logits, last), sampling), u[:, 0])
     generated = jnp.ones((b,), jnp.int32)
 
     def pick(new, old):
@@ -95,7 +94,7 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths,
 
     return {
         **state, "token": pick(first, state["token"]), "pos": pick(lengths.astype(jnp.int32), state["pos"]),
-        "prev": pick(tokens[rows, last], state["prev"]), "generated": pick(generated, state["generated"]),
+        "prev": pick(primitives.take_rows(tokens, last), state["prev"]), "generated": pick(generated, state["generated"]),
         "limit": pick(limit.astype(jnp.int32), state["limit"]),
         "done": pick((first == eos_id) | (generated >= limit), state["done"]),
         "primary": primary_cache, "secondary": secondary_cache,
@@ -110,7 +109,6 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
     stops at the first draft the router predicts will be rejected (γ is then the maximum block length).
     """
     b = state["token"].shape[0]
-    rows = jnp.arange(b)
     c, p, active = state["token"], state["pos"], ~state["done"]
     draft_cfg = drafter_config(cfg, mode)
     draft_params = params[drafter_name(mode)] if draft_cfg else None
@@ -148,13 +146,15 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
     if gamma > 0:
         d = jnp.stack(drafts, axis=1)
         q = jnp.stack(draft_probs, axis=1)
-        p_d = jnp.take_along_axis(target[:, :gamma], d[..., None], axis=-1)[..., 0]
-        q_d = jnp.take_along_axis(q, d[..., None], axis=-1)[..., 0]
+        p_d = primitives.take_along_last(target[:, :gamma], d[..., None])[..., 0]
+        q_d = primitives.take_along_last(q, d[..., None])[..., 0]
         proposed = jnp.arange(gamma)[None, :] < n_drafted[:, None]
         accept = (u[:, gamma:2 * gamma] * q_d < p_d) & proposed  # u < p/q
         if mode == "tandem":
             accept = jnp.ones_like(accept)
-        a = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)
+        # a = the number of leading accepts: the index of the first reject, with a sentinel reject at the end
+        a = jnp.argmax(jnp.concatenate([~accept, jnp.ones((b, 1), bool)], axis=1).astype(jnp.int32), axis=1)
+        a = a.astype(jnp.int32)
         # Drafts never proposed contribute no q: after an early stop the final token comes from p itself.
         q_ext = jnp.concatenate([jnp.where(proposed[..., None], q, 0.0), jnp.zeros((b, 1, vocab), q.dtype)], axis=1)
     else:
@@ -162,7 +162,7 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
         a = jnp.zeros((b,), jnp.int32)
         q_ext = jnp.zeros((b, 1, vocab), jnp.float32)
     # First rejection: sample from norm(max(0, p - q)); all accepted: q_ext is zero there, so sample from p.
-    p_a, q_a = target[rows, a], q_ext[rows, a]
+    p_a, q_a = primitives.take_rows(target, a), primitives.take_rows(q_ext, a)
     residual = jnp.maximum(p_a - q_a, 0.0)
     mass = jnp.sum(residual, axis=-1, keepdims=True)
     y = sample(jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_a), u[:, 2 * gamma])
@@ -177,7 +177,7 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
 
     hit_eos = jnp.any((slots < n_emitted[:, None]) & (emitted == eos_id), axis=1)
     generated = state["generated"] + jnp.where(active, n_emitted, 0)
-    new_prev = jnp.where(a > 0, padded[rows, jnp.maximum(a - 1, 0)], c)
+    new_prev = jnp.where(a > 0, primitives.take_rows(padded, jnp.maximum(a - 1, 0)), c)
     new_state = {
         **state,
         "token": jnp.where(active, y, c), "pos": jnp.where(active, p + n_emitted, p),

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tandemc import primitives
 from tandemc.config import DecoderConfig, RouterConfig, TandemConfig
 
 Params = dict
@@ -85,7 +86,7 @@ def layer(p, cfg: DecoderConfig, x, positions, attend: Attend):
 
 def decoder(p, cfg: DecoderConfig, tokens, positions, attends: list[Attend]):
     """Tokens [B, T] → (float32 logits [B, T, V], residual stream after each layer, per-layer attend extras)."""
-    x = p["embed"][tokens]
+    x = primitives.embed(p["embed"], tokens)
     hiddens, extras = [], []
     for lp, attend in zip(p["layers"], attends):
         x, extra = layer(lp, cfg, x, positions, attend)
@@ -120,18 +121,11 @@ def tandem_block_attention(k_primary, v_primary, positions, start) -> Attend:
     return attend
 
 
-def write_block(cache, block, start):
-    """cache [B, S, ...] with block [B, T, ...] written at per-row offsets start [B]."""
-    zeros = (0,) * (cache.ndim - 2)
-    return jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, x.astype(c.dtype), (s, *zeros)))(
-        cache, block, start)
-
-
 def cached_attention(entry, positions) -> Attend:
     """Write the block's K/V at its positions (contiguous per row), then attend over the whole cache."""
     def attend(q, k, v):
         start = positions[:, 0]
-        ck, cv = write_block(entry["k"], k, start), write_block(entry["v"], v, start)
+        ck, cv = primitives.write_block(entry["k"], k, start), primitives.write_block(entry["v"], v, start)
         key_pos = jnp.broadcast_to(jnp.arange(ck.shape[1], dtype=positions.dtype), (ck.shape[0], ck.shape[1]))
         return attention(q, ck, cv, causal_mask(positions, key_pos)), {"k": ck, "v": cv}
     return attend
@@ -193,7 +187,7 @@ def decode_block(p, cfg: DecoderConfig, tokens, positions, cache: Cache):
 
 def write_tandem_kv(cache: Cache, kvs, start) -> Cache:
     """Overwrite the secondary cache at start.. with primary-derived keys/values."""
-    return [{"k": write_block(e["k"], k, start), "v": write_block(e["v"], v, start)} for e, (k, v) in zip(cache, kvs)]
+    return [{"k": primitives.write_block(e["k"], k, start), "v": primitives.write_block(e["v"], v, start)} for e, (k, v) in zip(cache, kvs)]
 
 
 # --- adaptive block length ------------------------------------------------------------------------------------
@@ -202,7 +196,7 @@ def router_features(cfg: RouterConfig, secondary_embed, probs):
     """The secondary's entropy, its top-k probabilities and the secondary embeddings of those top-k tokens."""
     entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.maximum(probs, 1e-30)), 0.0), axis=-1)
     top_p, top_i = lax.top_k(probs, cfg.top_k)
-    emb = secondary_embed[top_i].astype(jnp.float32).reshape(*probs.shape[:-1], -1)
+    emb = primitives.embed(secondary_embed, top_i).astype(jnp.float32).reshape(*probs.shape[:-1], -1)
     return jnp.concatenate([entropy[..., None], top_p, emb], axis=-1)
 
 

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tandemc import primitives
+
 
 class Sampling(NamedTuple):
     """Sampling controls, as arrays so one compiled graph serves every setting. temperature 0 means greedy."""
@@ -32,14 +34,14 @@ def token_distribution(logits, s: Sampling):
     vocab = logits.shape[-1]
     greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), vocab, dtype=jnp.float32)
     z = logits.astype(jnp.float32) / jnp.maximum(s.temperature, 1e-6)
-    ordered = -jnp.sort(-z, axis=-1)
+    ordered = primitives.sort_descending(z)
     rank = jnp.arange(vocab)
     in_top_k = (s.top_k <= 0) | (rank < s.top_k)
     ordered_probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
     mass_before = jnp.cumsum(ordered_probs, axis=-1) - ordered_probs
     keep = in_top_k & ((s.top_p >= 1.0) | (mass_before < s.top_p))
     n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
-    threshold = jnp.take_along_axis(ordered, n_keep - 1, axis=-1)
+    threshold = primitives.take_along_last(ordered, n_keep - 1)
     probs = jax.nn.softmax(jnp.where(z >= threshold, z, -jnp.inf), axis=-1)
     return jnp.where(s.temperature > 0, probs, greedy)
 
