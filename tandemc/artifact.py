@@ -56,8 +56,8 @@ def graph_entry(graph: Graph, files: dict[str, str]) -> dict:
 def write_files(directory: Path, program: Program, graphs: list[Graph], graph_files: dict[str, bytes],
                 graph_file_names: dict[str, dict[str, str]], target: str, extra: dict[str, Any],
                 tokenizer, tokenizer_file: Path | None) -> dict:
-    """Write weights, graphs and tokenizer into `directory`; return the manifest (written by `write_manifest`)."""
-    safetensors_io.write(directory / WEIGHTS, graph_weights(program, graphs), {"format": FORMAT})
+    """Write graphs and tokenizer into `directory` (weights: `write_weights`, first); return the manifest (written
+    by `write_manifest`)."""
     for name, data in sorted(graph_files.items()):
         (directory / name).write_bytes(data)
     cfg = program.config
@@ -78,6 +78,13 @@ def write_files(directory: Path, program: Program, graphs: list[Graph], graph_fi
         **extra,
     }
     return manifest
+
+
+def write_weights(directory: Path, program: Program, graphs: list[Graph]) -> dict[str, tuple[str, int, int]]:
+    """The shared weights file; returns each weight's (file, offset, length), for targets that reference it."""
+    safetensors_io.write(directory / WEIGHTS, graph_weights(program, graphs), {"format": FORMAT})
+    return {name: (WEIGHTS, offset, length)
+            for name, (offset, length) in safetensors_io.tensor_locations(directory / WEIGHTS).items()}
 
 
 def graph_weights(program: Program, graphs: list[Graph]) -> dict[str, np.ndarray]:

@@ -17,9 +17,17 @@ from tandemc.program import ExportOptions, Program
 from tandemc.trace import build_graphs
 
 
-def lower_for_target(program: Program, target: str, platforms: Sequence[str] | None):
-    """(graphs, files, per-graph file names, manifest extras) for one target."""
-    graphs = build_graphs(program)
+def lower_for_target(program: Program, graphs, target: str, platforms: Sequence[str] | None,
+                     weight_locations: dict[str, tuple[str, int, int]]):
+    """(files, per-graph file names, manifest extras) for one target."""
+    if target == "cpu":
+        from tandemc.targets import onnx as onnx_target
+
+        if program.options.mesh or platforms:
+            raise TandemcError("--mesh and --platforms apply to the tpu target only")
+        files = onnx_target.lower(graphs, weight_locations)
+        names = {key[:-len(".onnx")]: {"onnx": key} for key in files}
+        return files, names, {"onnx_opset": onnx_target.OPSET}
     if target == "tpu":
         from tandemc.targets import stablehlo
 
@@ -33,10 +41,10 @@ def lower_for_target(program: Program, target: str, platforms: Sequence[str] | N
             for g in graphs:
                 ins, outs = stablehlo.graph_partition_specs(g, mesh, batch)
                 names[g.key]["sharding"] = {"inputs": [list(s) for s in ins], "outputs": [list(s) for s in outs]}
-        return graphs, files, names, extra
+        return files, names, extra
     if program.options.mesh:
         raise TandemcError("--mesh is supported by the tpu target only")
-    raise TandemcError(f"target {target!r} is not available in this tandemc; choose tpu")
+    raise TandemcError(f"target {target!r} is not available in this tandemc yet; choose tpu or cpu")
 
 
 def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOptions, *,
@@ -55,9 +63,12 @@ def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOption
     out = Path(out)
     if out.exists() and not force:
         raise TandemcError(f"{out} already exists; pass --force to overwrite it")
-    graphs, files, names, extra = lower_for_target(program, target, platforms)
+    graphs = build_graphs(program)
     tokenizer_file = (ckpt.path / ckpt.config.tokenizer.file) if ckpt.config.tokenizer.type == "hf" else None
     with atomic_directory(out, force) as tmp:
+        locations = artifact.write_weights(tmp, program, graphs)
+        files, names, extra = lower_for_target(program, graphs, target, platforms, locations)
+        graphs = [g for g in graphs if g.key in names]
         manifest = artifact.write_files(tmp, program, graphs, files, names, target, extra, ckpt.tokenizer,
                                            tokenizer_file)
         if savedmodel:

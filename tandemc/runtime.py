@@ -91,7 +91,29 @@ class SavedModelBackend:
         return array.numpy()
 
 
-BACKENDS = {"tpu": StableHLOBackend, "savedmodel": SavedModelBackend}
+class OnnxBackend:
+    """One ONNX Runtime session per graph; weights come from the shared external-data file."""
+
+    def __init__(self, path: Path, manifest: dict, weights: dict[str, np.ndarray], threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self._sessions = {key: (ort.InferenceSession(str(path / entry["onnx"]), options,
+                                                     providers=["CPUExecutionProvider"]), entry)
+                          for key, entry in manifest["graphs"].items()}
+
+    def call(self, key: str, inputs: list) -> list:
+        session, entry = self._sessions[key]
+        return session.run(None, {spec["name"]: np.asarray(x) for spec, x in zip(entry["inputs"], inputs)})
+
+    def to_host(self, array) -> np.ndarray:
+        return np.asarray(array)
+
+
+BACKENDS = {"tpu": StableHLOBackend, "savedmodel": SavedModelBackend, "cpu": OnnxBackend}
 
 
 @dataclass
@@ -127,6 +149,10 @@ class Artifact:
         raise TandemcError(f"prompt of {longest_prompt} tokens + {max_new_tokens} new tokens = {need} exceeds the "
                            f"artifact's largest cache length {self.decode['cache_buckets'][-1]}; shorten the prompt "
                            "or re-export with a larger --max-seq-len")
+
+    @property
+    def has_generate_graph(self) -> bool:
+        return any(g["name"] == "generate" for g in self.manifest["graphs"].values())
 
     def _graph(self, name: str, seq_len: int) -> tuple[str, dict]:
         key = f"{name}.s{seq_len}"
@@ -172,6 +198,8 @@ class Artifact:
                                f"{self.decode['max_new_tokens']}; use the step loop or re-export with a larger "
                                "--max-new-tokens")
         seq_len = self.bucket(max(len(p) for p in prompts), max_new_tokens)
+        if f"generate.s{seq_len}" not in self.manifest["graphs"]:
+            raise TandemcError(f"this {self.manifest['target']} artifact has no generate graph; use the step loop")
         key, entry = self._graph("generate", seq_len)
         specs = {s["name"]: s for s in entry["inputs"]}
         batch, width = specs["tokens"]["shape"]

@@ -83,6 +83,13 @@ def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
+def tensor_locations(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """name → (absolute byte offset, byte length) of each tensor's raw data in the file."""
+    header, start, _ = read_header(Path(path))
+    return {name: (start + e["data_offsets"][0], e["data_offsets"][1] - e["data_offsets"][0])
+            for name, e in header.items()}
+
+
 def write(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Deterministic: tensors in sorted name order, no timestamps, header padded to 8 bytes."""
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}

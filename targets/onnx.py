@@ -1,0 +1,458 @@
+"""The CPU target: each traced graph lowered from its jaxpr to an ONNX model for ONNX Runtime.
+
+tandemc lowers the primitives its graphs use itself (one rule per JAX primitive, in the table below) instead of
+depending on a converter package: the graphs use ~45 primitives, and owning their lowering lets the named
+tandemc primitives (tandemc/primitives.py) map straight to native operators (Gather, GatherND, GatherElements,
+ScatterND, TopK). Weights are initializers stored as external data pointing into the artifact's one
+`weights.safetensors` (safetensors keeps raw little-endian tensors at known offsets), so every graph shares it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import numpy as np
+import onnx
+from jax.extend import core
+from onnx import TensorProto, helper, numpy_helper
+
+from tandemc.errors import TandemcError
+from tandemc.primitives import PREFIX
+from tandemc.trace import Graph
+
+OPSET = 21
+ONNX_DTYPES = {
+    "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
+    "int32": TensorProto.INT32, "int64": TensorProto.INT64, "int8": TensorProto.INT8, "uint8": TensorProto.UINT8,
+    "uint32": TensorProto.UINT32, "bool": TensorProto.BOOL,
+}
+
+
+def onnx_dtype(dtype) -> int:
+    name = np.dtype(dtype).name
+    if name not in ONNX_DTYPES:
+        raise TandemcError(f"the ONNX lowering has no type for {name}")
+    return ONNX_DTYPES[name]
+
+
+class Builder:
+    """Accumulates nodes and initializers with fresh names; constants are deduplicated."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+        self._consts: dict[tuple, str] = {}
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
+        outputs = [self.fresh(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, domain=domain or None, **attrs))
+        return outputs
+
+    def op1(self, op_type: str, inputs: list[str], **attrs) -> str:
+        return self.op(op_type, inputs, **attrs)[0]
+
+    def const(self, value, dtype=None) -> str:
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            name = self.fresh("const")
+            if array.dtype.name == "bfloat16":
+                tensor = helper.make_tensor(name, TensorProto.BFLOAT16, array.shape,
+                                            array.view(np.uint16).tobytes(), raw=True)
+            else:
+                tensor = numpy_helper.from_array(array, name)
+            self.initializers.append(tensor)
+            self._consts[key] = name
+        return self._consts[key]
+
+    def i64(self, values) -> str:
+        return self.const(np.asarray(values, np.int64).reshape(-1))
+
+    def cast(self, name: str, dtype) -> str:
+        return self.op1("Cast", [name], to=onnx_dtype(dtype))
+
+    def reshape(self, name: str, shape) -> str:
+        return self.op1("Reshape", [name, self.i64(shape)])
+
+
+# --- lowering a jaxpr -----------------------------------------------------------------------------------------
+
+Rule = Callable[[Builder, core.JaxprEqn, list], list]
+RULES: dict[str, Rule] = {}
+NAMED: dict[str, Rule] = {}  # tandemc primitives by name (the jit's name)
+
+
+def lower_jaxpr(b: Builder, jaxpr: core.Jaxpr, consts, inputs: list[str]) -> list[str]:
+    env: dict = {}
+
+    def read(v):
+        if isinstance(v, core.Literal):
+            return b.const(np.asarray(v.val, dtype=v.aval.dtype))
+        return env[v]
+
+    for var, value in zip(jaxpr.constvars, consts):
+        env[var] = b.const(np.asarray(value))
+    env.update(zip(jaxpr.invars, inputs))
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name not in RULES:
+            raise TandemcError(f"the ONNX lowering has no rule for JAX primitive {name!r}")
+        outs = RULES[name](b, eqn, [read(v) for v in eqn.invars])
+        for var, out in zip(eqn.outvars, outs):
+            if not isinstance(var, core.DropVar):
+                env[var] = out
+    return [read(v) for v in jaxpr.outvars]
+
+
+def rule(*names):
+    def register(fn):
+        for n in names:
+            RULES[n] = fn
+        return fn
+    return register
+
+
+def aval(v):
+    return v.aval
+
+
+def elementwise(op_type):
+    return lambda b, eqn, ins: [b.op1(op_type, ins)]
+
+
+for _jax, _onnx in {"add": "Add", "sub": "Sub", "mul": "Mul", "max": "Max", "min": "Min", "pow": "Pow",
+                    "neg": "Neg", "exp": "Exp", "log": "Log", "sin": "Sin", "cos": "Cos", "sqrt": "Sqrt",
+                    "tanh": "Tanh", "abs": "Abs", "floor": "Floor", "ceil": "Ceil", "sign": "Sign",
+                    "logistic": "Sigmoid", "eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater",
+                    "ge": "GreaterOrEqual", "erf": "Erf"}.items():
+    RULES[_jax] = elementwise(_onnx)
+
+
+@rule("div")
+def _div(b, eqn, ins):
+    return [b.op1("Div", ins)]  # integer Div truncates toward zero in ONNX Runtime, as lax.div does
+
+
+@rule("rem")
+def _rem(b, eqn, ins):
+    return [b.op1("Mod", ins, fmod=1)]  # sign of the dividend, as lax.rem
+
+
+@rule("ne")
+def _ne(b, eqn, ins):
+    return [b.op1("Not", [b.op1("Equal", ins)])]
+
+
+@rule("and", "or", "not", "xor")
+def _logical(b, eqn, ins):
+    is_bool = aval(eqn.invars[0]).dtype == np.bool_
+    name = eqn.primitive.name
+    op = {"and": "And", "or": "Or", "not": "Not", "xor": "Xor"}[name]
+    return [b.op1(op if is_bool else "Bitwise" + op, ins)]
+
+
+@rule("rsqrt")
+def _rsqrt(b, eqn, ins):
+    return [b.op1("Reciprocal", [b.op1("Sqrt", ins)])]
+
+
+@rule("square")
+def _square(b, eqn, ins):
+    return [b.op1("Mul", [ins[0], ins[0]])]
+
+
+@rule("integer_pow")
+def _integer_pow(b, eqn, ins):
+    y = eqn.params["y"]
+    if y == 2:
+        return [b.op1("Mul", [ins[0], ins[0]])]
+    return [b.op1("Pow", [ins[0], b.const(np.asarray(y, aval(eqn.invars[0]).dtype))])]
+
+
+@rule("stop_gradient", "copy", "copy_p", "optimization_barrier")
+def _identity(b, eqn, ins):
+    return list(ins)
+
+
+@rule("select_n")
+def _select_n(b, eqn, ins):
+    if len(ins) != 3:
+        raise TandemcError("the ONNX lowering supports select_n with two cases only")
+    pred = ins[0] if aval(eqn.invars[0]).dtype == np.bool_ else b.cast(ins[0], np.bool_)
+    if aval(eqn.outvars[0]).dtype == np.bool_:  # ONNX Runtime has no boolean Where kernel
+        picked = b.op1("Where", [pred, b.cast(ins[2], np.uint8), b.cast(ins[1], np.uint8)])
+        return [b.cast(picked, np.bool_)]
+    return [b.op1("Where", [pred, ins[2], ins[1]])]
+
+
+@rule("clamp")
+def _clamp(b, eqn, ins):
+    lo, x, hi = ins
+    return [b.op1("Min", [b.op1("Max", [x, lo]), hi])]
+
+
+@rule("convert_element_type")
+def _convert(b, eqn, ins):
+    if np.dtype(eqn.params["new_dtype"]) == aval(eqn.invars[0]).dtype:
+        return list(ins)
+    return [b.cast(ins[0], eqn.params["new_dtype"])]
+
+
+@rule("iota")
+def _iota(b, eqn, ins):
+    p = eqn.params
+    shape, dim = p["shape"], p["dimension"]
+    values = np.arange(shape[dim], dtype=p["dtype"]).reshape([-1 if i == dim else 1 for i in range(len(shape))])
+    return [b.const(np.broadcast_to(values, shape).copy())]
+
+
+@rule("broadcast_in_dim")
+def _broadcast_in_dim(b, eqn, ins):
+    shape, dims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
+    source = aval(eqn.invars[0]).shape
+    if tuple(source) == tuple(shape):
+        return list(ins)
+    staged = [1] * len(shape)
+    for axis, d in zip(dims, source):
+        staged[axis] = d
+    x = ins[0] if list(staged) == list(source) else b.reshape(ins[0], staged)
+    return [b.op1("Expand", [x, b.i64(shape)])]
+
+
+@rule("reshape", "squeeze", "expand_dims")
+def _reshape(b, eqn, ins):
+    return [b.reshape(ins[0], aval(eqn.outvars[0]).shape)]
+
+
+@rule("transpose")
+def _transpose(b, eqn, ins):
+    return [b.op1("Transpose", ins, perm=list(eqn.params["permutation"]))]
+
+
+@rule("concatenate")
+def _concatenate(b, eqn, ins):
+    return [b.op1("Concat", ins, axis=eqn.params["dimension"])]
+
+
+@rule("stack")
+def _stack(b, eqn, ins):
+    axis = eqn.params["axis"]
+    parts = [b.op1("Unsqueeze", [x, b.i64([axis])]) for x in ins]
+    return [b.op1("Concat", parts, axis=axis)]
+
+
+@rule("slice")
+def _slice(b, eqn, ins):
+    p = eqn.params
+    rank = len(p["start_indices"])
+    steps = p["strides"] or (1,) * rank
+    return [b.op1("Slice", [ins[0], b.i64(p["start_indices"]), b.i64(p["limit_indices"]), b.i64(range(rank)),
+                            b.i64(steps)])]
+
+
+def _clamped_starts(b, starts: list[str], operand_shape, window_shape) -> str:
+    """XLA clamps dynamic starts so the window fits; ONNX does not, so clamp explicitly. → int64 [rank]."""
+    parts = [b.reshape(b.cast(s, np.int64), [1]) for s in starts]
+    stacked = b.op1("Concat", parts, axis=0)
+    upper = b.i64([d - w for d, w in zip(operand_shape, window_shape)])
+    return b.op1("Min", [b.op1("Max", [stacked, b.i64([0] * len(starts))]), upper])
+
+
+@rule("dynamic_slice")
+def _dynamic_slice(b, eqn, ins):
+    sizes = eqn.params["slice_sizes"]
+    starts = _clamped_starts(b, ins[1:], aval(eqn.invars[0]).shape, sizes)
+    ends = b.op1("Add", [starts, b.i64(sizes)])
+    return [b.op1("Slice", [ins[0], starts, ends, b.i64(range(len(sizes)))])]
+
+
+@rule("dynamic_update_slice")
+def _dynamic_update_slice(b, eqn, ins):
+    window = aval(eqn.invars[1]).shape
+    starts = _clamped_starts(b, ins[2:], aval(eqn.invars[0]).shape, window)
+    grid = np.stack(np.meshgrid(*[np.arange(w) for w in window], indexing="ij"), axis=-1).astype(np.int64)
+    indices = b.op1("Add", [b.const(grid), starts])
+    return [b.op1("ScatterND", [ins[0], indices, ins[1]])]
+
+
+def _reduce(op_type):
+    def lower(b, eqn, ins):
+        axes = b.i64(eqn.params["axes"])
+        dtype = aval(eqn.invars[0]).dtype
+        if dtype == np.bool_:  # any/all as max/min over 0/1
+            x = b.cast(ins[0], np.int32)
+            return [b.cast(b.op1(op_type, [x, axes], keepdims=0), np.bool_)]
+        return [b.op1(op_type, [ins[0], axes], keepdims=0)]
+    return lower
+
+
+RULES.update({"reduce_sum": _reduce("ReduceSum"), "reduce_max": _reduce("ReduceMax"),
+              "reduce_min": _reduce("ReduceMin"), "reduce_prod": _reduce("ReduceProd"),
+              "reduce_or": _reduce("ReduceMax"), "reduce_and": _reduce("ReduceMin")})
+
+
+@rule("argmax", "argmin")
+def _argmax(b, eqn, ins):
+    (axis,) = eqn.params["axes"]
+    op = "ArgMax" if eqn.primitive.name == "argmax" else "ArgMin"
+    return [b.cast(b.op1(op, ins, axis=axis, keepdims=0, select_last_index=0), eqn.params["index_dtype"])]
+
+
+@rule("cumsum")
+def _cumsum(b, eqn, ins):
+    return [b.op1("CumSum", [ins[0], b.const(np.asarray(eqn.params["axis"], np.int64))],
+                  reverse=int(eqn.params["reverse"]))]
+
+
+@rule("sort")
+def _sort(b, eqn, ins):
+    if len(ins) != 1:
+        raise TandemcError("the ONNX lowering sorts single operands only")
+    axis = eqn.params["dimension"]
+    k = b.i64([aval(eqn.invars[0]).shape[axis]])
+    return [b.op("TopK", [ins[0], k], n_out=2, axis=axis, largest=0, sorted=1)[0]]
+
+
+@rule("top_k")
+def _top_k(b, eqn, ins):
+    values, indices = b.op("TopK", [ins[0], b.i64([eqn.params["k"]])], n_out=2, axis=-1, largest=1, sorted=1)
+    return [values, b.cast(indices, aval(eqn.outvars[1]).dtype)]
+
+
+@rule("dot_general")
+def _dot_general(b, eqn, ins):
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = aval(eqn.invars[0]), aval(eqn.invars[1])
+    out_dtype = aval(eqn.outvars[0]).dtype
+    if not lb and not rb and tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and rhs.ndim == 2:
+        out = b.op1("MatMul", ins)  # x @ W: the weight matmuls
+    else:
+        letters = iter("abcdefghijklmnopqrstuvwxyz")
+        lsub = [next(letters) for _ in range(lhs.ndim)]
+        rsub = [None] * rhs.ndim
+        for l_axis, r_axis in zip(list(lb) + list(lc), list(rb) + list(rc)):
+            rsub[r_axis] = lsub[l_axis]
+        rsub = [s or next(letters) for s in rsub]
+        batch = [lsub[a] for a in lb]
+        free_l = [lsub[a] for a in range(lhs.ndim) if a not in lb and a not in lc]
+        free_r = [rsub[a] for a in range(rhs.ndim) if a not in rb and a not in rc]
+        equation = f"{''.join(lsub)},{''.join(rsub)}->{''.join(batch + free_l + free_r)}"
+        out = b.op1("Einsum", ins, equation=equation)
+    if np.dtype(out_dtype) != lhs.dtype:
+        out = b.cast(out, out_dtype)
+    return [out]
+
+
+@rule("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint")
+def _call(b, eqn, ins):
+    name = eqn.params.get("name", "")
+    if name in NAMED:
+        return NAMED[name](b, eqn, ins)
+    closed = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+    if isinstance(closed, core.ClosedJaxpr):
+        return lower_jaxpr(b, closed.jaxpr, closed.consts, ins)
+    return lower_jaxpr(b, closed, [], ins)
+
+
+@rule("custom_jvp_call", "custom_vjp_call")
+def _custom_call(b, eqn, ins):
+    closed = eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
+    return lower_jaxpr(b, closed.jaxpr, closed.consts, ins)
+
+
+# --- the named tandemc primitives -----------------------------------------------------------------------------
+
+def named(name):
+    def register(fn):
+        NAMED[PREFIX + name] = fn
+        return fn
+    return register
+
+
+@named("embed")
+def _embed(b, eqn, ins):
+    return [b.op1("Gather", ins, axis=0)]
+
+
+@named("take_along_last")
+def _take_along_last(b, eqn, ins):
+    return [b.op1("GatherElements", ins, axis=aval(eqn.invars[0]).ndim - 1)]
+
+
+@named("take_rows")
+def _take_rows(b, eqn, ins):
+    index = b.op1("Unsqueeze", [b.cast(ins[1], np.int64), b.i64([1])])
+    return [b.op1("GatherND", [ins[0], index], batch_dims=1)]
+
+
+@named("write_block")
+def _write_block(b, eqn, ins):
+    cache, block = aval(eqn.invars[0]), aval(eqn.invars[1])
+    batch, length = block.shape[0], block.shape[1]
+    # clamp like XLA's dynamic_update_slice (only finished rows, whose caches are never read again, reach the end)
+    start = b.op1("Min", [b.op1("Max", [b.cast(ins[2], np.int64), b.i64([0])]), b.i64([cache.shape[1] - length])])
+    rows = np.broadcast_to(np.arange(batch, dtype=np.int64)[:, None], (batch, length))
+    offsets = np.broadcast_to(np.arange(length, dtype=np.int64)[None, :], (batch, length))
+    positions = b.op1("Add", [b.const(offsets.copy()), b.op1("Unsqueeze", [start, b.i64([1])])])
+    indices = b.op1("Concat", [b.op1("Unsqueeze", [b.const(rows.copy()), b.i64([2])]),
+                               b.op1("Unsqueeze", [positions, b.i64([2])])], axis=2)
+    update = ins[1] if block.dtype == cache.dtype else b.cast(ins[1], cache.dtype)
+    return [b.op1("ScatterND", [ins[0], indices, update])]
+
+
+@named("sort_descending")
+def _sort_descending(b, eqn, ins):
+    x = aval(eqn.invars[0])
+    return [b.op("TopK", [ins[0], b.i64([x.shape[-1]])], n_out=2, axis=-1, largest=1, sorted=1)[0]]
+
+
+# --- graphs → models ------------------------------------------------------------------------------------------
+
+def value_info(name: str, shape, dtype) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, onnx_dtype(dtype), list(shape))
+
+
+def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]]) -> onnx.ModelProto:
+    """One graph as an ONNX model whose weights are external data at (file, offset, length)."""
+    closed = jax.make_jaxpr(graph.fn)(*graph.arg_structs())
+    b = Builder()
+    weight_names = [w.name for w in graph.weights]
+    input_names = [t.name for t in graph.inputs]
+    outs = lower_jaxpr(b, closed.jaxpr, closed.consts, weight_names + input_names)
+    nodes = list(b.nodes)
+    for out, spec in zip(outs, graph.outputs):
+        nodes.append(helper.make_node("Identity", [out], [spec.name]))
+    used = {name for node in nodes for name in node.input}
+    weights = []
+    for spec in graph.weights:
+        if spec.name not in used:  # e.g. prefill reads only the secondary's K/V projections
+            continue
+        file, offset, length = weight_locations[spec.name]
+        tensor = onnx.TensorProto(name=spec.name, dims=list(spec.shape), data_type=onnx_dtype(spec.dtype),
+                                  data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", file), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        weights.append(tensor)
+    body = helper.make_graph(nodes, graph.key, [value_info(t.name, t.shape, t.dtype) for t in graph.inputs],
+                             [value_info(t.name, t.shape, t.dtype) for t in graph.outputs],
+                             initializer=weights + b.initializers)
+    model = helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tandemc",
+                              ir_version=10)
+    return model
+
+
+def lower(graphs: list[Graph], weight_locations: dict[str, tuple[str, int, int]]) -> dict[str, bytes]:
+    """`<key>.onnx` for every graph except `generate` (its in-graph loop is not lowered to ONNX Loop yet)."""
+    files = {}
+    for graph in graphs:
+        if graph.name == "generate":
+            continue
+        files[graph.key + ".onnx"] = lower_graph(graph, weight_locations).SerializeToString()
+    return files
