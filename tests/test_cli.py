@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 from click.testing import CliRunner
 
 from tandemc.cli import cli
@@ -139,3 +140,22 @@ def test_export_refuses_bad_options_in_one_line(tiny, tmp_path, args, message):
     lines = [line for line in result.output.splitlines() if line]
     assert result.exit_code == 2 and len(lines) == 1 and message in lines[0]
     assert not (tmp_path / "art").exists()
+
+
+def test_cpu_artifact_and_the_dependency_light_consumer(tiny, tmp_path):
+    """The ONNX artifact runs in `tandemc run` and in examples/onnxruntime_generate.py (onnxruntime + numpy only)
+    with the reference's tokens, greedy and sampled."""
+    art = tmp_path / "cpu"
+    out = json.loads(run("export", tiny, "--target", "cpu", "-o", art, "--batch", 2, "--max-seq-len", "64,128",
+                         "--prefill-chunk", 16, "--json").output)
+    assert out["verification"]["ok"] and out["verification"]["generate_graph_identical"] is None
+    example = Path(__file__).parent.parent / "examples" / "onnxruntime_generate.py"
+    for extra in ([], ["-t", "0.7", "--seed", "3"]):
+        ref = json.loads(run("generate", tiny, "--prompt", "def f(", "-n", 20, *extra, "--json").output)
+        ran = json.loads(run("run", art, "--prompt", "def f(", "-n", 20, *extra, "--json").output)
+        assert ran["tokens"] == ref["tokens"]
+        flags = ["--temperature", extra[1], "--seed", extra[3]] if extra else []
+        proc = subprocess.run([sys.executable, str(example), str(art), "def f(", "--max-new-tokens", "20", *flags],
+                              capture_output=True, text=True, env={"PATH": "", "PYTHONPATH": ""}, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout[:-1] == ref["text"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import onnx
 import pytest
 
 from conftest import CONFIGS, make
@@ -27,19 +28,26 @@ def checkpoint(name, seed=1):
     return Checkpoint(cfg, jax.tree.map(np.asarray, params), ByteTokenizer())
 
 
-def export_ok(ckpt, out, **options):
-    manifest = export(ckpt, "tpu", out, ExportOptions(**options), platforms=["cpu"], verify_prompts=4)
+def export_ok(ckpt, out, target="tpu", **options):
+    manifest = export(ckpt, target, out, ExportOptions(**options), platforms=["cpu"] if target == "tpu" else None,
+                      verify_prompts=4)
     report = manifest["verification"]
     assert report["ok"], report
     return manifest
 
 
-# Every shape, batch 1 and 4, γ 1, 4 and 8: greedy (host steps and in-graph generate) and fixed-seed sampling are
-# token-identical to the reference, and the verify-block logits agree within 1e-3 (verify()'s checks).
+# Every shape, batch 1 and 4, γ 1, 4 and 8, both targets: greedy (host steps, and the in-graph generate where the
+# target has it) and fixed-seed sampling are token-identical to the reference, and the verify-block logits agree
+# within 1e-3 (verify()'s checks); the CPU target's bar is 1e-4.
+@pytest.mark.parametrize("target", ["tpu", "cpu"])
 @pytest.mark.parametrize("batch, gamma", [(1, 1), (4, 4), (4, 8)])
-def test_artifact_matches_reference(tandem_name, batch, gamma, tmp_path):
-    export_ok(checkpoint(tandem_name), tmp_path / "a", batch=batch, block_length=gamma, max_seq_len=(48,),
-              prefill_chunk=8, max_new_tokens=16)
+def test_artifact_matches_reference(tandem_name, batch, gamma, target, tmp_path):
+    manifest = export_ok(checkpoint(tandem_name), tmp_path / "a", target, batch=batch, block_length=gamma,
+                         max_seq_len=(48,), prefill_chunk=8, max_new_tokens=16)
+    if target == "cpu":
+        assert manifest["verification"]["max_abs_logit_diff"] <= 1e-4
+        for entry in manifest["graphs"].values():
+            onnx.checker.check_model(str(tmp_path / "a" / entry["onnx"]), full_check=True)
 
 
 @pytest.fixture(params=sorted(CONFIGS))
@@ -47,11 +55,12 @@ def tandem_name(request):
     return request.param
 
 
+@pytest.mark.parametrize("target", ["tpu", "cpu"])
 @pytest.mark.parametrize("mode", ["primary", "vanilla", "tandem", "adaptive"])
-def test_every_mode_exports_and_matches(mode, tmp_path):
+def test_every_mode_exports_and_matches(mode, target, tmp_path):
     name = {"vanilla": "gqa-4to2", "adaptive": "custom-map"}.get(mode, "mha-odd-heads")
-    manifest = export_ok(checkpoint(name), tmp_path / "a", mode=mode, batch=2, block_length=3, max_seq_len=(40,),
-                         prefill_chunk=16, max_new_tokens=12)
+    manifest = export_ok(checkpoint(name), tmp_path / "a", target, mode=mode, batch=2, block_length=3,
+                         max_seq_len=(40,), prefill_chunk=16, max_new_tokens=12)
     assert manifest["decode"]["mode"] == mode
     weights = {n.split(".")[0] for g in manifest["graphs"].values() for n in g["weights"]}
     assert weights == {"primary": {"primary"}, "vanilla": {"primary", "drafter"},
@@ -80,18 +89,19 @@ def test_step_loop_and_generate_graph_agree_on_batches_larger_than_the_artifact(
     assert steps.stats["accepted"] == graph.stats["accepted"] and steps.stats["drafted"] == graph.stats["drafted"]
 
 
-def test_export_is_byte_identical_and_refuses_to_overwrite(tmp_path):
+@pytest.mark.parametrize("target", ["tpu", "cpu"])
+def test_export_is_byte_identical_and_refuses_to_overwrite(target, tmp_path):
     ckpt = checkpoint("custom-map")
     options = dict(batch=1, block_length=2, max_seq_len=(32,), prefill_chunk=8, max_new_tokens=8)
-    export_ok(ckpt, tmp_path / "a", **options)
-    export_ok(ckpt, tmp_path / "b", **options)
+    export_ok(ckpt, tmp_path / "a", target, **options)
+    export_ok(ckpt, tmp_path / "b", target, **options)
     files_a = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files_a == sorted(p.name for p in (tmp_path / "b").iterdir())
     for name in files_a:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert not any(b"/tmp" in (tmp_path / "a" / n).read_bytes() for n in files_a)
     with pytest.raises(TandemcError, match="already exists; pass --force"):
-        export(ckpt, "tpu", tmp_path / "a", ExportOptions(**options))
+        export(ckpt, target, tmp_path / "a", ExportOptions(**options))
 
 
 def test_tampered_or_foreign_artifacts_are_refused(tmp_path):
