@@ -126,7 +126,7 @@ class Result:
 class Artifact:
     """A loaded artifact: its manifest, config, tokenizer and one backend."""
 
-    def __init__(self, path: str | Path, backend: str | None = None):
+    def __init__(self, path: str | Path, backend: str | None = None, threads: int = 0):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.config = manifest_config(self.manifest)
@@ -136,7 +136,8 @@ class Artifact:
         backend = backend or self.manifest["target"]
         if backend not in BACKENDS:
             raise TandemcError(f"no runtime backend {backend!r} in this tandemc; choose one of {', '.join(BACKENDS)}")
-        self.backend = BACKENDS[backend](self.path, self.manifest, weights)
+        options = {"threads": threads} if backend == "cpu" else {}
+        self.backend = BACKENDS[backend](self.path, self.manifest, weights, **options)
 
     # --- one request of up to `batch` prompts --------------------------------------------------------------
 
@@ -252,7 +253,8 @@ class Artifact:
         return Result(tokens, [self.tokenizer.decode(t) for t in tokens], stats)
 
 
-def load(path: str | Path, backend: str | None = None) -> Artifact:
+def load(path: str | Path, backend: str | None = None, threads: int = 0) -> Artifact:
     """Open an artifact directory: manifest, hashes and schema checked before anything runs. `backend` defaults to
-    the artifact's target; `savedmodel` runs a tpu artifact's TensorFlow SavedModel instead."""
-    return Artifact(path, backend)
+    the artifact's target; `savedmodel` runs a tpu artifact's TensorFlow SavedModel instead. `threads`: ONNX
+    Runtime intra-op threads for cpu artifacts (0: one per core)."""
+    return Artifact(path, backend, threads)

@@ -44,6 +44,18 @@ class Builder:
         self.initializers: list[onnx.TensorProto] = []
         self._count = 0
         self._consts: dict[tuple, str] = {}
+        # Broadcasts are left to ONNX's numpy-style broadcasting where the consumer is elementwise: a name here
+        # holds a tensor of shape real[name] (same rank, some dims 1) standing for its JAX value of shape lazy[name].
+        self.lazy: dict[str, tuple[int, ...]] = {}
+        self.real: dict[str, tuple[int, ...]] = {}
+        self._expanded: dict[str, str] = {}
+
+    def materialize(self, name: str) -> str:
+        if name not in self.lazy:
+            return name
+        if name not in self._expanded:
+            self._expanded[name] = self.op1("Expand", [name, self.i64(self.lazy[name])])
+        return self._expanded[name]
 
     def fresh(self, hint: str) -> str:
         self._count += 1
@@ -103,11 +115,19 @@ def lower_jaxpr(b: Builder, jaxpr: core.Jaxpr, consts, inputs: list[str]) -> lis
         name = eqn.primitive.name
         if name not in RULES:
             raise TandemcError(f"the ONNX lowering has no rule for JAX primitive {name!r}")
-        outs = RULES[name](b, eqn, [read(v) for v in eqn.invars])
+        ins = [read(v) for v in eqn.invars]
+        if name in BROADCASTING or (name == "broadcast_in_dim"):
+            outs = RULES[name](b, eqn, ins)
+            if name != "broadcast_in_dim" and any(i in b.lazy for i in ins):
+                shapes = [b.real.get(i, tuple(aval(v).shape)) for i, v in zip(ins, eqn.invars)]
+                b.lazy[outs[0]] = tuple(aval(eqn.outvars[0]).shape)
+                b.real[outs[0]] = tuple(np.broadcast_shapes(*shapes))
+        else:
+            outs = RULES[name](b, eqn, [b.materialize(i) for i in ins])
         for var, out in zip(eqn.outvars, outs):
             if not isinstance(var, core.DropVar):
                 env[var] = out
-    return [read(v) for v in jaxpr.outvars]
+    return [b.materialize(read(v)) for v in jaxpr.outvars]
 
 
 def rule(*names):
@@ -120,6 +140,12 @@ def rule(*names):
 
 def aval(v):
     return v.aval
+
+
+# Primitives whose ONNX operators broadcast numpy-style, so they accept not-yet-expanded inputs.
+BROADCASTING = {"add", "sub", "mul", "max", "min", "pow", "div", "rem", "eq", "ne", "lt", "le", "gt", "ge", "and",
+                "or", "xor", "not", "neg", "exp", "log", "sin", "cos", "sqrt", "rsqrt", "tanh", "abs", "floor",
+                "ceil", "sign", "logistic", "erf", "select_n", "integer_pow", "square", "convert_element_type"}
 
 
 def elementwise(op_type):
@@ -215,14 +241,16 @@ def _iota(b, eqn, ins):
 @rule("broadcast_in_dim")
 def _broadcast_in_dim(b, eqn, ins):
     shape, dims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
-    source = aval(eqn.invars[0]).shape
-    if tuple(source) == tuple(shape):
+    source = tuple(aval(eqn.invars[0]).shape)
+    if source == tuple(shape):
         return list(ins)
+    real = b.real.get(ins[0], source)  # a lazy input broadcasts from its real (smaller) tensor
     staged = [1] * len(shape)
-    for axis, d in zip(dims, source):
+    for axis, d in zip(dims, real):
         staged[axis] = d
-    x = ins[0] if list(staged) == list(source) else b.reshape(ins[0], staged)
-    return [b.op1("Expand", [x, b.i64(shape)])]
+    x = b.reshape(ins[0], staged) if tuple(staged) != real else b.op1("Identity", ins)
+    b.lazy[x], b.real[x] = tuple(shape), tuple(staged)
+    return [x]
 
 
 @rule("reshape", "squeeze", "expand_dims")

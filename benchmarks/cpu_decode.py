@@ -1,0 +1,102 @@
+"""CPU decoding speed: the ONNX artifact (ONNX Runtime) against the JAX reference (jit), same mode, same tokens.
+
+    .venv/bin/python benchmarks/cpu_decode.py CKPT [--modes primary,speed] [--gammas 1,2,4,8] [-n 128]
+    .venv/bin/python benchmarks/cpu_decode.py --preset 100m ...      # a random checkpoint of a preset
+
+For each mode and block length: export a batch-1 CPU artifact, check its greedy tokens equal the reference's,
+then time both decoding the same prompt (best of --repeats, after a warm-up that compiles). Prints tokens/s,
+ms per token, mean tokens per step, and the ratios ONNX/JAX and mode/primary (one run, one machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+from tandemc.checkpoint import Checkpoint, load_checkpoint
+from tandemc.config import preset
+from tandemc.decoding import generate
+from tandemc.export import export
+from tandemc.params import init_params
+from tandemc.program import ExportOptions, Program
+from tandemc.runtime import load
+from tandemc.tokenizer import ByteTokenizer
+
+PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    \"\"\"Parse the command line and"
+
+
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    fn()  # warm-up: compilation, session initialisation
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", nargs="?", type=Path)
+    parser.add_argument("--preset")
+    parser.add_argument("--modes", default="primary,speed")
+    parser.add_argument("--gammas", default="1,2,4,8")
+    parser.add_argument("-n", "--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    args = parser.parse_args()
+    if args.preset:
+        cfg = preset(args.preset).validate()
+        ckpt = Checkpoint(cfg, init_params(cfg, 0), ByteTokenizer())
+    else:
+        ckpt = load_checkpoint(args.checkpoint)
+    prompt = ckpt.tokenizer.encode(PROMPT)
+    seq_len = 1 << (len(prompt) + args.new_tokens - 1).bit_length()
+    eos = -1  # decode the full length: equal work for every mode
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="tandemc-bench-"))
+    for mode in args.modes.split(","):
+        for gamma in ([0] if mode == "primary" else [int(g) for g in args.gammas.split(",")]):
+            options = ExportOptions(mode=mode, block_length=gamma, max_seq_len=(seq_len,), batch=1,
+                                    prefill_chunk=64, max_new_tokens=min(args.new_tokens, seq_len - 1))
+            out = work / f"{mode}-{gamma}"
+            export(ckpt, "cpu", out, options, verify=False)
+            artifact = load(out, threads=args.threads)
+            program = Program.make(ckpt.config, ckpt.params, options)
+            params = jax.tree.map(jax.numpy.asarray, program.params)
+
+            def run_jax():
+                return generate(params, program.config, [prompt], mode=mode, block_length=gamma or None,
+                                max_new_tokens=args.new_tokens, eos_id=eos, max_seq_len=seq_len)
+
+            def run_onnx():
+                return artifact.run_steps([prompt], args.new_tokens, eos_id=eos)
+
+            jax_s, jax_out = best_time(run_jax, args.repeats)
+            onnx_s, onnx_out = best_time(run_onnx, args.repeats)
+            n = len(jax_out.tokens[0])
+            rows.append({"mode": mode, "gamma": gamma, "tokens": n, "identical": onnx_out.tokens == jax_out.tokens,
+                         "jax_tokens_per_s": n / jax_s, "onnx_tokens_per_s": n / onnx_s,
+                         "onnx_ms_per_token": 1000 * onnx_s / n, "onnx_over_jax": jax_s / onnx_s,
+                         "tokens_per_step": jax_out.stats["mean_tokens_per_step"]})
+    base = next((r for r in rows if r["mode"] == "primary"), None)
+    print(f"{'mode':8s} {'γ':>2s} {'same':>5s} {'JAX tok/s':>10s} {'ONNX tok/s':>11s} {'ONNX ms/tok':>12s} "
+          f"{'ONNX/JAX':>9s} {'tok/step':>9s} {'vs primary':>11s}")
+    for r in rows:
+        speedup = r["onnx_tokens_per_s"] / base["onnx_tokens_per_s"] if base else float("nan")
+        r["onnx_vs_primary"] = speedup
+        print(f"{r['mode']:8s} {r['gamma']:2d} {str(r['identical']):>5s} {r['jax_tokens_per_s']:10.1f} "
+              f"{r['onnx_tokens_per_s']:11.1f} {r['onnx_ms_per_token']:12.2f} {r['onnx_over_jax']:9.2f} "
+              f"{r['tokens_per_step']:9.2f} {speedup:11.2f}")
+    print(json.dumps({"checkpoint": str(args.checkpoint or args.preset), "new_tokens": args.new_tokens,
+                      "prompt_tokens": len(prompt), "cache_length": seq_len, "rows": rows}))
+    assert all(r["identical"] for r in rows), "an ONNX artifact's tokens differ from the reference"
+
+
+if __name__ == "__main__":
+    main()
