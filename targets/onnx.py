@@ -453,9 +453,21 @@ def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]])
     weight_names = [w.name for w in graph.weights]
     input_names = [t.name for t in graph.inputs]
     outs = lower_jaxpr(b, closed.jaxpr, closed.consts, weight_names + input_names)
-    nodes = list(b.nodes)
+    # Name each output on the node that computes it, so a runtime can bind a cache output to its input's buffer
+    # and the last write lands in place; an Identity only where a value leaves twice or is an input or constant.
+    produced = {o for node in b.nodes for o in node.output}
+    rename, extra = {}, []
     for out, spec in zip(outs, graph.outputs):
-        nodes.append(helper.make_node("Identity", [out], [spec.name]))
+        if out in produced and out not in rename:
+            rename[out] = spec.name
+        else:
+            extra.append(helper.make_node("Identity", [out], [spec.name]))
+    nodes = []
+    for node in b.nodes:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+        node.output[:] = [rename.get(n, n) for n in node.output]
+        nodes.append(node)
+    nodes += extra
     used = {name for node in nodes for name in node.input}
     weights = []
     for spec in graph.weights:
