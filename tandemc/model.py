@@ -31,21 +31,10 @@ Attend = Callable  # (q [B,T,H,hd], k [B,T,KV,hd], v [B,T,KV,hd]) -> (out [B,T,H
 
 def rms_norm(x, weight, eps):
     """RMSNorm in float32; `weight=None` is the parameter-free normalisation used before the tandem projection."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    if weight is not None:
-        y = y * weight.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return primitives.rms_norm(x, jnp.ones(x.shape[-1], jnp.float32) if weight is None else weight, eps)
 
 
-def rope(x, positions, theta):
-    """Rotary embedding (rotate-half convention, as Llama) of x [B, T, N, hd] at positions [B, T]."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half)))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+rope = primitives.rope  # rotary embedding, rotate-half convention (as Llama): x [B, T, N, hd] at positions [B, T]
 
 
 def queries(p, cfg: DecoderConfig, h, positions):
@@ -68,7 +57,7 @@ def attention(q, k, v, mask):
     qg = q.reshape(b, t, kv, h // kv, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * (hd ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    weights = primitives.softmax(scores).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, h * hd)
 
 

@@ -48,3 +48,28 @@ def write_block(cache, block, start):
 def sort_descending(x):
     """Values along the last axis, largest first."""
     return -jnp.sort(-x, axis=-1)
+
+
+@primitive
+def rms_norm(x, weight, eps):
+    """x · rsqrt(mean(x²) + eps) · weight over the last axis, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+@primitive
+def softmax(x):
+    """Softmax over the last axis."""
+    return jax.nn.softmax(x, axis=-1)
+
+
+@primitive
+def rope(x, positions, theta):
+    """Rotary embedding (rotate-half convention, as Llama) of x [B, T, N, hd] at positions [B, T]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half)))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

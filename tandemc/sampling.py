@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from tandemc import primitives
@@ -30,20 +31,29 @@ class Sampling(NamedTuple):
 
 
 def token_distribution(logits, s: Sampling):
-    """logits [..., V] → probabilities after temperature, top-k then top-p; one-hot argmax when temperature is 0."""
+    """logits [..., V] → probabilities after temperature, top-k then top-p; one-hot argmax when temperature is 0.
+
+    A conditional, so greedy decoding runs only the argmax and every target can skip the sampling branch.
+    """
+    return lax.cond(s.temperature > 0, _sampled, _greedy, logits.astype(jnp.float32), s)
+
+
+def _greedy(logits, s: Sampling):
+    return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+
+
+def _sampled(logits, s: Sampling):
     vocab = logits.shape[-1]
-    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), vocab, dtype=jnp.float32)
-    z = logits.astype(jnp.float32) / jnp.maximum(s.temperature, 1e-6)
+    z = logits / jnp.maximum(s.temperature, 1e-6)
     ordered = primitives.sort_descending(z)
     rank = jnp.arange(vocab)
     in_top_k = (s.top_k <= 0) | (rank < s.top_k)
-    ordered_probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
+    ordered_probs = primitives.softmax(jnp.where(in_top_k, ordered, -jnp.inf))
     mass_before = jnp.cumsum(ordered_probs, axis=-1) - ordered_probs
     keep = in_top_k & ((s.top_p >= 1.0) | (mass_before < s.top_p))
     n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
     threshold = primitives.take_along_last(ordered, n_keep - 1)
-    probs = jax.nn.softmax(jnp.where(z >= threshold, z, -jnp.inf), axis=-1)
-    return jnp.where(s.temperature > 0, probs, greedy)
+    return primitives.softmax(jnp.where(z >= threshold, z, -jnp.inf))
 
 
 def sample(probs, u):

@@ -54,6 +54,7 @@ class Graph:
     inputs: list[TensorSpec]  # after the weights: state (prefill, step), then per-call inputs
     outputs: list[TensorSpec]
     state_wiring: dict[str, str]  # output name → the input it feeds on the next call
+    max_position: int = 0  # positions seen are below this (rows already finished may run past the cache)
 
     @property
     def key(self) -> str:
@@ -161,6 +162,8 @@ def build_graphs(program: Program) -> list[Graph]:
                              TensorSpec("u_steps", (n_new, batch, 2 * gamma + 1), "float32")] + sampling_specs,
                             [TensorSpec("tokens", (batch, n_new), "int32"), vec("n_tokens"), vec("steps"),
                              vec("accepted"), vec("drafted")], {}))
+        for graph in graphs[-3:]:
+            graph.max_position = cache_len + 2 * gamma + 1
     return graphs
 
 

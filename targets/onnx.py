@@ -39,15 +39,16 @@ def onnx_dtype(dtype) -> int:
 class Builder:
     """Accumulates nodes and initializers with fresh names; constants are deduplicated."""
 
-    def __init__(self):
+    def __init__(self, parent: "Builder | None" = None):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
-        self._count = 0
+        self._counter = parent._counter if parent else [0]  # names stay unique across subgraphs
         self._consts: dict[tuple, str] = {}
         # Broadcasts are left to ONNX's numpy-style broadcasting where the consumer is elementwise: a name here
         # holds a tensor of shape real[name] (same rank, some dims 1) standing for its JAX value of shape lazy[name].
         self.lazy: dict[str, tuple[int, ...]] = {}
         self.real: dict[str, tuple[int, ...]] = {}
+        self.max_position: int | None = parent.max_position if parent else None  # bound for rotary tables
         self._expanded: dict[str, str] = {}
 
     def materialize(self, name: str) -> str:
@@ -58,8 +59,8 @@ class Builder:
         return self._expanded[name]
 
     def fresh(self, hint: str) -> str:
-        self._count += 1
-        return f"{hint}_{self._count}"
+        self._counter[0] += 1
+        return f"{hint}_{self._counter[0]}"
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
         outputs = [self.fresh(op_type.lower()) for _ in range(n_out)]
@@ -388,6 +389,26 @@ def _call(b, eqn, ins):
     return lower_jaxpr(b, closed, [], ins)
 
 
+@rule("cond")
+def _cond(b, eqn, ins):
+    """lax.cond with two branches → ONNX If (branch 1 when the index is 1); branches read outer names directly."""
+    branches = eqn.params["branches"]
+    if len(branches) != 2:
+        raise TandemcError("the ONNX lowering supports two-way conditionals only")
+    subgraphs = []
+    for closed in (branches[1], branches[0]):
+        child = Builder(parent=b)
+        outs = lower_jaxpr(child, closed.jaxpr, closed.consts, list(ins[1:]))
+        results = []
+        for out, var in zip(outs, closed.jaxpr.outvars):
+            name = child.op1("Identity", [out])
+            results.append(value_info(name, aval(var).shape, aval(var).dtype))
+        subgraphs.append(helper.make_graph(child.nodes, b.fresh("branch"), [], results,
+                                           initializer=child.initializers))
+    pred = b.cast(ins[0], np.bool_)
+    return b.op("If", [pred], n_out=len(eqn.outvars), then_branch=subgraphs[0], else_branch=subgraphs[1])
+
+
 @rule("custom_jvp_call", "custom_vjp_call")
 def _custom_call(b, eqn, ins):
     closed = eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
@@ -434,6 +455,48 @@ def _write_block(b, eqn, ins):
     return [b.op1("ScatterND", [ins[0], indices, update])]
 
 
+def literal(var) -> float | None:
+    return float(var.val) if isinstance(var, core.Literal) else None
+
+
+@named("rms_norm")
+def _rms_norm(b, eqn, ins):
+    eps = literal(eqn.invars[2])
+    x = aval(eqn.invars[0])
+    if eps is None or x.dtype != np.float32:
+        return _inline(b, eqn, ins)
+    scale = ins[1] if aval(eqn.invars[1]).dtype == np.float32 else b.cast(ins[1], np.float32)
+    return [b.op1("SimplifiedLayerNormalization", [ins[0], scale], axis=-1, epsilon=eps, stash_type=1)]
+
+
+@named("softmax")
+def _softmax(b, eqn, ins):
+    return [b.op1("Softmax", ins, axis=-1)]
+
+
+@named("rope")
+def _rope(b, eqn, ins):
+    theta = literal(eqn.invars[2])
+    x = aval(eqn.invars[0])
+    if theta is None or x.dtype != np.float32 or b.max_position is None:
+        return _inline(b, eqn, ins)
+    batch, length, heads, dim = x.shape
+    half = dim // 2
+    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, 2 * half, 2, dtype=np.float32) / np.float32(2 * half))))
+    angles = np.arange(b.max_position, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+    # positions past the table only occur for finished rows (whose outputs are discarded): clamp them into it
+    positions = b.op1("Min", [b.op1("Max", [b.cast(ins[1], np.int64), b.i64([0])]), b.i64([b.max_position - 1])])
+    flat = b.reshape(ins[0], [batch, length, heads * dim])
+    out = b.op1("RotaryEmbedding", [flat, positions, b.const(np.cos(angles)), b.const(np.sin(angles))],
+                domain="com.microsoft", interleaved=0, num_heads=heads)
+    return [b.reshape(out, x.shape)]
+
+
+def _inline(b, eqn, ins):
+    closed = eqn.params["jaxpr"]
+    return lower_jaxpr(b, closed.jaxpr, closed.consts, ins)
+
+
 @named("sort_descending")
 def _sort_descending(b, eqn, ins):
     x = aval(eqn.invars[0])
@@ -446,10 +509,22 @@ def value_info(name: str, shape, dtype) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, onnx_dtype(dtype), list(shape))
 
 
+def _renamed(node: onnx.NodeProto, rename: dict[str, str]) -> onnx.NodeProto:
+    """Apply `rename` to a node's inputs and outputs, and inside its subgraphs (If branches read outer names)."""
+    node.input[:] = [rename.get(n, n) for n in node.input]
+    node.output[:] = [rename.get(n, n) for n in node.output]
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            for inner in attribute.g.node:
+                _renamed(inner, rename)
+    return node
+
+
 def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]]) -> onnx.ModelProto:
     """One graph as an ONNX model whose weights are external data at (file, offset, length)."""
     closed = jax.make_jaxpr(graph.fn)(*graph.arg_structs())
     b = Builder()
+    b.max_position = graph.max_position
     weight_names = [w.name for w in graph.weights]
     input_names = [t.name for t in graph.inputs]
     outs = lower_jaxpr(b, closed.jaxpr, closed.consts, weight_names + input_names)
@@ -462,12 +537,7 @@ def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]])
             rename[out] = spec.name
         else:
             extra.append(helper.make_node("Identity", [out], [spec.name]))
-    nodes = []
-    for node in b.nodes:
-        node.input[:] = [rename.get(n, n) for n in node.input]
-        node.output[:] = [rename.get(n, n) for n in node.output]
-        nodes.append(node)
-    nodes += extra
+    nodes = [_renamed(node, rename) for node in b.nodes] + extra
     used = {name for node in nodes for name in node.input}
     weights = []
     for spec in graph.weights:
@@ -483,8 +553,9 @@ def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]])
     body = helper.make_graph(nodes, graph.key, [value_info(t.name, t.shape, t.dtype) for t in graph.inputs],
                              [value_info(t.name, t.shape, t.dtype) for t in graph.outputs],
                              initializer=weights + b.initializers)
-    model = helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tandemc",
-                              ir_version=10)
+    model = helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET),
+                                                   helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="tandemc", ir_version=10)
     return model
 
 
