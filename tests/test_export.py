@@ -219,3 +219,16 @@ def test_savedmodel_wraps_the_same_graphs_and_matches_the_reference(tmp_path):
     for temperature in (0.0, 0.8):
         assert (tf_run.generate(prompts, 12, temperature=temperature, seed=5).tokens
                 == jax_run.generate(prompts, 12, temperature=temperature, seed=5).tokens)
+
+
+def test_cpu_graphs_use_onnx_runtime_fused_operators(tmp_path):
+    """The named primitives reach ONNX Runtime's fused kernels instead of chains of small ops, and greedy
+    decoding skips the sampling branch (an If on temperature)."""
+    manifest = export_ok(checkpoint("gqa-4to2"), tmp_path / "a", "cpu", batch=1, block_length=2,
+                         max_seq_len=(32,), prefill_chunk=8, max_new_tokens=8)
+    step = onnx.load(str(tmp_path / "a" / manifest["graphs"]["step.s32"]["onnx"]), load_external_data=False)
+    ops = {node.op_type for node in step.graph.node}
+    assert {"SimplifiedLayerNormalization", "RotaryEmbedding", "Softmax", "ScatterND", "Gather", "If"} <= ops
+    assert not ops & {"Sort", "Loop", "Scan"}  # loop-free step graphs, as the GPU target needs too
+    assert all(init.data_location == onnx.TensorProto.EXTERNAL for init in step.graph.initializer
+               if init.name.startswith(("primary.", "secondary.", "tandem.")))
