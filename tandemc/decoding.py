@@ -224,19 +224,26 @@ _prefill = jax.jit(prefill, static_argnames=("cfg", "mode"), donate_argnames=("s
 _step = jax.jit(step, static_argnames=("cfg", "mode", "gamma"), donate_argnames=("state",))
 
 
-def check_request(cfg: TandemConfig, mode: str, prompts, max_new_tokens: int, gamma: int, max_seq_len: int):
+def check_mode(cfg: TandemConfig, mode: str, gamma: int) -> None:
+    """The decoding mode exists, the checkpoint has what it needs, and the block length is usable."""
+    if mode not in MODES:
+        raise TandemcError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "vanilla" and cfg.drafter is None:
         raise TandemcError("mode 'vanilla' needs a standalone drafter, and this checkpoint has none; use "
-                           "--mode speed or add drafter.* weights")
+                           "mode speed or add drafter.* weights")
     if mode == "adaptive" and cfg.router is None:
         raise TandemcError("mode 'adaptive' needs a router, and this checkpoint has none; train one with "
-                           "`tandemc train --stage router` or use --mode speed")
+                           "`tandemc train --stage router` or use mode speed")
+    if mode != "primary" and not 1 <= gamma <= 64:
+        raise TandemcError(f"block length must be in 1..64, got {gamma}")
+
+
+def check_request(cfg: TandemConfig, mode: str, prompts, max_new_tokens: int, gamma: int, max_seq_len: int):
+    check_mode(cfg, mode, gamma)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TandemcError("every prompt must hold at least one token")
     if max_new_tokens < 1:
         raise TandemcError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if mode != "primary" and not 1 <= gamma <= 64:
-        raise TandemcError(f"block length must be in 1..64, got {gamma}")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > max_seq_len:
         raise TandemcError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
@@ -249,8 +256,7 @@ def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str =
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = -1,
              max_seq_len: int | None = None, record_logits: bool = False) -> Generation:
     """Generate up to max_new_tokens per prompt (token id lists) with the chosen mode; see module docstring."""
-    if mode not in MODES:
-        raise TandemcError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    check_mode(cfg, mode, 1)  # before the mode picks a cache length
     gamma = 0 if mode == "primary" else (cfg.gamma_train if block_length is None else block_length)
     if max_seq_len is None:
         max_seq_len = min(c.max_seq_len for c in (cfg.primary, drafter_config(cfg, mode)) if c)

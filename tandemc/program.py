@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from tandemc.config import DTYPES, TandemConfig
-from tandemc.decoding import MODES, drafter_config
+from tandemc.decoding import MODES, check_mode, drafter_config
 from tandemc.errors import TandemcError
 from tandemc.params import np_dtype
 
@@ -39,15 +39,7 @@ class ExportOptions:
         return self.block_length or cfg.gamma_train
 
     def validate(self, cfg: TandemConfig) -> "ExportOptions":
-        if self.mode not in MODES:
-            raise TandemcError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.mode == "vanilla" and cfg.drafter is None:
-            raise TandemcError("--mode vanilla needs a standalone drafter, and this checkpoint has none")
-        if self.mode == "adaptive" and cfg.router is None:
-            raise TandemcError("--mode adaptive needs a router, and this checkpoint has none; train one with "
-                               "`tandemc train --stage router`")
-        if self.mode != "primary" and not 1 <= self.gamma(cfg) <= 64:
-            raise TandemcError(f"--block-length must be in 1..64, got {self.block_length}")
+        check_mode(cfg, self.mode, self.gamma(cfg) if self.mode in MODES else 1)
         if self.dtype not in DTYPES:
             raise TandemcError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.batch < 1:

@@ -140,7 +140,7 @@ def test_verify_detects_an_artifact_that_differs_from_its_checkpoint(tmp_path):
 @pytest.mark.parametrize("options, message", [
     (dict(mode="adaptive"), "needs a router"),
     (dict(mode="fast"), "unknown mode"),
-    (dict(block_length=65), "block-length must be in 1..64"),
+    (dict(block_length=65), "block length must be in 1..64"),
     (dict(max_seq_len=(64, 32)), "distinct cache lengths in increasing order"),
     (dict(max_seq_len=(4096,)), "must be in 2..128"),
     (dict(prefill_chunk=0), "prefill-chunk must be in 1..64"),
