@@ -21,7 +21,7 @@ from tandemc.errors import TandemcError
 from tandemc.primitives import PREFIX
 from tandemc.trace import Graph
 
-OPSET = 21
+OPSET = 23
 ONNX_DTYPES = {
     "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
     "int32": TensorProto.INT32, "int64": TensorProto.INT64, "int8": TensorProto.INT8, "uint8": TensorProto.UINT8,
@@ -466,7 +466,7 @@ def _rms_norm(b, eqn, ins):
     if eps is None or x.dtype != np.float32:
         return _inline(b, eqn, ins)
     scale = ins[1] if aval(eqn.invars[1]).dtype == np.float32 else b.cast(ins[1], np.float32)
-    return [b.op1("SimplifiedLayerNormalization", [ins[0], scale], axis=-1, epsilon=eps, stash_type=1)]
+    return [b.op1("RMSNormalization", [ins[0], scale], axis=-1, epsilon=eps, stash_type=1)]
 
 
 @named("softmax")

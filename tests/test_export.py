@@ -228,7 +228,7 @@ def test_cpu_graphs_use_onnx_runtime_fused_operators(tmp_path):
                          max_seq_len=(32,), prefill_chunk=8, max_new_tokens=8)
     step = onnx.load(str(tmp_path / "a" / manifest["graphs"]["step.s32"]["onnx"]), load_external_data=False)
     ops = {node.op_type for node in step.graph.node}
-    assert {"SimplifiedLayerNormalization", "RotaryEmbedding", "Softmax", "ScatterND", "Gather", "If"} <= ops
+    assert {"RMSNormalization", "RotaryEmbedding", "Softmax", "ScatterND", "Gather", "If"} <= ops
     assert not ops & {"Sort", "Loop", "Scan"}  # loop-free step graphs, as the GPU target needs too
     assert all(init.data_location == onnx.TensorProto.EXTERNAL for init in step.graph.initializer
                if init.name.startswith(("primary.", "secondary.", "tandem.")))
