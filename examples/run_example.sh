@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up tandemc in .venv and run the main job on the example checkpoint: inspect it, then generate with the
-# primary alone, with Tandem + SPEED (same output, fewer primary calls) and with the two comparison modes.
+# Set up tandemc in .venv and run the main job on the bundled example checkpoint: inspect it, compile it for
+# the TPU (StableHLO) and CPU (ONNX) targets (each export is verified against the JAX reference), and generate
+# with the artifacts: Tandem + SPEED gives the primary's own output with fewer primary calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,15 +9,22 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e .
 tandemc=.venv/bin/tandemc
-
-# The example checkpoint. Until a trained example is committed, it is the `tiny` preset with seed 0,
-# rebuilt deterministically here (byte-identical on every machine).
-ckpt=examples/build/tiny
-[ -d "$ckpt" ] || "$tandemc" init "$ckpt" --preset tiny --seed 0
+ckpt=examples/tandem-stdlib  # trained by examples/train_example.sh; model card: examples/tandem-stdlib/README.md
+out=examples/build
 
 "$tandemc" inspect "$ckpt"
 prompt="def fibonacci(n):"
-for mode in primary speed tandem vanilla; do
-  echo "--- mode $mode"
-  "$tandemc" generate "$ckpt" --prompt "$prompt" --mode "$mode" --block-length 4 --max-new-tokens 48 --stats
+for target in tpu cpu; do
+  echo "--- export --target $target"
+  "$tandemc" export "$ckpt" --target "$target" -o "$out/tandem-stdlib-$target" --block-length 4 \
+    --max-seq-len 256,1024 --force
+  "$tandemc" inspect "$out/tandem-stdlib-$target"
 done
+for mode in primary speed; do
+  echo "--- cpu artifact, mode $mode"
+  "$tandemc" export "$ckpt" --target cpu --mode "$mode" -o "$out/tandem-stdlib-cpu-$mode" --block-length 4 \
+    --max-seq-len 256 --force > /dev/null
+  "$tandemc" run "$out/tandem-stdlib-cpu-$mode" --prompt "$prompt" --max-new-tokens 96 --stats
+done
+echo "--- the same with onnxruntime and numpy only"
+.venv/bin/python examples/onnxruntime_generate.py "$out/tandem-stdlib-cpu-speed" "$prompt" --max-new-tokens 96

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Train the bundled example checkpoint from scratch: one command, byte-level, on the Python standard library's
-# source (held-out files chosen by file-name hash), sized for a 2-core machine (~45 minutes).
+# source (held-out files chosen by file-name hash), sized for a 2-core machine (40-48 minutes; model card:
+# examples/tandem-stdlib/README.md).
 #
 #   bash examples/train_example.sh            # writes examples/build/train/* and examples/tandem-stdlib/
 #
@@ -42,12 +43,17 @@ step 4-standalone-distil "$work/3-tandem-distil" --stage pretrain --model drafte
 step 5-router "$work/4-standalone-distil" --stage router --steps "$ROUTER_STEPS" --lr 3e-3 --warmup 10
 
 start=$SECONDS
-[ -f "$work/metrics-tandem-ce.json" ] || "$tandemc" evaluate "$work/3-tandem-ce" --gammas 4 --json > "$work/metrics-tandem-ce.json"
-[ -f "$work/metrics-final.json" ] || "$tandemc" evaluate "$work/5-router" --json > "$work/metrics-final.json"
+evaluate() {  # evaluate CKPT OUT ARGS...: write OUT only when evaluation succeeds
+  local ckpt=$1 out=$2; shift 2
+  [ -f "$out" ] || { "$tandemc" evaluate "$ckpt" "$@" --json > "$out.tmp" && mv "$out.tmp" "$out"; }
+}
+evaluate "$work/3-tandem-ce" "$work/metrics-tandem-ce.json" --gammas 4
+evaluate "$work/5-router" "$work/metrics-final.json"
 echo "evaluate $((SECONDS - start))" >> "$work/timing.txt"
 rm -rf "$out.tmp" && mkdir -p "$out.tmp"
 cp "$work/5-router/config.json" "$work/5-router/model.safetensors" "$out.tmp/"
 cp "$work/metrics-final.json" "$out.tmp/metrics.json"
 cp "$work/metrics-tandem-ce.json" "$out.tmp/metrics-tandem-ce.json"
+[ ! -f "$out/README.md" ] || cp "$out/README.md" "$out.tmp/"  # the model card is written by hand
 rm -rf "$out" && mv "$out.tmp" "$out"
 echo "wrote $out"
