@@ -14,7 +14,8 @@ import pytest
 
 from conftest import CONFIGS, make
 from tandemc import artifact as artifact_io
-from tandemc.checkpoint import Checkpoint
+from tandemc.checkpoint import Checkpoint, load_checkpoint
+from tandemc.decoding import generate
 from tandemc.errors import TandemcError
 from tandemc.export import export
 from tandemc.program import ExportOptions, Program
@@ -168,7 +169,8 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, sys.argv[2])
 from conftest import CONFIGS, make
-from tandemc.checkpoint import Checkpoint
+from tandemc.checkpoint import Checkpoint, load_checkpoint
+from tandemc.decoding import generate
 from tandemc.export import export
 from tandemc.program import ExportOptions
 from tandemc.runtime import load
@@ -231,3 +233,24 @@ def test_cpu_graphs_use_onnx_runtime_fused_operators(tmp_path):
     assert not ops & {"Sort", "Loop", "Scan"}  # loop-free step graphs, as the GPU target needs too
     assert all(init.data_location == onnx.TensorProto.EXTERNAL for init in step.graph.initializer
                if init.name.startswith(("primary.", "secondary.", "tandem.")))
+
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "tandem-stdlib"
+
+
+@pytest.mark.parametrize("target, batch, gamma", [("tpu", 4, 4), ("cpu", 1, 8), ("cpu", 4, 1)])
+def test_bundled_example_artifacts_match_the_reference(target, batch, gamma, tmp_path):
+    """The trained example: real drafts get accepted, so the acceptance path carries most tokens here."""
+    ckpt = load_checkpoint(EXAMPLE)
+    manifest = export_ok(ckpt, tmp_path / "a", target, batch=batch, block_length=gamma, max_seq_len=(160,),
+                         prefill_chunk=32, max_new_tokens=32)
+    art = load(tmp_path / "a")
+    prompts = ["def main(argv):\n    ", "import os\n", "class Parser:\n    \"\"\"", "    return self."][:batch + 1]
+    result = art.generate(prompts, max_new_tokens=32, temperature=0.0)
+    ids = [ckpt.tokenizer.encode(p) for p in prompts]
+    params = jax.tree.map(jax.numpy.asarray, ckpt.params)
+    ref = generate(params, ckpt.config, ids, mode="speed", block_length=gamma, max_new_tokens=32,
+                   eos_id=ckpt.tokenizer.eos_id, max_seq_len=160)
+    assert result.tokens == ref.tokens and result.stats["accepted"] == ref.stats["accepted"] > 0
+    if target == "cpu":
+        assert manifest["verification"]["max_abs_logit_diff"] <= 1e-4
