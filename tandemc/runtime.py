@@ -61,8 +61,12 @@ class StableHLOBackend:
     def call(self, key: str, inputs: list) -> list:
         return list(self._fns[key](*self._weights[key], *inputs))
 
+    def zeros(self, shape, dtype):
+        """A state buffer owned by the runtime: donated state must not alias memory numpy may free."""
+        return self._jax.numpy.zeros(shape, dtype)
+
     def to_host(self, array) -> np.ndarray:
-        return np.asarray(array)
+        return np.array(array)  # a copy: the device buffer may be donated to the next call
 
 
 class SavedModelBackend:
@@ -138,6 +142,9 @@ class OnnxBackend:
             outputs.append(resident[source] if source in resident else value.numpy())
         return outputs
 
+    def zeros(self, shape, dtype):
+        return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))  # keeps its numpy buffer alive
+
     def to_host(self, array) -> np.ndarray:
         return array.numpy() if isinstance(array, self._ort.OrtValue) else np.asarray(array)
 
@@ -199,9 +206,9 @@ class Artifact:
         prefill_key, prefill = self._graph("prefill", seq_len)
         step_key, step = self._graph("step", seq_len)
         # State travels as {input name: array}; every state input starts as zeros (docs/artifact.md).
-        state = {spec["name"]: np.zeros(spec["shape"], spec["dtype"]) for spec in prefill["inputs"]
-                 if spec["name"] in prefill["state"].values()}
         backend = self.backend
+        state = {spec["name"]: backend.zeros(spec["shape"], spec["dtype"]) for spec in prefill["inputs"]
+                 if spec["name"] in prefill["state"].values()}
 
         def call(key, entry, state, inputs):
             state_inputs = [state[spec["name"]] for spec in entry["inputs"] if spec["name"] in state]
