@@ -91,6 +91,9 @@ class SavedModelBackend:
                         for spec, x in zip(entry["inputs"], inputs)})
         return [outputs[self._names(o["name"])] for o in entry["outputs"]]
 
+    def zeros(self, shape, dtype):
+        return self._tf.zeros(shape, dtype)
+
     def to_host(self, array) -> np.ndarray:
         return array.numpy()
 

@@ -56,3 +56,14 @@ def with_drafter_as_primary(cfg: TandemConfig, params, noise: float = 0.0, seed:
 def random_prompts(vocab, lengths, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Free each module's compiled XLA programs when it ends: hundreds of exported and jitted graphs accumulated
+    in one process crashed a later XLA compilation."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
