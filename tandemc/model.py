@@ -50,15 +50,7 @@ def keys_values(p, cfg: DecoderConfig, h, positions):
     return k, v
 
 
-def attention(q, k, v, mask):
-    """Grouped-query attention. q [B,T,H,hd]; k, v [B,S,KV,hd]; mask [B,T,S], True where a key is visible."""
-    b, t, h, hd = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    weights = primitives.softmax(scores).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, h * hd)
+attention = primitives.attention  # grouped-query attention with a boolean visibility mask [B, T, S]
 
 
 def layer(p, cfg: DecoderConfig, x, positions, attend: Attend):
