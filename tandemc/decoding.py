@@ -94,7 +94,8 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths,
 
     return {
         **state, "token": pick(first, state["token"]), "pos": pick(lengths.astype(jnp.int32), state["pos"]),
-        "prev": pick(primitives.take_rows(tokens, last), state["prev"]), "generated": pick(generated, state["generated"]),
+        "prev": pick(primitives.take_rows(tokens, last), state["prev"]),
+        "generated": pick(generated, state["generated"]),
         "limit": pick(limit.astype(jnp.int32), state["limit"]),
         "done": pick((first == eos_id) | (generated >= limit), state["done"]),
         "primary": primary_cache, "secondary": secondary_cache,
@@ -105,8 +106,9 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
     """One draft-verify iteration. u [B, 2γ+1]: γ for drafting, γ for acceptance, 1 for the final token.
 
     Returns (new state, outputs): emitted [B, γ+1], n_emitted [B], accepted [B], drafted [B] and the primary's
-    logits [B, γ+1, V] over the verified block; row b's new tokens are emitted[b, :n_emitted[b]]. Rows already done keep their state and emit nothing. In `adaptive` mode drafting
-    stops at the first draft the router predicts will be rejected (γ is then the maximum block length).
+    logits [B, γ+1, V] over the verified block; row b's new tokens are emitted[b, :n_emitted[b]]. Rows already
+    done keep their state and emit nothing. In `adaptive` mode drafting stops at the first draft the router
+    predicts will be rejected (γ is then the maximum block length).
     """
     b = state["token"].shape[0]
     c, p, active = state["token"], state["pos"], ~state["done"]
@@ -205,7 +207,8 @@ class Stats:
 
     def as_dict(self) -> dict:
         return {
-            "steps": self.steps, "row_steps": self.row_steps, "drafted": self.drafted, "accepted": self.accepted, "new_tokens": self.new_tokens,
+            "steps": self.steps, "row_steps": self.row_steps, "drafted": self.drafted, "accepted": self.accepted,
+            "new_tokens": self.new_tokens,
             "mean_accepted_per_step": self.accepted / self.row_steps if self.row_steps else 0.0,
             "mean_tokens_per_step": (self.accepted + self.row_steps) / self.row_steps if self.row_steps else 0.0,
             "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
@@ -277,6 +280,19 @@ def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str =
                        eos_id=eos_id, record_logits=record_logits)
 
 
+def pad_prompts(prompts: list[list[int]], batch: int, width: int, max_new_tokens: int):
+    """Prompts as zero-padded tokens [batch, width], lengths [batch] and per-row limits [batch]; missing rows get a
+    one-token prompt and limit 0, so they are done right after prefill."""
+    tokens = np.zeros((batch, width), np.int32)
+    lengths = np.ones((batch,), np.int32)
+    limit = np.zeros((batch,), np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, :len(prompt)] = prompt
+        lengths[i] = len(prompt)
+        limit[i] = max_new_tokens
+    return tokens, lengths, limit
+
+
 def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, batch: int, chunk: int, gamma: int,
                 max_new_tokens: int, seed: int, eos_id: int, record_logits: bool = False,
                 read=lambda state, name: np.asarray(state[name])) -> Generation:
@@ -284,19 +300,13 @@ def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, bat
 
     `prefill_call(state, tokens [B, C], start [B], lengths [B], limit [B], u [B, 1])` and `step_call(state, u)`
     return the new state and, for a step, its outputs; `read(state, name)` gives a state field (`token`, `done`)
-    as a host array. Up to `batch`
-    prompts; missing rows are padded with a one-token prompt and limit 0 (done at once). Uniforms come from the
-    documented stream (call 0 for every prefill chunk, call n for step n), so any backend draws the same tokens.
+    as a host array. Up to `batch` prompts (see `pad_prompts`). Uniforms come from the documented stream (call 0 for
+    every prefill chunk, call n for step n), so any backend draws the same tokens.
     """
     n = len(prompts)
-    lengths = np.ones((batch,), np.int32)
-    lengths[:n] = [len(p) for p in prompts]
-    limit = np.zeros((batch,), np.int32)
-    limit[:n] = max_new_tokens
-    padded = -(-int(lengths.max()) // chunk) * chunk
-    tokens = np.zeros((batch, padded), np.int32)
-    for i, prompt in enumerate(prompts):
-        tokens[i, :len(prompt)] = prompt
+    tokens, lengths, limit = pad_prompts(prompts, batch, -(-max(len(p) for p in prompts) // chunk) * chunk,
+                                         max_new_tokens)
+    padded = tokens.shape[1]
     u0 = uniforms(seed, 0, batch, 1)
     for start in range(0, padded, chunk):
         state = prefill_call(state, tokens[:, start:start + chunk], np.full((batch,), start, np.int32), lengths,

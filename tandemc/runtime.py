@@ -16,7 +16,7 @@ import numpy as np
 
 from tandemc import safetensors_io
 from tandemc.artifact import manifest_config, read_manifest
-from tandemc.decoding import Generation, Stats, decode_loop
+from tandemc.decoding import Generation, Stats, decode_loop, pad_prompts
 from tandemc.errors import TandemcError
 from tandemc.sampling import uniforms
 from tandemc.tokenizer import load_tokenizer
@@ -244,13 +244,7 @@ class Artifact:
         specs = {s["name"]: s for s in entry["inputs"]}
         batch, width = specs["tokens"]["shape"]
         n_steps, _, u_width = specs["u_steps"]["shape"]
-        tokens = np.zeros((batch, width), np.int32)
-        lengths = np.ones((batch,), np.int32)
-        limit = np.zeros((batch,), np.int32)
-        for i, prompt in enumerate(prompts):
-            tokens[i, :len(prompt)] = prompt
-            lengths[i] = len(prompt)
-            limit[i] = max_new_tokens
+        tokens, lengths, limit = pad_prompts(prompts, batch, width, max_new_tokens)
         u_steps = np.stack([uniforms(seed, call, batch, u_width) for call in range(1, n_steps + 1)])
         outputs = self.backend.call(key, [tokens, lengths, limit, uniforms(seed, 0, batch, 1), u_steps]
                                     + self._controls(temperature, top_k, top_p, eos_id))
