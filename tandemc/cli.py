@@ -143,9 +143,9 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 
     from tandemc.checkpoint import load_checkpoint
     from tandemc.decoding import generate as run
+    from tandemc.sampling import check_sampling
 
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise TandemcError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    check_sampling(temperature, top_k, top_p)
     ckpt = load_checkpoint(checkpoint)
     params = jax.tree.map(jax.numpy.asarray, ckpt.params)
     tok = ckpt.tokenizer

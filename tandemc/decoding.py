@@ -241,12 +241,16 @@ def check_mode(cfg: TandemConfig, mode: str, gamma: int) -> None:
         raise TandemcError(f"block length must be in 1..64, got {gamma}")
 
 
-def check_request(cfg: TandemConfig, mode: str, prompts, max_new_tokens: int, gamma: int, max_seq_len: int):
-    check_mode(cfg, mode, gamma)
+def check_prompts(prompts, max_new_tokens: int) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TandemcError("every prompt must hold at least one token")
     if max_new_tokens < 1:
         raise TandemcError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def check_request(cfg: TandemConfig, mode: str, prompts, max_new_tokens: int, gamma: int, max_seq_len: int):
+    check_mode(cfg, mode, gamma)
+    check_prompts(prompts, max_new_tokens)
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > max_seq_len:
         raise TandemcError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "

@@ -16,9 +16,9 @@ import numpy as np
 
 from tandemc import safetensors_io
 from tandemc.artifact import manifest_config, read_manifest
-from tandemc.decoding import Generation, Stats, decode_loop, pad_prompts
+from tandemc.decoding import Generation, Stats, check_prompts, decode_loop, pad_prompts
 from tandemc.errors import TandemcError
-from tandemc.sampling import uniforms
+from tandemc.sampling import check_sampling, uniforms
 from tandemc.tokenizer import load_tokenizer
 
 
@@ -264,12 +264,8 @@ class Artifact:
         if isinstance(prompts, str):
             prompts = [prompts]
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        if not ids or any(len(p) == 0 for p in ids):
-            raise TandemcError("every prompt must hold at least one token")
-        if max_new_tokens < 1:
-            raise TandemcError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-            raise TandemcError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        check_prompts(ids, max_new_tokens)
+        check_sampling(temperature, top_k, top_p)
         run = self.run_generate if use_generate_graph else self.run_steps
         batch = self.decode["batch"]
         tokens, total = [], Stats()

@@ -16,6 +16,7 @@ from jax import lax
 import numpy as np
 
 from tandemc import primitives
+from tandemc.errors import TandemcError
 
 
 class Sampling(NamedTuple):
@@ -28,6 +29,11 @@ class Sampling(NamedTuple):
     @staticmethod
     def make(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> "Sampling":
         return Sampling(np.float32(temperature), np.int32(top_k), np.float32(top_p))
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise TandemcError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
 
 
 def token_distribution(logits, s: Sampling):
