@@ -93,10 +93,14 @@ def graph_weights(program: Program, graphs: list[Graph]) -> dict[str, np.ndarray
     return {w.name: np.asarray(flat[w.name]) for w in graphs[0].weights}
 
 
-def write_manifest(directory: Path, manifest: dict) -> None:
-    files = artifact_files(directory)
-    manifest = {**manifest, "files": {name: sha256(directory / name) for name in files}}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+def write_manifest(directory: Path, manifest: dict) -> dict:
+    """Write manifest.json, hashing every other file unless `manifest` already lists them; returns the manifest as
+    a runtime reads it back."""
+    if "files" not in manifest:
+        manifest = {**manifest, "files": {name: sha256(directory / name) for name in artifact_files(directory)}}
+    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    (directory / MANIFEST).write_text(text)
+    return json.loads(text)
 
 
 def read_manifest(path: str | Path, check_hashes: bool = True) -> dict:

@@ -367,7 +367,6 @@ def export(checkpoint, target, out, mode, block_length, max_seq_len, batch, pref
                             mesh=_parse_mesh(mesh) if mesh else None)
     start = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
-    options.validate(ckpt.config)
     manifest = run(ckpt, target, out, options, platforms=[p for p in platforms.split(",") if p] or None,
                    force=force, verify=not no_verify, verify_prompts=verify_prompts, savedmodel=savedmodel)
     seconds = time.perf_counter() - start

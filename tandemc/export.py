@@ -60,12 +60,9 @@ def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOption
     program = Program.make(ckpt.config, ckpt.params, options)
     if savedmodel and (target != "tpu" or options.mesh):
         raise TandemcError("--savedmodel wraps unsharded StableHLO: use it with --target tpu and no --mesh")
-    out = Path(out)
-    if out.exists() and not force:
-        raise TandemcError(f"{out} already exists; pass --force to overwrite it")
-    graphs = build_graphs(program)
     tokenizer_file = (ckpt.path / ckpt.config.tokenizer.file) if ckpt.config.tokenizer.type == "hf" else None
-    with atomic_directory(out, force) as tmp:
+    with atomic_directory(out, force) as tmp:  # refuses an existing OUT without --force before any work
+        graphs = build_graphs(program)
         locations = artifact.write_weights(tmp, program, graphs)
         files, names, extra = lower_for_target(program, graphs, target, platforms, locations)
         graphs = [g for g in graphs if g.key in names]
@@ -77,7 +74,7 @@ def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOption
             tf_target.write(tmp, graphs, artifact.graph_weights(program, graphs), extra["platforms"])
             manifest["savedmodel"] = {"directory": tf_target.DIRECTORY,
                                       "signatures": {g.key: tf_target.signature_name(g.key) for g in graphs}}
-        artifact.write_manifest(tmp, manifest)
+        manifest = artifact.write_manifest(tmp, manifest)  # hashes the files once; loading for verify needs them
         if verify:
             manifest["verification"] = report = run_verify(load(tmp), program, prompts=verify_prompts)
             if savedmodel:
@@ -87,8 +84,8 @@ def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOption
             if not report["ok"]:
                 raise TandemcError(f"verification failed, nothing written: {_summary(report)}; rerun with "
                                    "--no-verify to keep the artifact for inspection")
-        artifact.write_manifest(tmp, manifest)
-    return artifact.read_manifest(out)
+            manifest = artifact.write_manifest(tmp, manifest)
+    return manifest
 
 
 def _summary(report: dict) -> str:
