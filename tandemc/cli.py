@@ -326,6 +326,28 @@ def import_hf(primary_dir, secondary_dir, out, layer_map, gamma_train, dtype, se
           f"{list(cfg.layer_map)}; tokenizer {cfg.tokenizer.type})")
 
 
+@cli.command("export-hf")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--model", "model_name", type=click.Choice(["primary", "drafter"]), default="primary",
+              show_default=True, help="Which model of the tandem to write.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
+@click.option("--force", is_flag=True)
+@json_option
+def export_hf(checkpoint, model_name, out, force, as_json):
+    """Write one model as a Hugging Face Llama directory (config.json, model.safetensors, tokenizer.json).
+
+    The inverse of import-hf, for comparing with transformers or ONNX Runtime GenAI's model builder.
+    """
+    from tandemc.checkpoint import load_checkpoint
+    from tandemc.hf import export_llama
+
+    ckpt = load_checkpoint(checkpoint)
+    export_llama(ckpt, model_name, out, force=force)
+    cfg = getattr(ckpt.config, model_name)
+    _emit(as_json, {"path": str(out), "model": model_name, "parameters": cfg.num_parameters()},
+          f"wrote {out} ({model_name}, {_human(cfg.num_parameters())} parameters, LlamaForCausalLM)")
+
+
 def _format_stats(s: dict, compiled: bool = True) -> str:
     return (f"steps {s['steps']}  new tokens {s['new_tokens']}  drafted {s['drafted']}  accepted {s['accepted']}  "
             f"mean accepted/step {s['mean_accepted_per_step']:.2f}  acceptance {s['acceptance_rate']:.1%}  "

@@ -1,7 +1,9 @@
-"""Reading Llama-family models in Hugging Face format (config.json + *.safetensors, sharded or not).
+"""Llama-family models in Hugging Face format (config.json + *.safetensors, sharded or not), both ways.
 
 Hugging Face stores linear weights as [out, in]; tandemc stores [in, out], so they are transposed. Llama's
-q/k projections are already laid out for the rotate-half RoPE convention tandemc uses.
+q/k projections are already laid out for the rotate-half RoPE convention tandemc uses. Reading builds tandems
+from pretrained models (`tandemc import-hf`); writing lets users run a tandemc model in the tools they know
+(`tandemc export-hf`: transformers, ONNX Runtime GenAI's model builder).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 from tandemc import safetensors_io
 from tandemc.config import DecoderConfig
 from tandemc.errors import TandemcError
-from tandemc.params import check_tensors, decoder_shapes, np_dtype, unflatten
+from tandemc.params import check_tensors, decoder_shapes, flatten, np_dtype, unflatten
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 _LAYER_NAMES = {
@@ -110,6 +112,106 @@ def _our_name(name: str) -> str | None:
         if rest in _LAYER_NAMES:
             return f"layers.{int(index)}.{_LAYER_NAMES[rest]}"
     return None
+
+
+def _hf_name(ours: str) -> str:
+    """The inverse of `_our_name`."""
+    fixed = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+    if ours in fixed:
+        return fixed[ours]
+    _, index, leaf = ours.split(".")
+    return f"model.layers.{index}.{_HF_LAYER_NAMES[leaf]}"
+
+
+_HF_LAYER_NAMES = {ours: theirs for theirs, ours in _LAYER_NAMES.items()}
+
+
+def save_llama(directory: Path, cfg: DecoderConfig, params: dict, special_ids: dict[str, int]) -> None:
+    """Write one tandemc decoder as a Hugging Face LlamaForCausalLM (config.json + model.safetensors)."""
+    tensors = {}
+    for ours, value in flatten(params).items():
+        value = np.asarray(value)
+        tensors[_hf_name(ours)] = np.ascontiguousarray(value.T if value.ndim == 2 and ours != "embed" else value)
+    dtype = safetensors_io.dtype_name(tensors["model.embed_tokens.weight"])
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_seq_len, "attention_bias": False, "mlp_bias": False,
+        "torch_dtype": dtype,
+        **{f"{key}_id": value for key, value in special_ids.items() if value >= 0},
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "generation_config.json").write_text(json.dumps(
+        {f"{key}_id": value for key, value in special_ids.items() if value >= 0}, indent=2) + "\n")
+    safetensors_io.write(directory / "model.safetensors", tensors, {"format": "pt"})
+
+
+def byte_tokenizer_json() -> dict:
+    """tandemc's byte tokenizer as a `tokenizer.json`: byte-level BPE without merges, token i = byte i.
+
+    The byte-to-character table is GPT-2's (printable bytes map to themselves, the rest to U+0100 onwards), which
+    every `tokenizer.json` reader implements for ByteLevel pre-tokenization.
+    """
+    from tandemc.tokenizer import ByteTokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    vocab = {chars[b]: b for b in range(256)}
+    tok = ByteTokenizer()
+    special = [("<bos>", tok.bos_id), ("<eos>", tok.eos_id), ("<pad>", tok.pad_id)]
+    vocab.update({name: token_id for name, token_id in special})
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": token_id, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for name, token_id in special],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": []},
+    }
+
+
+def export_llama(ckpt, model_name: str, out: str | Path, force: bool = False) -> Path:
+    """One model of a tandem checkpoint (`primary` or `drafter`) as a Hugging Face Llama directory.
+
+    The tandem secondary is not a standalone model (its attention reads the primary's representations), so it
+    cannot be written in this format; the drafter is the secondary-sized model that can.
+    """
+    from tandemc.atomic import atomic_directory
+
+    if model_name not in ("primary", "drafter"):
+        raise TandemcError(f"--model must be 'primary' or 'drafter', got {model_name!r} (the tandem secondary "
+                           "reads the primary's representations and has no standalone Llama form)")
+    if model_name == "drafter" and ckpt.config.drafter is None:
+        raise TandemcError("this checkpoint has no standalone drafter; export --model primary")
+    cfg = getattr(ckpt.config, model_name)
+    tok = ckpt.tokenizer
+    special = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "pad_token": tok.pad_id}
+    with atomic_directory(out, force) as tmp:
+        save_llama(tmp, cfg, ckpt.params[model_name], special)
+        if ckpt.config.tokenizer.type == "hf":
+            (tmp / "tokenizer.json").write_bytes((Path(ckpt.path) / ckpt.config.tokenizer.file).read_bytes())
+            names = {"bos_token": ckpt.config.tokenizer.bos_token, "eos_token": ckpt.config.tokenizer.eos_token,
+                     "pad_token": ckpt.config.tokenizer.pad_token}
+        else:
+            (tmp / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(), ensure_ascii=False) + "\n")
+            names = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False,
+             **{key: value for key, value in names.items() if value}}, indent=2) + "\n")
+    return Path(out)
 
 
 def _special_token(directory: Path, hf_config: dict, key: str) -> str:

@@ -499,25 +499,17 @@ def _inline(b, eqn, ins):
 
 @named("attention")
 def _attention(b, eqn, ins):
-    """Batched MatMuls over [B, KV] with the query heads of a group stacked along the rows, instead of Einsum."""
+    """ONNX Attention (opset 23) on [B, T, H*hd] queries over [B, S, KV*hd] caches: one kernel per layer."""
     q, k = aval(eqn.invars[0]), aval(eqn.invars[1])
     if q.dtype != np.float32 or k.dtype != np.float32:
         return _inline(b, eqn, ins)
     batch, length, heads, dim = q.shape
     keys, kv = k.shape[1], k.shape[2]
-    group = heads // kv
-    qg = b.op1("Transpose", [b.reshape(ins[0], [batch, length, kv, group, dim])], perm=[0, 2, 3, 1, 4])
-    qg = b.reshape(qg, [batch, kv, group * length, dim])
-    kt = b.op1("Transpose", [ins[1]], perm=[0, 2, 3, 1])  # [B, KV, hd, S]
-    scores = b.op1("Mul", [b.op1("MatMul", [qg, kt]), b.const(np.float32(dim ** -0.5))])
-    scores = b.reshape(scores, [batch, kv, group, length, keys])
-    mask = b.reshape(ins[3], [batch, 1, 1, length, keys])
-    scores = b.op1("Where", [mask, scores, b.const(np.finfo(np.float32).min)])
-    weights = b.reshape(b.op1("Softmax", [scores], axis=-1), [batch, kv, group * length, keys])
-    vt = b.op1("Transpose", [ins[2]], perm=[0, 2, 1, 3])  # [B, KV, S, hd]
-    out = b.reshape(b.op1("MatMul", [weights, vt]), [batch, kv, group, length, dim])
-    out = b.op1("Transpose", [out], perm=[0, 3, 1, 2, 4])
-    return [b.reshape(out, [batch, length, heads * dim])]
+    mask = b.reshape(ins[3], [batch, 1, length, keys])
+    out = b.op1("Attention", [b.reshape(ins[0], [batch, length, heads * dim]), b.reshape(ins[1], [batch, keys, kv * dim]),
+                              b.reshape(ins[2], [batch, keys, kv * dim]), mask],
+                q_num_heads=heads, kv_num_heads=kv, scale=float(dim ** -0.5))
+    return [out]
 
 
 @named("sort_descending")

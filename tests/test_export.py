@@ -250,7 +250,10 @@ def test_cpu_graphs_use_onnx_runtime_fused_operators(tmp_path):
                          max_seq_len=(32,), prefill_chunk=8, max_new_tokens=8)
     step = onnx.load(str(tmp_path / "a" / manifest["graphs"]["step.s32"]["onnx"]), load_external_data=False)
     ops = {node.op_type for node in step.graph.node}
-    assert {"RMSNormalization", "RotaryEmbedding", "Softmax", "ScatterND", "Gather", "If"} <= ops
+    assert {"RMSNormalization", "RotaryEmbedding", "Attention", "ScatterND", "Gather", "If"} <= ops
+    assert "Einsum" not in ops  # attention reads the caches where they lie, never a transposed copy:
+    weights = {init.name for init in step.graph.initializer}
+    assert all(n.input[0] in weights for n in step.graph.node if n.op_type == "Transpose")  # tied LM head only
     assert not ops & {"Sort", "Loop", "Scan"}  # loop-free step graphs, as the GPU target needs too
     assert all(init.data_location == onnx.TensorProto.EXTERNAL for init in step.graph.initializer
                if init.name.startswith(("primary.", "secondary.", "tandem.")))

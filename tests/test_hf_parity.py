@@ -110,3 +110,48 @@ def test_import_hf_rejects_mismatched_vocabularies(tmp_path):
     _, b = hf_llama(tmp_path, "b", vocab_size=98)
     with pytest.raises(TandemcError, match="vocabularies differ: a has 97 tokens, b has 98"):
         import_tandem(a, b)
+
+
+@pytest.mark.parametrize("model_name", ["primary", "drafter"])
+def test_export_hf_writes_a_llama_that_transformers_runs_identically(tmp_path, model_name):
+    """`tandemc export-hf` is import-hf's inverse: transformers reproduces tandemc's logits, import gives back the
+    same tensors, and the byte tokenizer's tokenizer.json encodes and decodes exactly as tandemc does."""
+    from click.testing import CliRunner
+    from tokenizers import Tokenizer
+
+    from tandemc.checkpoint import save_checkpoint
+    from tandemc.cli import cli
+    from tandemc.config import preset
+    from tandemc.params import flatten, init_params
+    from tandemc.tokenizer import ByteTokenizer
+
+    cfg = preset("tiny").validate()
+    ckpt_path = save_checkpoint(tmp_path / "ckpt", cfg, init_params(cfg, 3))
+    out = tmp_path / "hf"
+    result = CliRunner().invoke(cli, ["export-hf", str(ckpt_path), "--model", model_name, "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    params = init_params(cfg, 3)[model_name]
+    model_cfg = getattr(cfg, model_name)
+    hf = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    tokens = np.random.default_rng(2).integers(0, model_cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        expected = hf(torch.tensor(tokens)).logits.numpy()
+    got, _ = jax.jit(model.forward, static_argnums=1)(params, model_cfg, tokens)
+    assert float(np.max(np.abs(np.asarray(got) - expected))) <= TOL
+    back_cfg, back = load_llama(out)
+    assert back_cfg == model_cfg
+    assert all(np.array_equal(a, flatten(back)[n]) for n, a in flatten(params).items())
+    text = 'def f(x):\n\treturn "héllo" ✓ \x00\x7f'
+    tok, byte_tok = Tokenizer.from_file(str(out / "tokenizer.json")), ByteTokenizer()
+    assert tok.encode(text).ids == byte_tok.encode(text, add_bos=False)
+    assert tok.decode(byte_tok.encode(text)) == text
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == byte_tok.eos_id
+
+
+def test_export_hf_refuses_the_tandem_secondary(tmp_path):
+    from click.testing import CliRunner
+
+    from tandemc.cli import cli
+
+    result = CliRunner().invoke(cli, ["export-hf", str(tmp_path), "--model", "secondary", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "secondary" in result.output

@@ -1,0 +1,95 @@
+"""Primary-only decoding: tandemc's CPU artifact against ONNX Runtime GenAI's model builder, same weights.
+
+    .venv/bin/pip install onnxruntime-genai onnx-ir      # the builder and its runtime (not tandemc dependencies)
+    .venv/bin/python benchmarks/ort_genai_compare.py CKPT [-n 128] [--repeats 5] [--max-seq-len 256]
+
+Writes the checkpoint's primary as a Hugging Face Llama directory (`tandemc export-hf`), builds it with
+`python -m onnxruntime_genai.models.builder -p fp32 -e cpu` (GroupQueryAttention, past/present sharing one buffer),
+exports tandemc's primary-only CPU artifact, checks both produce the same greedy tokens, then times both on the
+same prompt: the prompt's prefill plus N new tokens, best of --repeats after a warm-up. Prints ms per new token
+and the ratio tandemc / GenAI (the issue's bar: ≤ 1.25).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tandemc.checkpoint import load_checkpoint
+from tandemc.export import export
+from tandemc.hf import export_llama
+from tandemc.program import ExportOptions
+from tandemc.runtime import load
+
+PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    \"\"\"Parse the command line and"
+
+
+def best_of(fn, repeats):
+    fn()
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("-n", "--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    import onnxruntime_genai as og
+
+    ckpt = load_checkpoint(args.checkpoint)
+    prompt = ckpt.tokenizer.encode(PROMPT)
+    work = Path(tempfile.mkdtemp(prefix="tandemc-genai-"))
+    export_llama(ckpt, "primary", work / "hf")
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "hf"), "-o",
+                    str(work / "genai"), "-p", "fp32", "-e", "cpu"], check=True, capture_output=True)
+    model = og.Model(str(work / "genai"))
+
+    def run_genai():
+        params = og.GeneratorParams(model)
+        total = len(prompt) + args.new_tokens
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return [int(t) for t in generator.get_sequence(0)][len(prompt):]
+
+    options = ExportOptions(mode="primary", max_seq_len=(args.max_seq_len,), batch=1, prefill_chunk=64,
+                            max_new_tokens=args.new_tokens)
+    export(ckpt, "cpu", work / "tandemc", options, verify=False)
+    artifact = load(work / "tandemc", threads=args.threads)
+
+    def run_tandemc():
+        return artifact.run_steps([prompt], args.new_tokens, eos_id=-1).tokens[0]
+
+    rows = []
+    for _ in range(2):  # interleaved rounds: the machine is shared, so compare within a round
+        genai_s, genai_tokens = best_of(run_genai, args.repeats)
+        ours_s, our_tokens = best_of(run_tandemc, args.repeats)
+        rows.append((genai_s, ours_s))
+    same = genai_tokens == our_tokens
+    print(f"primary {ckpt.config.primary.num_parameters() / 1e6:.1f}M parameters, prompt {len(prompt)} tokens, "
+          f"{args.new_tokens} new tokens, cache {args.max_seq_len}; same greedy tokens: {same}")
+    print("| round | GenAI ms/token | tandemc ms/token | tandemc / GenAI |")
+    print("|---|---|---|---|")
+    for i, (genai_s, ours_s) in enumerate(rows, 1):
+        g, o = genai_s / args.new_tokens * 1e3, ours_s / args.new_tokens * 1e3
+        print(f"| {i} | {g:.3f} | {o:.3f} | {o / g:.2f} |")
+    if not same:
+        sys.exit("greedy tokens differ between the two runtimes")
+
+
+if __name__ == "__main__":
+    main()
