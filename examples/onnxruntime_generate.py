@@ -35,9 +35,11 @@ def uniforms(seed, call, rows, width):
 
 
 class Graph:
-    def __init__(self, directory, entry):
+    def __init__(self, directory, entry, session_config):
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        for key, value in session_config.items():  # settings the graphs need (manifest "onnx_session_config")
+            options.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(directory / entry["onnx"]), options)
         self.entry = entry
         self.inputs = [spec["name"] for spec in entry["inputs"]]
@@ -60,8 +62,9 @@ def generate(directory: Path, prompt: str, max_new_tokens: int, temperature: flo
     bucket = next((s for s in decode["cache_buckets"] if len(ids) + max_new_tokens <= s), None)
     if bucket is None:
         raise SystemExit(f"prompt + {max_new_tokens} new tokens exceed the largest cache length")
-    prefill = Graph(directory, manifest["graphs"][f"prefill.s{bucket}"])
-    step = Graph(directory, manifest["graphs"][f"step.s{bucket}"])
+    config = manifest.get("onnx_session_config", {})
+    prefill = Graph(directory, manifest["graphs"][f"prefill.s{bucket}"], config)
+    step = Graph(directory, manifest["graphs"][f"step.s{bucket}"], config)
     batch, chunk, gamma = decode["batch"], decode["prefill_chunk"], decode["block_length"]
     state = {spec["name"]: np.zeros(spec["shape"], spec["dtype"]) for spec in prefill.entry["inputs"]
              if spec["name"] in prefill.entry["state"].values()}

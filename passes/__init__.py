@@ -1,1 +1,114 @@
-"""Program → Program passes (fusion, folding, quantization), installed as `tandemc.passes`."""
+"""Passes: Program → Program rewrites of the parameters, each named, documented and checked (design.md §2).
+
+A pass changes how the weights are laid out or stored, never what the model computes beyond float rounding
+(exact passes) or its stated quantization error (lossy passes). The model (tandemc/model.py) reads every layout
+a pass produces, so every target lowers the rewritten Program with no pass-specific code except the one native
+operator a quantized matmul maps to.
+
+    from tandemc.passes import run_passes
+    program = run_passes(program, ["fuse_qkv", "quantize_int8"])        # or preset("O2")
+
+Each applied pass appends a report to `program.passes` (it goes into the artifact's manifest): its options, what
+it changed, and the check — the reference logits before and after it on fixed token sequences. An exact pass
+whose logits move by more than the float tolerance raises; a lossy one reports its measured effect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+from tandemc.errors import TandemcError
+from tandemc.passes import check, folding, fusion, quantize
+from tandemc.program import Program
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    summary: str
+    exact: bool
+    fn: Callable  # (config, params, **options) -> (config, params, details dict)
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+# In the documented order: folds first (they read unfused matrices), then fusions, then quantization (it
+# quantizes whatever matrices the earlier passes left).
+REGISTRY: dict[str, Pass] = {p.name: p for p in [
+    Pass("dedupe_tied", "an untied LM head equal to the embedding table is tied: stored once", True,
+         fusion.dedupe_tied),
+    Pass("fold_projection", "tandem projection FF_j folded into the secondary's K/V weights: one matmul per layer",
+         True, folding.fold_projection),
+    Pass("fold_norm_scale", "RMSNorm gains folded into the matrices that read the normalised values", True,
+         folding.fold_norm_scale),
+    Pass("fuse_qkv", "Q, K and V projections in one matmul", True, fusion.fuse_qkv),
+    Pass("fuse_gate_up", "SwiGLU gate and up projections in one matmul", True, fusion.fuse_gate_up),
+    Pass("quantize_int8", "int8 weight-only, symmetric, per output channel", False, quantize.quantize,
+         {"bits": 8, "block": 0}),
+    Pass("quantize_int4", "int4 weight-only, symmetric, blocks of 32 input rows", False, quantize.quantize,
+         {"bits": 4, "block": 32}),
+]}
+PRESETS = {
+    "O0": [],
+    "O1": ["dedupe_tied", "fold_projection", "fuse_qkv", "fuse_gate_up"],
+    "O2": ["dedupe_tied", "fold_projection", "fuse_qkv", "fuse_gate_up", "quantize_int8"],
+}
+
+
+def parse(spec: str) -> list[tuple[str, dict]]:
+    """Comma-separated `name[:key=value...]` items, e.g. "O1,quantize_int4:block=64:models=primary".
+
+    Options after a colon: `block=N` (quantization block, 0 = per channel), `models=primary+secondary` (which
+    models a quantization pass touches), `keep=embed+lm_head` (matrices left in float).
+    """
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, *opts = item.split(":")
+        options = {}
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if not value:
+                raise TandemcError(f"pass option {opt!r} in {item!r} must be key=value")
+            options[key] = value
+        out.append((name, options))
+    return out
+
+
+def resolve(names) -> list[tuple[str, dict]]:
+    """Names, (name, options) pairs or presets ("O1"), as a list or one comma-separated string → checked pairs."""
+    if isinstance(names, str):
+        names = parse(names)
+    out = []
+    for item in names:
+        name, options = (item, {}) if isinstance(item, str) else item
+        if name in PRESETS and not options:  # a preset inside a list: "O1,quantize_int4"
+            out += resolve(PRESETS[name])
+            continue
+        if name not in REGISTRY:
+            raise TandemcError(f"unknown pass {name!r}; `tandemc passes` lists them ({', '.join(REGISTRY)})")
+        out.append((name, dict(options)))
+    return out
+
+
+def run_passes(program: Program, names, *, prompts: list[list[int]] | None = None) -> Program:
+    """Apply passes in the given order; each is checked against the Program before it (see module docstring)."""
+    for name, options in resolve(names):
+        program = run_pass(program, name, options, prompts)
+    return program
+
+
+def run_pass(program: Program, name: str, options: dict, prompts=None) -> Program:
+    p = REGISTRY[name]
+    if p.exact and any(not done["exact"] for done in program.passes):
+        raise TandemcError(f"pass {name} must run before quantization (it rewrites float matrices); put "
+                           "quantize_* last")
+    merged = {**p.options, **options}
+    config, params, details = p.fn(program.config, program.params, **merged)
+    after = dataclasses.replace(program, config=config, params=params)
+    report = {"name": name, "exact": p.exact, "options": {k: v for k, v in options.items()}, **details,
+              "check": check.compare(program, after, exact=p.exact, prompts=prompts)}
+    if p.exact and not report["check"]["ok"]:
+        raise TandemcError(f"pass {name} changed the logits by {report['check']['max_abs_logit_diff']:.2e} (tolerance "
+                           f"{report['check']['tolerance']:.0e}); this is a bug in the pass")
+    return dataclasses.replace(after, passes=program.passes + (report,))

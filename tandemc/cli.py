@@ -373,12 +373,16 @@ def _format_stats(s: dict, compiled: bool = True) -> str:
               "MLP width over MODEL).")
 @click.option("--savedmodel", is_flag=True, help="tpu target: also write a TensorFlow SavedModel wrapping the same "
               "StableHLO, for TF Serving (needs tandemc[tf]).")
+@click.option("-O", "opt_level", type=click.Choice(["0", "1", "2"]), default="1", show_default=True,
+              help="Pass preset: 0 none, 1 exact fusions, 2 fusions + int8 weights (`tandemc passes`).")
+@click.option("--passes", "pass_list", default=None,
+              help="Comma-separated passes instead of -O, e.g. fuse_qkv,quantize_int4:block=64:models=primary.")
 @click.option("--no-verify", is_flag=True, help="Skip the check against the reference before writing.")
 @click.option("--verify-prompts", default=4, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @json_option
 def export(checkpoint, target, out, mode, block_length, max_seq_len, batch, prefill_chunk, max_new_tokens, dtype,
-           platforms, mesh, savedmodel, no_verify, verify_prompts, force, as_json):
+           platforms, mesh, savedmodel, opt_level, pass_list, no_verify, verify_prompts, force, as_json):
     """Compile CHECKPOINT into a verified artifact directory for a target."""
     from tandemc.checkpoint import load_checkpoint
     from tandemc.export import export as run
@@ -390,13 +394,27 @@ def export(checkpoint, target, out, mode, block_length, max_seq_len, batch, pref
     start = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     manifest = run(ckpt, target, out, options, platforms=[p for p in platforms.split(",") if p] or None,
-                   force=force, verify=not no_verify, verify_prompts=verify_prompts, savedmodel=savedmodel)
+                   force=force, verify=not no_verify, verify_prompts=verify_prompts, savedmodel=savedmodel,
+                   passes=pass_list if pass_list is not None else f"O{opt_level}")
     seconds = time.perf_counter() - start
     check = manifest.get("verification")
     _emit(as_json, {"output": str(out), "target": target, "graphs": sorted(manifest["graphs"]),
-                    "verification": check, "seconds": round(seconds, 2)},
-          f"wrote {out}: {target}, {len(manifest['graphs'])} graphs, "
+                    "passes": manifest["passes"], "verification": check, "seconds": round(seconds, 2)},
+          f"wrote {out}: {target}, {len(manifest['graphs'])} graphs, passes "
+          f"{','.join(p['name'] for p in manifest['passes']) or 'none'}, "
           + (f"verified ({_verify_line(check)})" if check else "not verified") + f" ({seconds:.0f}s)")
+
+
+@cli.command("passes")
+@json_option
+def list_passes(as_json):
+    """List the passes export can apply, in their documented order, and the -O presets."""
+    from tandemc.passes import PRESETS, REGISTRY
+
+    _emit(as_json, {"passes": [{"name": p.name, "exact": p.exact, "summary": p.summary, "options": p.options}
+                               for p in REGISTRY.values()], "presets": PRESETS},
+          "\n".join([f"{p.name:16s} {'exact' if p.exact else 'lossy'}  {p.summary}" for p in REGISTRY.values()]
+                    + [f"-{name}: {', '.join(names) or 'no passes'}" for name, names in PRESETS.items()]))
 
 
 @cli.command()

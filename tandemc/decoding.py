@@ -159,27 +159,26 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
         a = a.astype(jnp.int32)
         # Drafts never proposed contribute no q: after an early stop the final token comes from p itself.
         q_ext = jnp.concatenate([jnp.where(proposed[..., None], q, 0.0), jnp.zeros((b, 1, vocab), q.dtype)], axis=1)
-    else:
-        d = jnp.zeros((b, 0), jnp.int32)
+        # First rejection: sample from norm(max(0, p - q)); all accepted: q_ext is zero there, so sample from p.
+        p_a, q_a = primitives.take_rows(target, a), primitives.take_rows(q_ext, a)
+        residual = jnp.maximum(p_a - q_a, 0.0)
+        mass = jnp.sum(residual, axis=-1, keepdims=True)
+        y = sample(jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_a), u[:, 2 * gamma])
+        padded = jnp.concatenate([d, jnp.zeros((b, 1), jnp.int32)], axis=1)
+        emitted = jnp.where(jnp.arange(gamma + 1) < a[:, None], padded, y[:, None])
+        new_prev = jnp.where(a > 0, primitives.take_rows(padded, jnp.maximum(a - 1, 0)), c)
+    else:  # primary only: one token from the primary's distribution
         a = jnp.zeros((b,), jnp.int32)
-        q_ext = jnp.zeros((b, 1, vocab), jnp.float32)
-    # First rejection: sample from norm(max(0, p - q)); all accepted: q_ext is zero there, so sample from p.
-    p_a, q_a = primitives.take_rows(target, a), primitives.take_rows(q_ext, a)
-    residual = jnp.maximum(p_a - q_a, 0.0)
-    mass = jnp.sum(residual, axis=-1, keepdims=True)
-    y = sample(jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_a), u[:, 2 * gamma])
-
-    slots = jnp.arange(gamma + 1)
-    padded = jnp.concatenate([d, jnp.zeros((b, 1), jnp.int32)], axis=1)
-    emitted = jnp.where(slots < a[:, None], padded, y[:, None])
+        y = sample(target[:, 0], u[:, 0])
+        emitted, new_prev = y[:, None], c
     n_emitted = a + 1
+    slots = jnp.arange(gamma + 1)
 
     if mode in TANDEM_MODES:
         secondary_cache = model.write_tandem_kv(secondary_cache, model.tandem_kv(params, cfg, hiddens, block_pos), p)
 
     hit_eos = jnp.any((slots < n_emitted[:, None]) & (emitted == eos_id), axis=1)
     generated = state["generated"] + jnp.where(active, n_emitted, 0)
-    new_prev = jnp.where(a > 0, primitives.take_rows(padded, jnp.maximum(a - 1, 0)), c)
     new_state = {
         **state,
         "token": jnp.where(active, y, c), "pos": jnp.where(active, p + n_emitted, p),
@@ -281,7 +280,7 @@ def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str =
 
     return decode_loop(prefill_call, step_call, state, prompts, batch=len(prompts),
                        chunk=max(len(p) for p in prompts), gamma=gamma, max_new_tokens=max_new_tokens, seed=seed,
-                       eos_id=eos_id, record_logits=record_logits)
+                       eos_id=eos_id, greedy=temperature == 0, record_logits=record_logits)
 
 
 def pad_prompts(prompts: list[list[int]], batch: int, width: int, max_new_tokens: int):
@@ -298,20 +297,22 @@ def pad_prompts(prompts: list[list[int]], batch: int, width: int, max_new_tokens
 
 
 def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, batch: int, chunk: int, gamma: int,
-                max_new_tokens: int, seed: int, eos_id: int, record_logits: bool = False,
+                max_new_tokens: int, seed: int, eos_id: int, greedy: bool = False, record_logits: bool = False,
                 read=lambda state, name: np.asarray(state[name])) -> Generation:
     """Drive prefill chunks, then steps until every row is done: the host loop every backend shares.
 
     `prefill_call(state, tokens [B, C], start [B], lengths [B], limit [B], u [B, 1])` and `step_call(state, u)`
     return the new state and, for a step, its outputs; `read(state, name)` gives a state field (`token`, `done`)
     as a host array. Up to `batch` prompts (see `pad_prompts`). Uniforms come from the documented stream (call 0 for
-    every prefill chunk, call n for step n), so any backend draws the same tokens.
+    every prefill chunk, call n for step n), so any backend draws the same tokens; `greedy` decoding reads none,
+    so it gets zeros.
     """
     n = len(prompts)
     tokens, lengths, limit = pad_prompts(prompts, batch, -(-max(len(p) for p in prompts) // chunk) * chunk,
                                          max_new_tokens)
     padded = tokens.shape[1]
-    u0 = uniforms(seed, 0, batch, 1)
+    zeros = np.zeros((batch, 2 * gamma + 1), np.float32)
+    u0 = zeros[:, :1] if greedy else uniforms(seed, 0, batch, 1)
     for start in range(0, padded, chunk):
         state = prefill_call(state, tokens[:, start:start + chunk], np.full((batch,), start, np.int32), lengths,
                              limit, u0)
@@ -323,7 +324,7 @@ def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, bat
     while not bool(np.all(read(state, "done"))):
         call += 1
         active = ~read(state, "done")
-        state, outputs = step_call(state, uniforms(seed, call, batch, 2 * gamma + 1))
+        state, outputs = step_call(state, zeros if greedy else uniforms(seed, call, batch, 2 * gamma + 1))
         emitted, n_emitted, accepted = (np.asarray(outputs[k]) for k in ("emitted", "n_emitted", "accepted"))
         stats.steps += 1
         stats.row_steps += int(active.sum())

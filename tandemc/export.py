@@ -27,7 +27,7 @@ def lower_for_target(program: Program, graphs, target: str, platforms: Sequence[
             raise TandemcError("--mesh and --platforms apply to the tpu target only")
         files = onnx_target.lower(graphs, weight_locations)
         names = {key[:-len(".onnx")]: {"onnx": key} for key in files}
-        return files, names, {"onnx_opset": onnx_target.OPSET}
+        return files, names, {"onnx_opset": onnx_target.OPSET, "onnx_session_config": onnx_target.SESSION_CONFIG}
     if target == "tpu":
         from tandemc.targets import stablehlo
 
@@ -47,17 +47,31 @@ def lower_for_target(program: Program, graphs, target: str, platforms: Sequence[
     raise TandemcError(f"target {target!r} is not available in this tandemc yet; choose tpu or cpu")
 
 
+# Text the per-pass checks decode (passes/check.py): code and prose, as a tandem's users send.
+CHECK_TEXTS = ("def main(argv):\n    \"\"\"Parse the command line.\"\"\"\n    import os\n    return 0\n",
+               "The compiler reads the checkpoint, traces each graph and writes the artifact to disk.\n")
+
+
+def make_program(ckpt: Checkpoint, options: ExportOptions, passes=()) -> Program:
+    """The checkpoint as a Program with `passes` applied (names, (name, options) pairs or a preset like "O1")."""
+    from tandemc.passes import run_passes
+
+    program = Program.make(ckpt.config, ckpt.params, options)
+    return run_passes(program, passes, prompts=[ckpt.tokenizer.encode(t) for t in CHECK_TEXTS])
+
+
 def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOptions, *,
            platforms: Sequence[str] | None = None, force: bool = False, verify: bool = True,
-           verify_prompts: int = 4, savedmodel: bool = False) -> dict:
+           verify_prompts: int = 4, savedmodel: bool = False, passes=()) -> dict:
     """Write a verified artifact for `target` to `out`; returns its manifest. `savedmodel` (tpu target) adds a
-    TensorFlow SavedModel wrapping the same StableHLO, verified like the rest."""
+    TensorFlow SavedModel wrapping the same StableHLO, verified like the rest; `passes` rewrite the Program first
+    (tandemc.passes), and the artifact is verified against the rewritten Program's reference."""
     from tandemc.runtime import load
     from tandemc.verify import verify as run_verify
 
     if target not in artifact.TARGETS:
         raise TandemcError(f"unknown target {target!r}; choose one of {', '.join(artifact.TARGETS)}")
-    program = Program.make(ckpt.config, ckpt.params, options)
+    program = make_program(ckpt, options, passes)
     if savedmodel and (target != "tpu" or options.mesh):
         raise TandemcError("--savedmodel wraps unsharded StableHLO: use it with --target tpu and no --mesh")
     tokenizer_file = (ckpt.path / ckpt.config.tokenizer.file) if ckpt.config.tokenizer.type == "hf" else None

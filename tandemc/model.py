@@ -11,6 +11,10 @@ only where a layer's attention gets its keys and values, so `layer` takes an `at
 
 In decoding the secondary needs no special layer at all: its cache holds primary-derived keys/values below the
 current block (written by `write_tandem_kv` after each verification) and its own inside the block.
+
+Weights may come in the layouts the passes produce (passes/): Q, K, V in one matrix (`wqkv`), SwiGLU gate and up in
+one (`w_gate_up`), RMSNorm gains folded away (absent), the tandem projection folded into the secondary's K/V
+(`tandem[j].wkv`), and any matrix quantized (`{"q": integers, "scale": ...}`, applied by `linear`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from tandemc import primitives
@@ -29,6 +34,23 @@ Cache = list  # one {"k": [B, S, KV, hd], "v": [B, S, KV, hd]} per layer
 Attend = Callable  # (q [B,T,H,hd], k [B,T,KV,hd], v [B,T,KV,hd]) -> (out [B,T,H*hd], new cache entry or None)
 
 
+def linear(x, w):
+    """x @ w for a float matrix or a quantized one ({"q", "scale"}, see passes/quantize.py)."""
+    if isinstance(w, dict):
+        return primitives.dequant_matmul(x, w["q"], w["scale"])
+    return x @ w
+
+
+def columns(w, start: int):
+    """Output columns start.. of a float or quantized matrix."""
+    return {k: a[:, start:] for k, a in w.items()} if isinstance(w, dict) else w[:, start:]
+
+
+def split_last(x, sizes):
+    """x [..., sum(sizes)] → the consecutive pieces of the given widths (a fused matmul's outputs)."""
+    return jnp.split(x, list(np.cumsum(sizes)[:-1]), axis=-1)
+
+
 def rms_norm(x, weight, eps):
     """RMSNorm in float32; `weight=None` is the parameter-free normalisation used before the tandem projection."""
     return primitives.rms_norm(x, jnp.ones(x.shape[-1], jnp.float32) if weight is None else weight, eps)
@@ -37,17 +59,30 @@ def rms_norm(x, weight, eps):
 rope = primitives.rope  # rotary embedding, rotate-half convention (as Llama): x [B, T, N, hd] at positions [B, T]
 
 
-def queries(p, cfg: DecoderConfig, h, positions):
+def qkv(p, cfg: DecoderConfig, h, positions):
+    """Q, K (both with RoPE at their positions) and V of a layer: [B, T, heads, hd] each."""
     b, t, _ = h.shape
-    return rope((h @ p["wq"]).reshape(b, t, cfg.n_heads, cfg.head_dim), positions, cfg.rope_theta)
+    widths = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+    if "wqkv" in p:
+        q, k, v = split_last(linear(h, p["wqkv"]), widths)
+    else:
+        q, k, v = linear(h, p["wq"]), linear(h, p["wk"]), linear(h, p["wv"])
+    return heads(q, cfg.n_heads, cfg, positions), heads(k, cfg.n_kv_heads, cfg, positions), heads(v, cfg.n_kv_heads, cfg)
 
 
-def keys_values(p, cfg: DecoderConfig, h, positions):
-    """K (with RoPE at its own position) and V of a layer; shared by the layer and the tandem projection."""
-    b, t, _ = h.shape
-    k = rope((h @ p["wk"]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
-    v = (h @ p["wv"]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-    return k, v
+def heads(x, n, cfg: DecoderConfig, positions=None):
+    """[B, T, n*hd] → [B, T, n, hd], rotated when positions are given."""
+    x = x.reshape(*x.shape[:2], n, cfg.head_dim)
+    return x if positions is None else rope(x, positions, cfg.rope_theta)
+
+
+def mlp(p, h):
+    """SwiGLU: down(silu(gate h) * up h), gate and up in one matmul when fused."""
+    if "w_gate_up" in p:
+        gate, up = jnp.split(linear(h, p["w_gate_up"]), 2, axis=-1)
+    else:
+        gate, up = linear(h, p["w_gate"]), linear(h, p["w_up"])
+    return linear(jax.nn.silu(gate) * up, p["w_down"])
 
 
 attention = primitives.attention  # grouped-query attention with a boolean visibility mask [B, T, S]
@@ -55,14 +90,11 @@ attention = primitives.attention  # grouped-query attention with a boolean visib
 
 def layer(p, cfg: DecoderConfig, x, positions, attend: Attend):
     """One pre-norm decoder layer: x + attention, then x + SwiGLU MLP."""
-    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = queries(p, cfg, h, positions)
-    k, v = keys_values(p, cfg, h, positions)
-    out, extra = attend(q, k, v)
-    x = x + out @ p["wo"]
-    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
-    return x, extra
+    h = rms_norm(x, p.get("attn_norm"), cfg.norm_eps)
+    out, extra = attend(*qkv(p, cfg, h, positions))
+    x = x + linear(out, p["wo"])
+    h = rms_norm(x, p.get("mlp_norm"), cfg.norm_eps)
+    return x + mlp(p, h), extra
 
 
 def decoder(p, cfg: DecoderConfig, tokens, positions, attends: list[Attend]):
@@ -74,7 +106,7 @@ def decoder(p, cfg: DecoderConfig, tokens, positions, attends: list[Attend]):
         hiddens.append(x)
         extras.append(extra)
     head = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
-    logits = rms_norm(x, p["final_norm"], cfg.norm_eps) @ head
+    logits = linear(rms_norm(x, p.get("final_norm"), cfg.norm_eps), head)
     return logits.astype(jnp.float32), hiddens, extras
 
 
@@ -128,12 +160,20 @@ def forward(p, cfg: DecoderConfig, tokens):
 
 def tandem_kv(params: Params, cfg: TandemConfig, primary_hiddens, positions):
     """Per secondary layer j: K, V = W_k, W_v applied to FF_j(rms(h_primary^{ℓ(j)})), RoPE at own positions."""
-    out = []
+    out, s = [], cfg.secondary
+    kv_width = s.n_kv_heads * s.head_dim
     for j, source in enumerate(cfg.layer_map):
         h = rms_norm(primary_hiddens[source], None, cfg.primary.norm_eps)
-        proj = params["tandem"][j]
-        y = h @ proj["weight"] + proj["bias"]
-        out.append(keys_values(params["secondary"]["layers"][j], cfg.secondary, y, positions))
+        proj, layer_p = params["tandem"][j], params["secondary"]["layers"][j]
+        if "wkv" in proj:  # fold_projection: W_kv' = FF_j · W_kv, b' = b · W_kv
+            k, v = split_last(linear(h, proj["wkv"]) + proj["bkv"], (kv_width, kv_width))
+        else:
+            y = linear(h, proj["weight"]) + proj["bias"]
+            if "wqkv" in layer_p:  # the K and V columns of the fused matrix
+                k, v = split_last(linear(y, columns(layer_p["wqkv"], s.n_heads * s.head_dim)), (kv_width, kv_width))
+            else:
+                k, v = linear(y, layer_p["wk"]), linear(y, layer_p["wv"])
+        out.append((heads(k, s.n_kv_heads, s, positions), heads(v, s.n_kv_heads, s)))
     return out
 
 

@@ -116,7 +116,7 @@ def _layers_of(cfg: TandemConfig, name: str) -> int:
 def np_dtype(name: str) -> np.dtype:
     import ml_dtypes
 
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+    return np.dtype(getattr(ml_dtypes, name)) if name in ("bfloat16", "int4") else np.dtype(name)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

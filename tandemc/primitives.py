@@ -20,6 +20,15 @@ def primitive(fn):
 
 
 @primitive
+def dequant_matmul(x, q, scale):
+    """x [..., K] @ dequantize(q [K, N] integers, scale [K/block, N]): symmetric weight-only quantization, scales
+    per block of `block` input rows and output column (one block: per output channel)."""
+    block = q.shape[0] // scale.shape[0]
+    w = q.astype(jnp.float32) * jnp.repeat(scale, block, axis=0)
+    return x @ w.astype(x.dtype)
+
+
+@primitive
 def embed(table, ids):
     """table [V, D], ids [...] → [..., D]."""
     return table[ids]

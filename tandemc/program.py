@@ -107,7 +107,9 @@ def program_for_artifact(ckpt, manifest: dict) -> Program:
     options = ExportOptions(mode=d["mode"], block_length=d["block_length"] if d["mode"] != "primary" else 0, max_seq_len=tuple(d["cache_buckets"]),
                             batch=d["batch"], prefill_chunk=d["prefill_chunk"], max_new_tokens=d["max_new_tokens"],
                             dtype=d["dtype"])
-    program = Program.make(ckpt.config, ckpt.params, options)
+    from tandemc.export import make_program
+
+    program = make_program(ckpt, options, [(p["name"], p["options"]) for p in manifest["passes"]])
     if program.config.to_dict() != manifest["model"]:
         raise TandemcError("the checkpoint's config differs from the one the artifact was exported from; pass the "
                            "checkpoint given to `tandemc export`")

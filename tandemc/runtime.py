@@ -101,10 +101,13 @@ class SavedModelBackend:
 class OnnxBackend:
     """One ONNX Runtime session per graph; weights come from the shared external-data file.
 
-    KV caches stay in ONNX Runtime buffers (OrtValues) between calls: each cache output is bound to the buffer of
-    the input it feeds (the manifest's wiring), so the final cache write of a call lands in place and nothing is
-    copied to or from numpy. Caches are written only by the node that produces the output, after every read of
-    the input (tests check token identity, which any aliasing mistake would break).
+    Nothing is allocated or copied per call beyond the step's small outputs. Every output is bound once to a
+    preallocated buffer: a KV cache output to the buffer of the cache input it replaces (the manifest's wiring),
+    so the cache write lands in place (the cache write is the only reader of its input, tests check token
+    identity, which any aliasing mistake would break); the other state outputs to one of two buffer sets, the
+    one the call's state inputs do not live in (ping-pong), shared by the graphs of a cache bucket. Bindings
+    are kept per (graph, set) and only the per-call inputs (uniforms, controls, prompt chunks) are rebound.
+    State returned by a call stays valid until the call after next; the caller's loop only keeps the latest.
     """
 
     def __init__(self, path: Path, manifest: dict, weights: dict[str, np.ndarray], threads: int = 0):
@@ -115,34 +118,62 @@ class OnnxBackend:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        for key, value in manifest.get("onnx_session_config", {}).items():
+            options.add_session_config_entry(key, value)
         self._sessions = {key: (ort.InferenceSession(str(path / entry["onnx"]), options,
                                                      providers=["CPUExecutionProvider"]), entry)
                           for key, entry in manifest["graphs"].items()}
+        self._buffers: dict[tuple, tuple] = {}  # (name, shape, dtype, set) → (OrtValue, its numpy array)
+        self._set_of: dict[int, int] = {}  # id(OrtValue) → buffer set, for the buffers above
+        self._bindings: dict[tuple, tuple] = {}  # (graph, set) → (IOBinding, {input name: bound object})
+
+    def _buffer(self, name: str, spec: dict, which: int):
+        key = (name, tuple(spec["shape"]), spec["dtype"], which)
+        if key not in self._buffers:
+            array = np.zeros(spec["shape"], spec["dtype"])
+            value = self._ort.OrtValue.ortvalue_from_numpy(array)  # shares the array's memory
+            self._buffers[key] = (value, array)
+            self._set_of[id(value)] = which
+        return self._buffers[key]
 
     def call(self, key: str, inputs: list) -> list:
         session, entry = self._sessions[key]
-        binding = session.io_binding()
-        resident = {}
+        state_inputs = set(entry["state"].values())
+        small_state = [x for spec, x in zip(entry["inputs"], inputs)
+                       if spec["name"] in state_inputs and len(spec["shape"]) != 4]
+        which = 1 - self._set_of.get(id(small_state[0]), 1) if small_state else 0
+        if (key, which) not in self._bindings:
+            binding = session.io_binding()
+            for spec in entry["outputs"]:
+                source = entry["state"].get(spec["name"])
+                if source is None or len(spec["shape"]) != 4:
+                    name = source if source is not None else f"{key}/{spec['name']}"
+                    binding.bind_ortvalue_output(spec["name"], self._buffer(name, spec, which)[0])
+            self._bindings[key, which] = (binding, {})
+        binding, bound = self._bindings[key, which]
+        cache_output = {source: name for name, source in entry["state"].items()}
         for spec, x in zip(entry["inputs"], inputs):
-            if len(spec["shape"]) == 4:  # a KV cache: keep it in an OrtValue, updated in place
-                value = x if isinstance(x, self._ort.OrtValue) else self._ort.OrtValue.ortvalue_from_numpy(
-                    np.ascontiguousarray(x))
-                resident[spec["name"]] = value
-                binding.bind_ortvalue_input(spec["name"], value)
+            name = spec["name"]
+            if name in state_inputs:
+                if not isinstance(x, self._ort.OrtValue):
+                    x = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x))
+                if bound.get(name) is not x:  # a new request's state, or the other set's
+                    binding.bind_ortvalue_input(name, x)
+                    if len(spec["shape"]) == 4:  # the cache write lands in the input's buffer
+                        binding.bind_ortvalue_output(cache_output[name], x)
+                    bound[name] = x
             else:
-                binding.bind_cpu_input(spec["name"], np.ascontiguousarray(np.asarray(x)))
+                binding.bind_cpu_input(name, np.ascontiguousarray(np.asarray(x)))
+        session.run_with_iobinding(binding)
         outputs = []
         for spec in entry["outputs"]:
             source = entry["state"].get(spec["name"])
-            if source in resident:
-                binding.bind_ortvalue_output(spec["name"], resident[source])
+            if source is None:
+                outputs.append(self._buffer(f"{key}/{spec['name']}", spec, which)[1].copy())
+            elif len(spec["shape"]) == 4:
+                outputs.append(bound[source])
             else:
-                binding.bind_output(spec["name"])
-        session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        for spec, value in zip(entry["outputs"], values):
-            source = entry["state"].get(spec["name"])
-            outputs.append(resident[source] if source in resident else value.numpy())
+                outputs.append(self._buffer(source, spec, which)[0])
         return outputs
 
     def zeros(self, shape, dtype):
@@ -227,8 +258,8 @@ class Artifact:
 
         return decode_loop(prefill_call, step_call, state, prompts, batch=self.decode["batch"],
                            chunk=self.decode["prefill_chunk"], gamma=self.decode["block_length"],
-                           max_new_tokens=max_new_tokens, seed=seed, eos_id=eos_id, record_logits=record_logits,
-                           read=lambda state, name: backend.to_host(state["state." + name]))
+                           max_new_tokens=max_new_tokens, seed=seed, eos_id=eos_id, greedy=temperature == 0,
+                           record_logits=record_logits, read=lambda state, name: backend.to_host(state["state." + name]))
 
     def run_generate(self, prompts: list[list[int]], max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0,
                      seed=0, eos_id=-1) -> Generation:

@@ -20,6 +20,7 @@ from tandemc.params import np_dtype
 DTYPE_CODES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "I4": "int4",  # tandemc extension for quantized artifact weights: two per byte, first in the low nibble (as ONNX)
 }
 CODE_OF = {v: k for k, v in DTYPE_CODES.items()}
 MAX_HEADER = 100 * 1024 * 1024
@@ -30,6 +31,24 @@ def dtype_name(array) -> str:
     if name not in CODE_OF:
         raise TandemcError(f"cannot store dtype {name} in safetensors")
     return name
+
+
+def nbytes(count: int, dtype: str) -> int:
+    return (count + 1) // 2 if dtype == "int4" else count * np_dtype(dtype).itemsize
+
+
+def pack_int4(array: np.ndarray) -> np.ndarray:
+    """int4 values → bytes, two per byte in row-major order, the first in the low nibble."""
+    nibbles = (np.asarray(array).astype(np.int8).reshape(-1) & 0xF).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def unpack_int4(packed: np.ndarray, shape) -> np.ndarray:
+    count = int(np.prod(shape, dtype=np.int64))
+    nibbles = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(-1)[:count].astype(np.int8)
+    return ((nibbles ^ 8) - 8).astype(np_dtype("int4")).reshape(shape)
 
 
 def read_header(path: Path) -> tuple[dict, int, int]:
@@ -58,7 +77,7 @@ def read_header(path: Path) -> tuple[dict, int, int]:
             raise TandemcError(f"{name}: header entry for tensor '{tensor}' is malformed") from None
         if dtype not in DTYPE_CODES:
             raise TandemcError(f"{name}: tensor '{tensor}' has unsupported dtype {dtype}")
-        expected = int(np.prod(shape, dtype=np.int64)) * np_dtype(DTYPE_CODES[dtype]).itemsize
+        expected = nbytes(int(np.prod(shape, dtype=np.int64)), DTYPE_CODES[dtype])
         if end - begin != expected or begin < 0:
             raise TandemcError(f"{name}: tensor '{tensor}' spans {end - begin} bytes but dtype {dtype} shape "
                                f"{tuple(shape)} needs {expected}")
@@ -78,6 +97,9 @@ def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
     out = {}
     for tensor, entry in header.items():
         begin, end = entry["data_offsets"]
+        if entry["dtype"] == "I4":
+            out[tensor] = unpack_int4(np.frombuffer(data[begin:end], np.uint8), entry["shape"])
+            continue
         dtype = np_dtype(DTYPE_CODES[entry["dtype"]]).newbyteorder("<")
         out[tensor] = np.frombuffer(data[begin:end], dtype=dtype).reshape(entry["shape"])
     return out
@@ -96,11 +118,12 @@ def write(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dic
     arrays, offset = [], 0
     for name in sorted(tensors):
         array = np.ascontiguousarray(np.asarray(tensors[name]))
-        nbytes = array.nbytes
-        header[name] = {"dtype": CODE_OF[dtype_name(array)], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": CODE_OF[dtype_name(array)], "shape": list(array.shape)}
+        if dtype_name(array) == "int4":
+            array = pack_int4(array)
+        header[name]["data_offsets"] = [offset, offset + array.nbytes]
         arrays.append(array)
-        offset += nbytes
+        offset += array.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:

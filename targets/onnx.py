@@ -22,9 +22,12 @@ from tandemc.primitives import PREFIX
 from tandemc.trace import Graph
 
 OPSET = 23
+# Session settings the graphs need, recorded in the manifest for every runtime: quantized matmuls fused into
+# MatMulNBits compute in float32 (level 1), as the reference does, instead of quantizing activations to int8.
+SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
 ONNX_DTYPES = {
     "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
-    "int32": TensorProto.INT32, "int64": TensorProto.INT64, "int8": TensorProto.INT8, "uint8": TensorProto.UINT8,
+    "int32": TensorProto.INT32, "int64": TensorProto.INT64, "int8": TensorProto.INT8, "int4": TensorProto.INT4, "uint8": TensorProto.UINT8,
     "uint32": TensorProto.UINT32, "bool": TensorProto.BOOL,
 }
 
@@ -50,6 +53,8 @@ class Builder:
         self.real: dict[str, tuple[int, ...]] = {}
         self.max_position: int | None = parent.max_position if parent else None  # bound for rotary tables
         self._expanded: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}  # static shapes of the values lowered so far
+        self._reshaped: dict[str, str] = {}  # Reshape output → the value it reshapes (chains collapse)
 
     def materialize(self, name: str) -> str:
         if name not in self.lazy:
@@ -91,7 +96,15 @@ class Builder:
         return self.op1("Cast", [name], to=onnx_dtype(dtype))
 
     def reshape(self, name: str, shape) -> str:
-        return self.op1("Reshape", [name, self.i64(shape)])
+        """Reshape, skipping chains (reshape of a reshape reads the original) and no-ops (same shape back)."""
+        shape = tuple(int(d) for d in shape)
+        source = self._reshaped.get(name, name)
+        if self.shapes.get(source) == shape:
+            return source
+        out = self.op1("Reshape", [source, self.i64(shape)])
+        self._reshaped[out] = source
+        self.shapes[out] = shape
+        return out
 
 
 # --- lowering a jaxpr -----------------------------------------------------------------------------------------
@@ -112,12 +125,17 @@ def lower_jaxpr(b: Builder, jaxpr: core.Jaxpr, consts, inputs: list[str]) -> lis
     for var, value in zip(jaxpr.constvars, consts):
         env[var] = b.const(np.asarray(value))
     env.update(zip(jaxpr.invars, inputs))
+    for var, name in zip(jaxpr.invars, inputs):
+        if name not in b.lazy:
+            b.shapes.setdefault(name, tuple(aval(var).shape))
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name not in RULES:
             raise TandemcError(f"the ONNX lowering has no rule for JAX primitive {name!r}")
         ins = [read(v) for v in eqn.invars]
-        if name in BROADCASTING or (name == "broadcast_in_dim"):
+        if all(0 in aval(v).shape for v in eqn.outvars):  # empty values (γ = 0 drafts) are constants
+            outs = [b.const(np.zeros(aval(v).shape, aval(v).dtype)) for v in eqn.outvars]
+        elif name in BROADCASTING or (name == "broadcast_in_dim"):
             outs = RULES[name](b, eqn, ins)
             if name != "broadcast_in_dim" and any(i in b.lazy for i in ins):
                 shapes = [b.real.get(i, tuple(aval(v).shape)) for i, v in zip(ins, eqn.invars)]
@@ -128,6 +146,8 @@ def lower_jaxpr(b: Builder, jaxpr: core.Jaxpr, consts, inputs: list[str]) -> lis
         for var, out in zip(eqn.outvars, outs):
             if not isinstance(var, core.DropVar):
                 env[var] = out
+                if out not in b.lazy:
+                    b.shapes.setdefault(out, tuple(aval(var).shape))
     return [b.materialize(read(v)) for v in jaxpr.outvars]
 
 
@@ -267,6 +287,12 @@ def _transpose(b, eqn, ins):
 @rule("concatenate")
 def _concatenate(b, eqn, ins):
     return [b.op1("Concat", ins, axis=eqn.params["dimension"])]
+
+
+@rule("split")
+def _split(b, eqn, ins):
+    sizes = eqn.params["sizes"]
+    return b.op("Split", [ins[0], b.i64(sizes)], n_out=len(sizes), axis=eqn.params["axis"])
 
 
 @rule("stack")
@@ -512,6 +538,18 @@ def _attention(b, eqn, ins):
     return [out]
 
 
+@named("dequant_matmul")
+def _dequant_matmul(b, eqn, ins):
+    """Blocked DequantizeLinear (axis 0, zero point 0) feeding MatMul: ONNX Runtime fuses the pair into MatMulNBits
+    where its kernel takes the block size, and otherwise dequantizes on the fly from the stored integers."""
+    x, q, scale = (aval(v) for v in eqn.invars)
+    if x.dtype != np.float32:
+        return _inline(b, eqn, ins)
+    block = q.shape[0] // scale.shape[0]
+    weight = b.op1("DequantizeLinear", [ins[1], ins[2]], axis=0, block_size=block)
+    return [b.op1("MatMul", [ins[0], weight])]
+
+
 @named("sort_descending")
 def _sort_descending(b, eqn, ins):
     x = aval(eqn.invars[0])
@@ -535,6 +573,26 @@ def _renamed(node: onnx.NodeProto, rename: dict[str, str]) -> onnx.NodeProto:
     return node
 
 
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node reads, including those its subgraphs (If branches) read from the outer scope."""
+    names = set(node.input)
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            for inner in attribute.g.node:
+                names |= _reads(inner)
+    return names
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
+    """The nodes some output depends on, in order (collapsed reshapes leave unread nodes behind)."""
+    needed, keep = set(outputs), []
+    for node in reversed(nodes):
+        if needed & set(node.output):
+            keep.append(node)
+            needed |= _reads(node)
+    return keep[::-1]
+
+
 def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]]) -> onnx.ModelProto:
     """One graph as an ONNX model whose weights are external data at (file, offset, length)."""
     closed = jax.make_jaxpr(graph.fn)(*graph.arg_structs())
@@ -552,7 +610,7 @@ def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]])
             rename[out] = spec.name
         else:
             extra.append(helper.make_node("Identity", [out], [spec.name]))
-    nodes = [_renamed(node, rename) for node in b.nodes] + extra
+    nodes = _live([_renamed(node, rename) for node in b.nodes] + extra, [t.name for t in graph.outputs])
     used = {name for node in nodes for name in node.input}
     weights = []
     for spec in graph.weights:

@@ -1,0 +1,144 @@
+"""Passes: exact ones keep the model's outputs, lossy ones report their effect, and every target lowers the result."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from tandemc.checkpoint import Checkpoint
+from tandemc.cli import cli
+from tandemc.config import preset
+from tandemc.errors import TandemcError
+from tandemc.export import export, make_program
+from tandemc.params import init_params
+from tandemc.passes import PRESETS, REGISTRY, run_passes
+from tandemc.program import ExportOptions, Program
+from tandemc.runtime import load
+from tandemc.tokenizer import ByteTokenizer
+
+from conftest import CONFIGS
+
+EXACT = [name for name, p in REGISTRY.items() if p.exact]
+OPTIONS = dict(block_length=3, max_seq_len=(48,), batch=2, prefill_chunk=16, max_new_tokens=12)
+
+
+def tiny(name="gqa-4to2", seed=1):
+    cfg = CONFIGS[name].validate()
+    return Checkpoint(cfg, init_params(cfg, seed), ByteTokenizer())
+
+
+def weight_names(program):
+    from tandemc.params import flatten
+    return set(flatten(program.params))
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_each_exact_pass_rewrites_the_weights_and_keeps_the_logits(name):
+    ckpt = tiny("mha-odd-heads")
+    if name == "dedupe_tied":  # an untied head that equals the table: the case the pass exists for
+        ckpt.params["primary"]["lm_head"] = ckpt.params["primary"]["embed"].T.copy()
+    before = Program.make(ckpt.config, ckpt.params, ExportOptions(**OPTIONS))
+    after = run_passes(before, [name])
+    report = after.passes[-1]
+    assert report["name"] == name and report["check"]["ok"]
+    assert report["check"]["max_abs_logit_diff"] <= 1e-4
+    assert weight_names(after) != weight_names(before)  # the pass did something
+
+
+def test_o1_artifacts_are_token_identical_to_o0_and_make_fewer_matmuls(tmp_path):
+    ckpt = tiny()
+    prompts = [[5, 1, 3, 2] * 5, [4, 1, 2]]
+    tokens, matmuls = {}, {}
+    for level in ("O0", "O1"):
+        manifest = export(ckpt, "cpu", tmp_path / level, ExportOptions(**OPTIONS), passes=level, verify_prompts=2)
+        assert manifest["verification"]["ok"]
+        assert [p["name"] for p in manifest["passes"]] == PRESETS[level]
+        tokens[level] = load(tmp_path / level).run_steps(prompts, 12).tokens
+        step = onnx.load(str(tmp_path / level / "step.s48.onnx"), load_external_data=False)
+        matmuls[level] = sum(n.op_type == "MatMul" for n in step.graph.node)
+    assert tokens["O1"] == tokens["O0"]
+    assert matmuls["O1"] < matmuls["O0"]
+
+
+@pytest.mark.parametrize("name, ratio", [("quantize_int8", 3.5), ("quantize_int4", 6.0)])
+def test_quantized_artifacts_shrink_and_tpu_and_cpu_agree(name, ratio, tmp_path):
+    """Same integers, same math: the StableHLO and ONNX artifacts of a quantized Program give the same tokens, its
+    matrices shrink by the bits' ratio (scales included), and ONNX Runtime runs them as MatMulNBits."""
+    import onnxruntime as ort
+
+    ckpt = tiny()
+    options = ExportOptions(**OPTIONS)
+    program = make_program(ckpt, options, [name])
+    report = program.passes[-1]
+    layer = program.params["primary"]["layers"][0]
+    assert layer["wq"]["q"].dtype.name == ("int8" if name.endswith("8") else "int4")
+    assert {"top1_agreement", "max_abs_logit_diff"} <= set(report["check"]["per_model"]["primary"])
+    assert set(report["check"]["mean_accepted_per_step"]) == {"before", "after"}
+    prompts = [[5, 1, 3, 2] * 5, [4, 1, 2]]
+    got = {}
+    for target in ("tpu", "cpu"):
+        manifest = export(ckpt, target, tmp_path / target, options, passes=[name], verify_prompts=2)
+        assert manifest["verification"]["ok"], manifest["verification"]
+        got[target] = load(tmp_path / target).run_steps(prompts, 12).tokens
+    assert got["tpu"] == got["cpu"]
+    float_dir = tmp_path / "float"
+    export(ckpt, "cpu", float_dir, options, verify=False)
+    from tandemc import safetensors_io
+    def matrix_bytes(path):  # the layers' matrices, stored (int4 packed two per byte) with their scales
+        locations = safetensors_io.tensor_locations(path / "weights.safetensors")
+        return sum(n for name, (_, n) in locations.items() if ".layers." in name and "norm" not in name)
+    assert matrix_bytes(float_dir) / matrix_bytes(tmp_path / "cpu") >= ratio * 0.85  # tiny matrices: scales weigh
+    step = tmp_path / "cpu" / "step.s48.onnx"
+    assert "DequantizeLinear" in {n.op_type for n in onnx.load(str(step), load_external_data=False).graph.node}
+    options_ort = ort.SessionOptions()
+    options_ort.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    for key, value in manifest["onnx_session_config"].items():
+        options_ort.add_session_config_entry(key, value)
+    ort.InferenceSession(str(step), options_ort, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    assert "MatMulNBits" in {n.op_type for n in optimized.graph.node}  # ONNX Runtime fused DQ + MatMul
+
+
+def test_quantized_matrix_roundtrip_error_is_within_half_a_step():
+    from tandemc.passes.quantize import quantize_matrix
+
+    w = np.random.default_rng(0).normal(size=(96, 40)).astype(np.float32)
+    for bits, block in ((8, 0), (4, 32), (8, 32)):
+        qm = quantize_matrix(w, bits, block)
+        step = np.repeat(qm["scale"], 96 // qm["scale"].shape[0], axis=0)
+        assert np.abs(qm["q"]).max() <= 2 ** (bits - 1) - 1
+        assert np.all(np.abs(qm["q"] * step - w) <= step / 2 + 1e-7)
+
+
+def test_bad_pass_requests_are_refused(tmp_path):
+    program = Program.make(tiny().config, tiny().params, ExportOptions(**OPTIONS))
+    with pytest.raises(TandemcError, match="unknown pass 'fuse_everything'"):
+        run_passes(program, "fuse_everything")
+    with pytest.raises(TandemcError, match="must run before quantization"):
+        run_passes(program, ["quantize_int8", "fuse_qkv"])
+    with pytest.raises(TandemcError, match="models='primary\\+teacher'"):
+        run_passes(program, "quantize_int8:models=primary+teacher")
+
+
+def test_cli_lists_passes_and_exports_o2_that_verify_rebuilds(tmp_path):
+    from tandemc.checkpoint import save_checkpoint
+
+    runner = CliRunner()
+    listed = json.loads(runner.invoke(cli, ["passes", "--json"]).output)
+    assert [p["name"] for p in listed["passes"]] == list(REGISTRY) and listed["presets"]["O2"][-1] == "quantize_int8"
+    cfg = preset("tiny").validate()
+    save_checkpoint(tmp_path / "ckpt", cfg, init_params(cfg, 0))
+    out = tmp_path / "art"
+    result = runner.invoke(cli, ["export", str(tmp_path / "ckpt"), "--target", "cpu", "-o", str(out), "-O2",
+                                 "--max-seq-len", "48", "--prefill-chunk", "16", "--max-new-tokens", "8", "--verify-prompts", "1",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert [p["name"] for p in json.loads(result.output)["passes"]] == PRESETS["O2"]
+    result = runner.invoke(cli, ["verify", str(out), "--checkpoint", str(tmp_path / "ckpt"), "--prompts", "1"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["export", str(tmp_path / "ckpt"), "--target", "cpu", "-o", str(tmp_path / "x"),
+                                 "--passes", "fuse_qkv,nonsense"])
+    assert result.exit_code == 2 and "unknown pass 'nonsense'" in result.output
+    assert not (tmp_path / "x").exists()
