@@ -21,9 +21,9 @@ import jax
 from tandemc.checkpoint import Checkpoint, load_checkpoint
 from tandemc.config import preset
 from tandemc.decoding import generate
-from tandemc.export import export
+from tandemc.export import export, make_program
 from tandemc.params import init_params
-from tandemc.program import ExportOptions, Program
+from tandemc.program import ExportOptions
 from tandemc.runtime import load
 from tandemc.tokenizer import ByteTokenizer
 
@@ -49,6 +49,7 @@ def main():
     parser.add_argument("-n", "--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    parser.add_argument("--passes", default="O1", help="passes for both sides (docs/passes.md) [default: O1]")
     args = parser.parse_args()
     if args.preset:
         cfg = preset(args.preset).validate()
@@ -65,9 +66,9 @@ def main():
             options = ExportOptions(mode=mode, block_length=gamma, max_seq_len=(seq_len,), batch=1,
                                     prefill_chunk=64, max_new_tokens=min(args.new_tokens, seq_len - 1))
             out = work / f"{mode}-{gamma}"
-            export(ckpt, "cpu", out, options, verify=False)
+            export(ckpt, "cpu", out, options, verify=False, passes=args.passes)
             artifact = load(out, threads=args.threads)
-            program = Program.make(ckpt.config, ckpt.params, options)
+            program = make_program(ckpt, options, args.passes)
             params = jax.tree.map(jax.numpy.asarray, program.params)
 
             def run_jax():
@@ -93,7 +94,8 @@ def main():
         print(f"{r['mode']:8s} {r['gamma']:2d} {str(r['identical']):>5s} {r['jax_tokens_per_s']:10.1f} "
               f"{r['onnx_tokens_per_s']:11.1f} {r['onnx_ms_per_token']:12.2f} {r['onnx_over_jax']:9.2f} "
               f"{r['tokens_per_step']:9.2f} {speedup:11.2f}")
-    print(json.dumps({"checkpoint": str(args.checkpoint or args.preset), "new_tokens": args.new_tokens,
+    print(json.dumps({"checkpoint": str(args.checkpoint or args.preset), "passes": args.passes,
+                      "new_tokens": args.new_tokens,
                       "prompt_tokens": len(prompt), "cache_length": seq_len, "rows": rows}))
     assert all(r["identical"] for r in rows), "an ONNX artifact's tokens differ from the reference"
 

@@ -357,7 +357,8 @@ def _format_stats(s: dict, compiled: bool = True) -> str:
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--target", type=click.Choice(["tpu", "cpu", "gpu"]), required=True,
-              help="tpu: StableHLO (jax.export); cpu: ONNX for ONNX Runtime; gpu: TensorRT.")
+              help="tpu: StableHLO (jax.export); cpu: ONNX for ONNX Runtime; gpu: TensorRT-profile ONNX, its build "
+              "spec and (with TensorRT and a GPU) engines.")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Artifact directory.")
 @click.option("--mode", type=click.Choice(["speed", "tandem", "adaptive", "primary", "vanilla"]), default="speed",
               show_default=True, help="Decoding the graphs implement (primary and vanilla are the baselines).")
@@ -398,6 +399,11 @@ def export(checkpoint, target, out, mode, block_length, max_seq_len, batch, pref
                    passes=pass_list if pass_list is not None else f"O{opt_level}")
     seconds = time.perf_counter() - start
     check = manifest.get("verification")
+    if target == "gpu" and not manifest["tensorrt"]["engines"]:
+        from tandemc.targets.tensorrt import missing_reason
+
+        click.echo(f"TensorRT engines will be built on the GPU host: tandemc build-engine {out} "
+                   f"({missing_reason()})", err=True)
     _emit(as_json, {"output": str(out), "target": target, "graphs": sorted(manifest["graphs"]),
                     "passes": manifest["passes"], "verification": check, "seconds": round(seconds, 2)},
           f"wrote {out}: {target}, {len(manifest['graphs'])} graphs, passes "
@@ -423,8 +429,9 @@ def list_passes(as_json):
 @click.option("--max-new-tokens", "-n", default=64, show_default=True)
 @sampling_options
 @click.option("--generate-graph", is_flag=True, help="One call of the in-graph generate loop instead of steps.")
-@click.option("--backend", type=click.Choice(["savedmodel"]), help="Run the artifact's TensorFlow SavedModel instead "
-              "of its target's own graphs.")
+@click.option("--backend", type=click.Choice(["savedmodel", "onnxruntime"]),
+              help="savedmodel: a tpu artifact's TensorFlow SavedModel; onnxruntime: a gpu artifact's ONNX graphs "
+              "in ONNX Runtime (no TensorRT needed) [default: the target's own runtime].")
 @click.option("--stats", is_flag=True, help="Print decoding statistics to stderr.")
 @json_option
 def run(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, generate_graph, backend, stats, as_json):
@@ -449,19 +456,49 @@ def run(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, gene
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="The checkpoint it came from.")
 @click.option("--prompts", default=8, show_default=True, help="Random-token prompts to compare on.")
+@click.option("--backend", type=click.Choice(["savedmodel", "onnxruntime"]),
+              help="Verify a tpu artifact's SavedModel, or a gpu artifact's ONNX graphs in ONNX Runtime.")
 @json_option
-def verify(artifact, checkpoint, prompts, as_json):
+def verify(artifact, checkpoint, prompts, backend, as_json):
     """Compare an artifact with the JAX reference: token identity (greedy, sampled) and max |Δlogits|."""
     from tandemc.checkpoint import load_checkpoint
     from tandemc.program import program_for_artifact
     from tandemc.runtime import load
     from tandemc.verify import verify as run
 
-    loaded = load(artifact)
+    loaded = load(artifact, backend)
     report = run(loaded, program_for_artifact(load_checkpoint(checkpoint), loaded.manifest), prompts=prompts)
     _emit(as_json, report, ("OK: " if report["ok"] else "MISMATCH: ") + _verify_line(report))
     if not report["ok"]:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["gpu"]), required=True, help="The profile to check against.")
+@json_option
+def check(artifact, target, as_json):
+    """Check an artifact's ONNX graphs against TensorRT's profile; names each offending node, exit 1 if any."""
+    from tandemc.targets.tensorrt import check_artifact
+
+    report = check_artifact(artifact)
+    problems = [p for ps in report.values() for p in ps]
+    _emit(as_json, {"ok": not problems, "graphs": report},
+          "\n".join(problems) if problems else f"OK: {len(report)} graphs satisfy the TensorRT profile")
+    if problems:
+        sys.exit(1)
+
+
+@cli.command("build-engine")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@json_option
+def build_engine(artifact, as_json):
+    """Build a gpu artifact's TensorRT engines on this (GPU) host and record them in its manifest."""
+    from tandemc.targets.tensorrt import build_engines
+
+    manifest = build_engines(artifact, log=lambda line: click.echo(line, err=True))
+    info = manifest["tensorrt"]
+    _emit(as_json, info, f"built {len(info['engines'])} engines with TensorRT {info['version']} for {info['gpu']}")
 
 
 def _verify_line(r: dict) -> str:

@@ -20,13 +20,15 @@ from tandemc.trace import build_graphs
 def lower_for_target(program: Program, graphs, target: str, platforms: Sequence[str] | None,
                      weight_locations: dict[str, tuple[str, int, int]]):
     """(files, per-graph file names, manifest extras) for one target."""
-    if target == "cpu":
+    if target in ("cpu", "gpu"):
         from tandemc.targets import onnx as onnx_target
 
         if program.options.mesh or platforms:
             raise TandemcError("--mesh and --platforms apply to the tpu target only")
-        files = onnx_target.lower(graphs, weight_locations)
+        files = onnx_target.lower(graphs, weight_locations, profile=target)
         names = {key[:-len(".onnx")]: {"onnx": key} for key in files}
+        if target == "gpu":
+            check_tensorrt_profile(files)
         return files, names, {"onnx_opset": onnx_target.OPSET, "onnx_session_config": onnx_target.SESSION_CONFIG}
     if target == "tpu":
         from tandemc.targets import stablehlo
@@ -42,9 +44,18 @@ def lower_for_target(program: Program, graphs, target: str, platforms: Sequence[
                 ins, outs = stablehlo.graph_partition_specs(g, mesh, batch)
                 names[g.key]["sharding"] = {"inputs": [list(s) for s in ins], "outputs": [list(s) for s in outs]}
         return files, names, extra
-    if program.options.mesh:
-        raise TandemcError("--mesh is supported by the tpu target only")
-    raise TandemcError(f"target {target!r} is not available in this tandemc yet; choose tpu or cpu")
+    raise TandemcError(f"unknown target {target!r}; choose one of {', '.join(artifact.TARGETS)}")
+
+
+def check_tensorrt_profile(files: dict[str, bytes]) -> None:
+    """Refuse to write a gpu artifact whose graphs TensorRT's parser would reject (targets/tensorrt.py)."""
+    import onnx
+
+    from tandemc.targets import tensorrt
+
+    problems = [p for name, data in files.items() for p in tensorrt.check_model(onnx.load_from_string(data), name)]
+    if problems:
+        raise TandemcError(f"{len(problems)} TensorRT profile violation(s), nothing written; first: {problems[0]}")
 
 
 # Text the per-pass checks decode (passes/check.py): code and prose, as a tandem's users send.
@@ -62,10 +73,12 @@ def make_program(ckpt: Checkpoint, options: ExportOptions, passes=()) -> Program
 
 def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOptions, *,
            platforms: Sequence[str] | None = None, force: bool = False, verify: bool = True,
-           verify_prompts: int = 4, savedmodel: bool = False, passes=()) -> dict:
+           verify_prompts: int = 4, savedmodel: bool = False, passes=(), build_engines: bool = True) -> dict:
     """Write a verified artifact for `target` to `out`; returns its manifest. `savedmodel` (tpu target) adds a
     TensorFlow SavedModel wrapping the same StableHLO, verified like the rest; `passes` rewrite the Program first
-    (tandemc.passes), and the artifact is verified against the rewritten Program's reference."""
+    (tandemc.passes), and the artifact is verified against the rewritten Program's reference. The gpu target
+    builds TensorRT engines too where TensorRT and a GPU are present (`build_engines`), else leaves that to
+    `tandemc build-engine` on the GPU host."""
     from tandemc.runtime import load
     from tandemc.verify import verify as run_verify
 
@@ -88,9 +101,14 @@ def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOption
             tf_target.write(tmp, graphs, artifact.graph_weights(program, graphs), extra["platforms"])
             manifest["savedmodel"] = {"directory": tf_target.DIRECTORY,
                                       "signatures": {g.key: tf_target.signature_name(g.key) for g in graphs}}
+        if target == "gpu":
+            from tandemc.targets import tensorrt
+
+            manifest["tensorrt"] = tensorrt.manifest_extras(manifest)
         manifest = artifact.write_manifest(tmp, manifest)  # hashes the files once; loading for verify needs them
-        if verify:
-            manifest["verification"] = report = run_verify(load(tmp), program, prompts=verify_prompts)
+        if verify:  # gpu graphs are verified in ONNX Runtime; their engines, where built, by gpu_check.sh
+            backend = "onnxruntime" if target == "gpu" else None
+            manifest["verification"] = report = run_verify(load(tmp, backend), program, prompts=verify_prompts)
             if savedmodel:
                 manifest["verification_savedmodel"] = tf_report = run_verify(load(tmp, backend="savedmodel"), program,
                                                                              prompts=verify_prompts)
@@ -99,6 +117,11 @@ def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOption
                 raise TandemcError(f"verification failed, nothing written: {_summary(report)}; rerun with "
                                    "--no-verify to keep the artifact for inspection")
             manifest = artifact.write_manifest(tmp, manifest)
+        if target == "gpu" and build_engines:
+            from tandemc.targets import tensorrt
+
+            if tensorrt.environment() is not None:
+                manifest = tensorrt.build_engines(tmp)
     return manifest
 
 

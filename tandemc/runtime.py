@@ -183,7 +183,16 @@ class OnnxBackend:
         return array.numpy() if isinstance(array, self._ort.OrtValue) else np.asarray(array)
 
 
-BACKENDS = {"tpu": StableHLOBackend, "savedmodel": SavedModelBackend, "cpu": OnnxBackend}
+def _tensorrt_backend(path: Path, manifest: dict, weights: dict):
+    from tandemc.targets.tensorrt import TensorRTBackend
+
+    return TensorRTBackend(path, manifest, weights)
+
+
+# By artifact target (the default) or by name: `savedmodel` runs a tpu artifact's SavedModel, `onnxruntime` a gpu
+# artifact's TensorRT-profile ONNX graphs (how they are verified where TensorRT is absent).
+BACKENDS = {"tpu": StableHLOBackend, "savedmodel": SavedModelBackend, "cpu": OnnxBackend, "onnxruntime": OnnxBackend,
+            "gpu": _tensorrt_backend}
 
 
 @dataclass
@@ -206,7 +215,7 @@ class Artifact:
         backend = backend or self.manifest["target"]
         if backend not in BACKENDS:
             raise TandemcError(f"no runtime backend {backend!r} in this tandemc; choose one of {', '.join(BACKENDS)}")
-        options = {"threads": threads} if backend == "cpu" else {}
+        options = {"threads": threads} if BACKENDS[backend] is OnnxBackend else {}
         self.backend = BACKENDS[backend](self.path, self.manifest, weights, **options)
 
     # --- one request of up to `batch` prompts --------------------------------------------------------------

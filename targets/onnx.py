@@ -22,6 +22,10 @@ from tandemc.primitives import PREFIX
 from tandemc.trace import Graph
 
 OPSET = 23
+# Operator profiles. cpu: ONNX Runtime's fused kernels (opset-23 RMSNormalization and Attention, com.microsoft
+# RotaryEmbedding). gpu: what TensorRT's ONNX parser takes (targets/tensorrt.py): standard operators only, the
+# fused primitives inlined from their JAX definitions, per-channel int8 as per-axis DequantizeLinear.
+PROFILES = ("cpu", "gpu")
 # Session settings the graphs need, recorded in the manifest for every runtime: quantized matmuls fused into
 # MatMulNBits compute in float32 (level 1), as the reference does, instead of quantizing activations to int8.
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
@@ -52,6 +56,7 @@ class Builder:
         self.lazy: dict[str, tuple[int, ...]] = {}
         self.real: dict[str, tuple[int, ...]] = {}
         self.max_position: int | None = parent.max_position if parent else None  # bound for rotary tables
+        self.profile: str = parent.profile if parent else "cpu"  # which operator set (PROFILES)
         self._expanded: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}  # static shapes of the values lowered so far
         self._reshaped: dict[str, str] = {}  # Reshape output → the value it reshapes (chains collapse)
@@ -489,7 +494,7 @@ def literal(var) -> float | None:
 def _rms_norm(b, eqn, ins):
     eps = literal(eqn.invars[2])
     x = aval(eqn.invars[0])
-    if eps is None or x.dtype != np.float32:
+    if eps is None or x.dtype != np.float32 or b.profile != "cpu":
         return _inline(b, eqn, ins)
     scale = ins[1] if aval(eqn.invars[1]).dtype == np.float32 else b.cast(ins[1], np.float32)
     return [b.op1("RMSNormalization", [ins[0], scale], axis=-1, epsilon=eps, stash_type=1)]
@@ -504,7 +509,7 @@ def _softmax(b, eqn, ins):
 def _rope(b, eqn, ins):
     theta = literal(eqn.invars[2])
     x = aval(eqn.invars[0])
-    if theta is None or x.dtype != np.float32 or b.max_position is None:
+    if theta is None or x.dtype != np.float32 or b.max_position is None or b.profile != "cpu":
         return _inline(b, eqn, ins)
     batch, length, heads, dim = x.shape
     half = dim // 2
@@ -527,7 +532,7 @@ def _inline(b, eqn, ins):
 def _attention(b, eqn, ins):
     """ONNX Attention (opset 23) on [B, T, H*hd] queries over [B, S, KV*hd] caches: one kernel per layer."""
     q, k = aval(eqn.invars[0]), aval(eqn.invars[1])
-    if q.dtype != np.float32 or k.dtype != np.float32:
+    if q.dtype != np.float32 or k.dtype != np.float32 or b.profile != "cpu":
         return _inline(b, eqn, ins)
     batch, length, heads, dim = q.shape
     keys, kv = k.shape[1], k.shape[2]
@@ -546,7 +551,10 @@ def _dequant_matmul(b, eqn, ins):
     if x.dtype != np.float32:
         return _inline(b, eqn, ins)
     block = q.shape[0] // scale.shape[0]
-    weight = b.op1("DequantizeLinear", [ins[1], ins[2]], axis=0, block_size=block)
+    if b.profile == "gpu" and scale.shape[0] == 1:  # per output channel: TensorRT's per-axis form
+        weight = b.op1("DequantizeLinear", [ins[1], b.reshape(ins[2], [scale.shape[1]])], axis=1)
+    else:
+        weight = b.op1("DequantizeLinear", [ins[1], ins[2]], axis=0, block_size=block)
     return [b.op1("MatMul", [ins[0], weight])]
 
 
@@ -593,11 +601,12 @@ def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProt
     return keep[::-1]
 
 
-def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]]) -> onnx.ModelProto:
+def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]], profile: str = "cpu") -> onnx.ModelProto:
     """One graph as an ONNX model whose weights are external data at (file, offset, length)."""
     closed = jax.make_jaxpr(graph.fn)(*graph.arg_structs())
     b = Builder()
     b.max_position = graph.max_position
+    b.profile = profile
     weight_names = [w.name for w in graph.weights]
     input_names = [t.name for t in graph.inputs]
     outs = lower_jaxpr(b, closed.jaxpr, closed.consts, weight_names + input_names)
@@ -626,17 +635,18 @@ def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]])
     body = helper.make_graph(nodes, graph.key, [value_info(t.name, t.shape, t.dtype) for t in graph.inputs],
                              [value_info(t.name, t.shape, t.dtype) for t in graph.outputs],
                              initializer=weights + b.initializers)
-    model = helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET),
-                                                   helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="tandemc", ir_version=10)
+    domains = [helper.make_opsetid("", OPSET)]
+    if any(node.domain == "com.microsoft" for node in nodes):
+        domains.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(body, opset_imports=domains, producer_name="tandemc", ir_version=10)
     return model
 
 
-def lower(graphs: list[Graph], weight_locations: dict[str, tuple[str, int, int]]) -> dict[str, bytes]:
+def lower(graphs: list[Graph], weight_locations: dict[str, tuple[str, int, int]], profile: str = "cpu") -> dict[str, bytes]:
     """`<key>.onnx` for every graph except `generate` (its in-graph loop is not lowered to ONNX Loop yet)."""
     files = {}
     for graph in graphs:
         if graph.name == "generate":
             continue
-        files[graph.key + ".onnx"] = lower_graph(graph, weight_locations).SerializeToString()
+        files[graph.key + ".onnx"] = lower_graph(graph, weight_locations, profile).SerializeToString()
     return files
