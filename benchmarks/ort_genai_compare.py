@@ -5,9 +5,9 @@
 
 Writes the checkpoint's primary as a Hugging Face Llama directory (`tandemc export-hf`), builds it with
 `python -m onnxruntime_genai.models.builder -p fp32 -e cpu` (GroupQueryAttention, past/present sharing one buffer),
-exports tandemc's primary-only CPU artifact, checks both produce the same greedy tokens, then times both on the
-same prompt: the prompt's prefill plus N new tokens, best of --repeats after a warm-up. Prints ms per new token
-and the ratio tandemc / GenAI (the issue's bar: ≤ 1.25).
+exports tandemc's primary-only CPU artifact (-O1), checks both produce the same greedy tokens, then times both on
+the same prompt (its prefill plus N new tokens), alternating the two --repeats times after a warm-up. Prints ms
+per new token and the ratio tandemc / GenAI (the issue's bar: ≤ 1.25).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("-n", "--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
@@ -68,25 +68,26 @@ def main():
 
     options = ExportOptions(mode="primary", max_seq_len=(args.max_seq_len,), batch=1, prefill_chunk=64,
                             max_new_tokens=args.new_tokens)
-    export(ckpt, "cpu", work / "tandemc", options, verify=False)
+    export(ckpt, "cpu", work / "tandemc", options, verify=False, passes="O1")
     artifact = load(work / "tandemc", threads=args.threads)
 
     def run_tandemc():
         return artifact.run_steps([prompt], args.new_tokens, eos_id=-1).tokens[0]
 
-    rows = []
-    for _ in range(2):  # interleaved rounds: the machine is shared, so compare within a round
-        genai_s, genai_tokens = best_of(run_genai, args.repeats)
-        ours_s, our_tokens = best_of(run_tandemc, args.repeats)
-        rows.append((genai_s, ours_s))
+    # The machine is shared and noisy: alternate the two runtimes call by call, and compare the best of each and
+    # the median of the per-pair ratios.
+    genai_tokens, our_tokens = run_genai(), run_tandemc()  # warm-up
+    pairs = [(best_of(run_genai, 1)[0], best_of(run_tandemc, 1)[0]) for _ in range(args.repeats)]
     same = genai_tokens == our_tokens
+    ms = 1e3 / args.new_tokens
+    g, o = min(p[0] for p in pairs) * ms, min(p[1] for p in pairs) * ms
+    ratios = sorted(b / a for a, b in pairs)
     print(f"primary {ckpt.config.primary.num_parameters() / 1e6:.1f}M parameters, prompt {len(prompt)} tokens, "
-          f"{args.new_tokens} new tokens, cache {args.max_seq_len}; same greedy tokens: {same}")
-    print("| round | GenAI ms/token | tandemc ms/token | tandemc / GenAI |")
+          f"{args.new_tokens} new tokens, cache {args.max_seq_len}, {args.repeats} alternating pairs; same greedy "
+          f"tokens: {same}")
+    print("| GenAI ms/token (best) | tandemc ms/token (best) | ratio of bests | median pair ratio |")
     print("|---|---|---|---|")
-    for i, (genai_s, ours_s) in enumerate(rows, 1):
-        g, o = genai_s / args.new_tokens * 1e3, ours_s / args.new_tokens * 1e3
-        print(f"| {i} | {g:.3f} | {o:.3f} | {o / g:.2f} |")
+    print(f"| {g:.3f} | {o:.3f} | {o / g:.2f} | {ratios[len(ratios) // 2]:.2f} |")
     if not same:
         sys.exit("greedy tokens differ between the two runtimes")
 

@@ -30,7 +30,7 @@ import numpy as np
 from tandemc import model, primitives
 from tandemc.config import TandemConfig
 from tandemc.errors import TandemcError
-from tandemc.sampling import Sampling, sample, token_distribution, uniforms
+from tandemc.sampling import Sampling, next_token, sample, token_distribution, uniforms
 
 MODES = ("speed", "tandem", "adaptive", "primary", "vanilla")
 TANDEM_MODES = ("speed", "tandem", "adaptive")  # modes drafting with the tandem secondary
@@ -86,7 +86,7 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths,
     last = lengths - 1 - start
     ends_here = (last >= 0) & (last < t)
     last = jnp.clip(last, 0, t - 1)
-    first = sample(token_distribution(primitives.take_rows(logits, last), sampling), u[:, 0])
+    first = next_token(primitives.take_rows(logits, last), sampling, u[:, 0])
     generated = jnp.ones((b,), jnp.int32)
 
     def pick(new, old):
@@ -142,10 +142,9 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
     block_pos = p[:, None] + jnp.arange(gamma + 1, dtype=jnp.int32)
     logits, hiddens, primary_cache = model.decode_block(params["primary"], cfg.primary, block, block_pos,
                                                         state["primary"])
-    target = token_distribution(logits, sampling)  # [B, γ+1, V]; target[:, j] predicts position p+j+1
-
     vocab = logits.shape[-1]
     if gamma > 0:
+        target = token_distribution(logits, sampling)  # [B, γ+1, V]; target[:, j] predicts position p+j+1
         d = jnp.stack(drafts, axis=1)
         q = jnp.stack(draft_probs, axis=1)
         p_d = primitives.take_along_last(target[:, :gamma], d[..., None])[..., 0]
@@ -169,7 +168,7 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
         new_prev = jnp.where(a > 0, primitives.take_rows(padded, jnp.maximum(a - 1, 0)), c)
     else:  # primary only: one token from the primary's distribution
         a = jnp.zeros((b,), jnp.int32)
-        y = sample(target[:, 0], u[:, 0])
+        y = next_token(logits[:, 0], sampling, u[:, 0])
         emitted, new_prev = y[:, None], c
     n_emitted = a + 1
     slots = jnp.arange(gamma + 1)
@@ -321,10 +320,12 @@ def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, bat
     accepted_per_step: list[list[int]] = [[] for _ in prompts]
     logits: list[np.ndarray] = []
     call = 0
-    while not bool(np.all(read(state, "done"))):
+    done = read(state, "done")
+    while not done.all():
         call += 1
-        active = ~read(state, "done")
+        active = ~done
         state, outputs = step_call(state, zeros if greedy else uniforms(seed, call, batch, 2 * gamma + 1))
+        done = read(state, "done")
         emitted, n_emitted, accepted = (np.asarray(outputs[k]) for k in ("emitted", "n_emitted", "accepted"))
         stats.steps += 1
         stats.row_steps += int(active.sum())

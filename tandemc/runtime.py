@@ -136,45 +136,48 @@ class OnnxBackend:
             self._set_of[id(value)] = which
         return self._buffers[key]
 
-    def call(self, key: str, inputs: list) -> list:
+    def _plan(self, key: str, which: int):
+        """The binding of graph `key` writing buffer set `which`, and how to return each output."""
         session, entry = self._sessions[key]
-        state_inputs = set(entry["state"].values())
-        small_state = [x for spec, x in zip(entry["inputs"], inputs)
-                       if spec["name"] in state_inputs and len(spec["shape"]) != 4]
-        which = 1 - self._set_of.get(id(small_state[0]), 1) if small_state else 0
-        if (key, which) not in self._bindings:
-            binding = session.io_binding()
-            for spec in entry["outputs"]:
-                source = entry["state"].get(spec["name"])
-                if source is None or len(spec["shape"]) != 4:
-                    name = source if source is not None else f"{key}/{spec['name']}"
-                    binding.bind_ortvalue_output(spec["name"], self._buffer(name, spec, which)[0])
-            self._bindings[key, which] = (binding, {})
-        binding, bound = self._bindings[key, which]
+        binding = session.io_binding()
+        returns = []  # per output: ("copy", numpy buffer) | ("state", OrtValue) | ("cache", its input's name)
+        for spec in entry["outputs"]:
+            source = entry["state"].get(spec["name"])
+            if source is not None and len(spec["shape"]) == 4:
+                returns.append(("cache", source))
+                continue
+            value, array = self._buffer(source if source is not None else f"{key}/{spec['name']}", spec, which)
+            binding.bind_ortvalue_output(spec["name"], value)
+            returns.append(("copy", array) if source is None else ("state", value))
         cache_output = {source: name for name, source in entry["state"].items()}
-        for spec, x in zip(entry["inputs"], inputs):
-            name = spec["name"]
-            if name in state_inputs:
-                if not isinstance(x, self._ort.OrtValue):
-                    x = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x))
-                if bound.get(name) is not x:  # a new request's state, or the other set's
-                    binding.bind_ortvalue_input(name, x)
-                    if len(spec["shape"]) == 4:  # the cache write lands in the input's buffer
-                        binding.bind_ortvalue_output(cache_output[name], x)
-                    bound[name] = x
+        inputs = [(spec["name"], spec["name"] in cache_output, len(spec["shape"]) == 4, cache_output.get(spec["name"]))
+                  for spec in entry["inputs"]]
+        return session, binding, {}, inputs, returns
+
+    def call(self, key: str, inputs: list) -> list:
+        entry = self._sessions[key][1]
+        first_state = next((x for spec, x in zip(entry["inputs"], inputs)
+                            if spec["name"] in entry["state"].values() and len(spec["shape"]) != 4), None)
+        which = 1 - self._set_of.get(id(first_state), 1)
+        if (key, which) not in self._bindings:
+            self._bindings[key, which] = self._plan(key, which)
+        session, binding, bound, plan, returns = self._bindings[key, which]
+        for (name, is_state, is_cache, cache_out), x in zip(plan, inputs):
+            if bound.get(name) is x:  # bound last time (OrtValues and numpy arrays are bound without copies)
+                continue
+            bound[name] = x
+            if is_state:
+                value = x if isinstance(x, self._ort.OrtValue) else self._ort.OrtValue.ortvalue_from_numpy(
+                    np.ascontiguousarray(x))
+                binding.bind_ortvalue_input(name, value)
+                if is_cache:  # the cache write lands in the input's buffer
+                    binding.bind_ortvalue_output(cache_out, value)
+                    bound[name + "/value"] = value
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(np.asarray(x)))
         session.run_with_iobinding(binding)
-        outputs = []
-        for spec in entry["outputs"]:
-            source = entry["state"].get(spec["name"])
-            if source is None:
-                outputs.append(self._buffer(f"{key}/{spec['name']}", spec, which)[1].copy())
-            elif len(spec["shape"]) == 4:
-                outputs.append(bound[source])
-            else:
-                outputs.append(self._buffer(source, spec, which)[0])
-        return outputs
+        return [value.copy() if kind == "copy" else bound[value + "/value"] if kind == "cache" else value
+                for kind, value in returns]
 
     def zeros(self, shape, dtype):
         return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))  # keeps its numpy buffer alive
@@ -253,10 +256,19 @@ class Artifact:
         state = {spec["name"]: backend.zeros(spec["shape"], spec["dtype"]) for spec in prefill["inputs"]
                  if spec["name"] in prefill["state"].values()}
 
+        names = {key: ([spec["name"] for spec in entry["inputs"] if spec["name"] in state],
+                       [(o["name"], entry["state"].get(o["name"])) for o in entry["outputs"]])
+                 for key, entry in ((prefill_key, prefill), (step_key, step))}
+
         def call(key, entry, state, inputs):
-            state_inputs = [state[spec["name"]] for spec in entry["inputs"] if spec["name"] in state]
-            outputs = dict(zip((o["name"] for o in entry["outputs"]), backend.call(key, [*state_inputs, *inputs])))
-            return {entry["state"][name]: outputs.pop(name) for name in entry["state"]}, outputs
+            state_names, output_names = names[key]
+            new_state, outputs = {}, {}
+            for (name, feeds), value in zip(output_names, backend.call(key, [*map(state.get, state_names), *inputs])):
+                if feeds is None:
+                    outputs[name] = value
+                else:
+                    new_state[feeds] = value
+            return new_state, outputs
 
         def prefill_call(state, tokens, start, lengths, limit, u):
             return call(prefill_key, prefill, state, [tokens, start, lengths, limit, u, *controls])[0]

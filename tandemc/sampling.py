@@ -44,6 +44,13 @@ def token_distribution(logits, s: Sampling):
     return lax.cond(s.temperature > 0, _sampled, _greedy, logits.astype(jnp.float32), s)
 
 
+def next_token(logits, s: Sampling, u):
+    """One token per row: `sample(token_distribution(logits, s), u)`, computed as a bare argmax when greedy (the
+    one-hot's inverse CDF is the argmax for every u in [0, 1)), so greedy graphs skip the distribution."""
+    return lax.cond(s.temperature > 0, lambda x, s, u: sample(_sampled(x, s), u),
+                    lambda x, s, u: jnp.argmax(x, axis=-1).astype(jnp.int32), logits.astype(jnp.float32), s, u)
+
+
 def _greedy(logits, s: Sampling):
     return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
 

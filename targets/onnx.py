@@ -59,6 +59,7 @@ class Builder:
         self.profile: str = parent.profile if parent else "cpu"  # which operator set (PROFILES)
         self._expanded: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}  # static shapes of the values lowered so far
+        self.producer: dict[str, int] = {}  # value → index of the node (in self.nodes) that computes it
         self._reshaped: dict[str, str] = {}  # Reshape output → the value it reshapes (chains collapse)
 
     def materialize(self, name: str) -> str:
@@ -75,6 +76,8 @@ class Builder:
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
         outputs = [self.fresh(op_type.lower()) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outputs, domain=domain or None, **attrs))
+        for name in outputs:
+            self.producer[name] = len(self.nodes) - 1
         return outputs
 
     def op1(self, op_type: str, inputs: list[str], **attrs) -> str:
@@ -497,6 +500,15 @@ def _rms_norm(b, eqn, ins):
     if eps is None or x.dtype != np.float32 or b.profile != "cpu":
         return _inline(b, eqn, ins)
     scale = ins[1] if aval(eqn.invars[1]).dtype == np.float32 else b.cast(ins[1], np.float32)
+    index = b.producer.get(ins[0])
+    add = b.nodes[index] if index is not None else None
+    if add is not None and add.op_type == "Add" and all(b.shapes.get(i) == tuple(x.shape) for i in add.input):
+        # the residual add and the norm after it: one SkipSimplifiedLayerNormalization, which also returns the sum
+        normed = b.fresh("skipsimplifiedlayernormalization")
+        b.nodes[index] = helper.make_node("SkipSimplifiedLayerNormalization", [*add.input, scale],
+                                          [normed, "", "", add.output[0]], domain="com.microsoft", epsilon=eps)
+        b.producer[normed] = index
+        return [normed]
     return [b.op1("RMSNormalization", [ins[0], scale], axis=-1, epsilon=eps, stash_type=1)]
 
 
