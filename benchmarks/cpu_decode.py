@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/cpu_decode.py --preset 100m ...      # a random checkpoint of a preset
 
 For each mode and block length: export a batch-1 CPU artifact, check its greedy tokens equal the reference's,
-then time both decoding the same prompt (best of --repeats, after a warm-up that compiles). Prints tokens/s,
-ms per token, mean tokens per step, and the ratios ONNX/JAX and mode/primary (one run, one machine).
+then time both decoding the same prompt (best of --repeats, the two alternating, after a warm-up that compiles).
+Prints tokens/s, ms per token, mean tokens per step, and the ratios ONNX/JAX and mode/primary (one run, one
+machine).
 """
 
 from __future__ import annotations
@@ -30,14 +31,17 @@ from tandemc.tokenizer import ByteTokenizer
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    \"\"\"Parse the command line and"
 
 
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up: compilation, session initialisation
-    times, out = [], None
+def best_times(fns, repeats: int) -> list[tuple[float, object]]:
+    """Best time of each function, the functions alternating call by call (the machine is shared and its load
+    drifts: alternating keeps a drift from favouring one side), after a warm-up (compilation, sessions)."""
+    outs = [fn() for fn in fns]
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            outs[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return list(zip(best, outs))
 
 
 def main():
@@ -47,7 +51,7 @@ def main():
     parser.add_argument("--modes", default="primary,speed")
     parser.add_argument("--gammas", default="1,2,4,8")
     parser.add_argument("-n", "--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     parser.add_argument("--passes", default="O1", help="passes for both sides (docs/passes.md) [default: O1]")
     args = parser.parse_args()
@@ -78,8 +82,7 @@ def main():
             def run_onnx():
                 return artifact.run_steps([prompt], args.new_tokens, eos_id=eos)
 
-            jax_s, jax_out = best_time(run_jax, args.repeats)
-            onnx_s, onnx_out = best_time(run_onnx, args.repeats)
+            (jax_s, jax_out), (onnx_s, onnx_out) = best_times([run_jax, run_onnx], args.repeats)
             n = len(jax_out.tokens[0])
             rows.append({"mode": mode, "gamma": gamma, "tokens": n, "identical": onnx_out.tokens == jax_out.tokens,
                          "jax_tokens_per_s": n / jax_s, "onnx_tokens_per_s": n / onnx_s,
