@@ -14,40 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 
-from tandemc.checkpoint import Checkpoint, load_checkpoint
-from tandemc.config import preset
+from common import PROMPT, add_checkpoint_arguments, benchmark_checkpoint, best_times
 from tandemc.decoding import generate
 from tandemc.export import export, make_program
-from tandemc.params import init_params
 from tandemc.program import ExportOptions
 from tandemc.runtime import load
-from tandemc.tokenizer import ByteTokenizer
-
-PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    \"\"\"Parse the command line and"
-
-
-def best_times(fns, repeats: int) -> list[tuple[float, object]]:
-    """Best time of each function, the functions alternating call by call (the machine is shared and its load
-    drifts: alternating keeps a drift from favouring one side), after a warm-up (compilation, sessions)."""
-    outs = [fn() for fn in fns]
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            outs[i] = fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return list(zip(best, outs))
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", nargs="?", type=Path)
-    parser.add_argument("--preset")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--modes", default="primary,speed")
     parser.add_argument("--gammas", default="1,2,4,8")
     parser.add_argument("-n", "--new-tokens", type=int, default=128)
@@ -55,11 +34,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     parser.add_argument("--passes", default="O1", help="passes for both sides (docs/passes.md) [default: O1]")
     args = parser.parse_args()
-    if args.preset:
-        cfg = preset(args.preset).validate()
-        ckpt = Checkpoint(cfg, init_params(cfg, 0), ByteTokenizer())
-    else:
-        ckpt = load_checkpoint(args.checkpoint)
+    ckpt = benchmark_checkpoint(args)
     prompt = ckpt.tokenizer.encode(PROMPT)
     seq_len = 1 << (len(prompt) + args.new_tokens - 1).bit_length()
     eos = -1  # decode the full length: equal work for every mode

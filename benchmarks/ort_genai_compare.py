@@ -16,27 +16,14 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from common import PROMPT, timed
 from tandemc.checkpoint import load_checkpoint
 from tandemc.export import export
 from tandemc.hf import export_llama
 from tandemc.program import ExportOptions
 from tandemc.runtime import load
-
-PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    \"\"\"Parse the command line and"
-
-
-def best_of(fn, repeats):
-    fn()
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,7 +64,7 @@ def main():
     # The machine is shared and noisy: alternate the two runtimes call by call, and compare the best of each and
     # the median of the per-pair ratios.
     genai_tokens, our_tokens = run_genai(), run_tandemc()  # warm-up
-    pairs = [(best_of(run_genai, 1)[0], best_of(run_tandemc, 1)[0]) for _ in range(args.repeats)]
+    pairs = [(timed(run_genai), timed(run_tandemc)) for _ in range(args.repeats)]
     same = genai_tokens == our_tokens
     ms = 1e3 / args.new_tokens
     g, o = min(p[0] for p in pairs) * ms, min(p[1] for p in pairs) * ms

@@ -15,22 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
+from common import PROMPT, add_checkpoint_arguments, benchmark_checkpoint, timed
 from tandemc import data, safetensors_io
-from tandemc.checkpoint import Checkpoint, load_checkpoint
-from tandemc.config import preset
 from tandemc.export import export
-from tandemc.params import init_params
 from tandemc.program import ExportOptions
 from tandemc.runtime import load
-from tandemc.tokenizer import ByteTokenizer
 
 VARIANTS = ["O0", "O1", "O1,quantize_int8", "O1,quantize_int4",
             "O1,quantize_int8:models=primary", "O1,quantize_int8:models=secondary+tandem+drafter",
             "O1,quantize_int4:models=primary", "O1,quantize_int4:models=secondary+tandem+drafter"]
-TIMING_PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    \"\"\"Parse the command line and"
 
 
 def held_out_prompts(tokenizer, count: int, length: int = 96) -> list[list[int]]:
@@ -57,8 +52,7 @@ def matrix_bytes(artifact: Path) -> int:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", nargs="?", type=Path)
-    parser.add_argument("--preset")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--modes", default="primary,speed")
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--variants", default=";".join(VARIANTS), help="';'-separated pass lists")
@@ -66,13 +60,9 @@ def main():
     parser.add_argument("-n", "--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if args.preset:
-        cfg = preset(args.preset).validate()
-        ckpt = Checkpoint(cfg, init_params(cfg, 0), ByteTokenizer())
-    else:
-        ckpt = load_checkpoint(args.checkpoint)
+    ckpt = benchmark_checkpoint(args)
     prompts = held_out_prompts(ckpt.tokenizer, args.prompts) if args.prompts else []
-    timing = ckpt.tokenizer.encode(TIMING_PROMPT)
+    timing = ckpt.tokenizer.encode(PROMPT)
     longest = max(len(p) for p in prompts + [timing])
     seq_len = 1 << (longest + args.new_tokens - 1).bit_length()
     work = Path(tempfile.mkdtemp(prefix="tandemc-quant-"))
@@ -86,7 +76,7 @@ def main():
             manifest = export(ckpt, "cpu", out, options, passes=variant, verify=False)
             artifact = load(out)
             artifact.run_steps([timing], args.new_tokens, eos_id=-1)  # warm-up
-            best = min(_timed(lambda: artifact.run_steps([timing], args.new_tokens, eos_id=-1))
+            best = min(timed(lambda: artifact.run_steps([timing], args.new_tokens, eos_id=-1))
                        for _ in range(args.repeats))
             tokens, accepted, steps = [], 0, 0
             for prompt in prompts:
@@ -117,12 +107,6 @@ def main():
                   f"| {accepted} |")
     print(json.dumps({"checkpoint": str(args.checkpoint or args.preset), "prompts": len(prompts),
                       "new_tokens": args.new_tokens, "rows": rows}))
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
