@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up tandemc in .venv and run the main job on the bundled example checkpoint: inspect it, compile it for
-# the TPU (StableHLO) and CPU (ONNX) targets (each export is verified against the JAX reference), and generate
-# with the artifacts: Tandem + SPEED gives the primary's own output with fewer primary calls.
+# the TPU (StableHLO), CPU (ONNX) and GPU (TensorRT-profile ONNX; engines where TensorRT and a GPU exist) targets,
+# each export verified against the JAX reference with the default -O1 passes, and generate with the artifacts:
+# Tandem + SPEED gives the primary's own output with fewer primary calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,12 +15,13 @@ out=examples/build
 
 "$tandemc" inspect "$ckpt"
 prompt="def fibonacci(n):"
-for target in tpu cpu; do
+for target in tpu cpu gpu; do
   echo "--- export --target $target"
   "$tandemc" export "$ckpt" --target "$target" -o "$out/tandem-stdlib-$target" --block-length 4 \
     --max-seq-len 256,1024 --force
   "$tandemc" inspect "$out/tandem-stdlib-$target"
 done
+"$tandemc" check --target gpu "$out/tandem-stdlib-gpu"
 for mode in primary speed; do
   echo "--- cpu artifact, mode $mode"
   "$tandemc" export "$ckpt" --target cpu --mode "$mode" -o "$out/tandem-stdlib-cpu-$mode" --block-length 4 \

@@ -517,7 +517,8 @@ def _inspect_artifact(path: Path, as_json: bool) -> None:
                     "seq_len": g["seq_len"]} for key, g in m["graphs"].items()}
     data = {"path": str(path), "target": m["target"], "tandemc_version": m["tandemc_version"], "decode": m["decode"],
             "graphs": graphs, "passes": m["passes"], "verification": m.get("verification"),
-            "bytes": sum(sizes.values()), "files": sizes, **({"platforms": m["platforms"]} if "platforms" in m else {})}
+            "bytes": sum(sizes.values()), "files": sizes, **({"platforms": m["platforms"]} if "platforms" in m else {}),
+            **({"tensorrt": m["tensorrt"]} if "tensorrt" in m else {})}
     d = m["decode"]
     lines = [f"{path}: tandemc artifact for {m['target']} (schema {m['schema_version']}, tandemc "
              f"{m['tandemc_version']}){'  platforms ' + ','.join(m['platforms']) if 'platforms' in m else ''}",
@@ -529,6 +530,10 @@ def _inspect_artifact(path: Path, as_json: bool) -> None:
         lines.append(f"  graph {key:16s} {len(g['weights'])} weights + {len(g['inputs'])} inputs -> "
                      f"{len(g['outputs'])} outputs ({len(g['state'])} state)")
     lines.append(f"  files: {len(sizes)}, {_bytes(sum(sizes.values()))}")
+    if "tensorrt" in m:
+        trt = m["tensorrt"]
+        lines.append(f"  tensorrt: {len(trt['engines'])} engines built with TensorRT {trt['version']} for {trt['gpu']}"
+                     if trt["engines"] else "  tensorrt: no engines yet (tandemc build-engine on the GPU host)")
     check = m.get("verification")
     lines.append("  verification: " + (_verify_line(check) if check else "not run"))
     _emit(as_json, data, "\n".join(lines))
