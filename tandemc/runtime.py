@@ -302,7 +302,7 @@ class Artifact:
                                     + self._controls(temperature, top_k, top_p, eos_id))
         named = {o["name"]: self.backend.to_host(v) for o, v in zip(entry["outputs"], outputs)}
         n = len(prompts)
-        out = [named["tokens"][i, :named["n_tokens"][i]].tolist() for i in range(n)]
+        out = [named["new_tokens"][i, :named["n_tokens"][i]].tolist() for i in range(n)]
         stats = Stats(steps=int(named["steps"][:n].max(initial=0)), row_steps=int(named["steps"][:n].sum()),
                       drafted=int(named["drafted"][:n].sum()), accepted=int(named["accepted"][:n].sum()),
                       new_tokens=sum(len(r) for r in out))

@@ -10,7 +10,7 @@ Graphs per cache-length bucket S:
     step     state, u [B, 2γ+1], sampling, eos → state, emitted [B, γ+1], n_emitted [B], accepted [B],
              drafted [B], logits [B, γ+1, V]
     generate tokens [B, P], lengths [B], limit [B], u_prefill [B, 1], u_steps [N, B, 2γ+1], sampling, eos →
-             tokens [B, N], n_tokens [B], steps [B], accepted [B], drafted [B]      (P = ⌈S/C⌉·C, N = max_new)
+             new_tokens [B, N], n_tokens [B], steps [B], accepted [B], drafted [B]  (P = ⌈S/C⌉·C, N = max_new)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tandemc import decoding
+from tandemc import decoding, primitives
 from tandemc.program import Program
 from tandemc.sampling import Sampling
 
@@ -160,7 +160,7 @@ def build_graphs(program: Program) -> list[Graph]:
                             [TensorSpec("tokens", (batch, prompt_width), "int32"), vec("lengths"), vec("limit"),
                              TensorSpec("u_prefill", (batch, 1), "float32"),
                              TensorSpec("u_steps", (n_new, batch, 2 * gamma + 1), "float32")] + sampling_specs,
-                            [TensorSpec("tokens", (batch, n_new), "int32"), vec("n_tokens"), vec("steps"),
+                            [TensorSpec("new_tokens", (batch, n_new), "int32"), vec("n_tokens"), vec("steps"),
                              vec("accepted"), vec("drafted")], {}))
         for graph in graphs[-3:]:
             graph.max_position = cache_len + 2 * gamma + 1
@@ -185,7 +185,7 @@ def generate_in_graph(weights, program: Program, cache_len: int, tokens, lengths
 
     _, state = lax.while_loop(lambda c: c[0] < jnp.max(lengths), prefill_body, (jnp.int32(0), state))
     width = n_new + gamma + 1
-    out = jnp.zeros((batch, width), jnp.int32).at[:, 0].set(state["token"])
+    out = jnp.concatenate([state["token"][:, None], jnp.zeros((batch, width - 1), jnp.int32)], axis=1)
     zeros = jnp.zeros((batch,), jnp.int32)
 
     def step_body(carry):
@@ -193,7 +193,7 @@ def generate_in_graph(weights, program: Program, cache_len: int, tokens, lengths
         active = ~state["done"]
         offset = state["generated"]
         state, o = decoding.step(weights, cfg, mode, gamma, state, u_steps[n], sampling, eos_id)
-        written = jax.vmap(lambda row, e, s: lax.dynamic_update_slice(row, e, (s,)))(out, o["emitted"], offset)
+        written = primitives.write_block(out, o["emitted"], offset)
         out = jnp.where(active[:, None], written, out)
         return (n + 1, state, out, steps + active.astype(jnp.int32), accepted + o["accepted"],
                 drafted + o["drafted"])

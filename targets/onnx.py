@@ -364,7 +364,8 @@ RULES.update({"reduce_sum": _reduce("ReduceSum"), "reduce_max": _reduce("ReduceM
 def _argmax(b, eqn, ins):
     (axis,) = eqn.params["axes"]
     op = "ArgMax" if eqn.primitive.name == "argmax" else "ArgMin"
-    return [b.cast(b.op1(op, ins, axis=axis, keepdims=0, select_last_index=0), eqn.params["index_dtype"])]
+    x = b.cast(ins[0], np.int32) if aval(eqn.invars[0]).dtype == np.bool_ else ins[0]  # ArgMax takes no bool
+    return [b.cast(b.op1(op, [x], axis=axis, keepdims=0, select_last_index=0), eqn.params["index_dtype"])]
 
 
 @rule("cumsum")
@@ -441,6 +442,31 @@ def _cond(b, eqn, ins):
                                            initializer=child.initializers))
     pred = b.cast(ins[0], np.bool_)
     return b.op("If", [pred], n_out=len(eqn.outvars), then_branch=subgraphs[0], else_branch=subgraphs[1])
+
+
+@rule("while")
+def _while(b, eqn, ins):
+    """lax.while_loop → ONNX Loop without a trip count: the condition is evaluated before the loop and again at the
+    end of each iteration; the loop-carried values are the while's carry. Bodies read outer names directly."""
+    p = eqn.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cond_consts, body_consts, init = list(ins[:nc]), list(ins[nc:nc + nb]), list(ins[nc + nb:])
+    cond, body = p["cond_jaxpr"], p["body_jaxpr"]
+    carry = [aval(v) for v in eqn.invars[nc + nb:]]
+    first = lower_jaxpr(b, cond.jaxpr, cond.consts, cond_consts + init)[0]
+    child = Builder(parent=b)
+    names = [b.fresh("carry") for _ in init]
+    new = lower_jaxpr(child, body.jaxpr, body.consts, body_consts + names)
+    again = lower_jaxpr(child, cond.jaxpr, cond.consts, cond_consts + new)[0]
+    outs = [child.op1("Identity", [name]) for name in [again, *new]]
+    iteration, condition = b.fresh("iteration"), b.fresh("condition")
+    graph = helper.make_graph(
+        child.nodes, b.fresh("loop_body"),
+        [value_info(iteration, (), np.int64), value_info(condition, (), np.bool_)]
+        + [value_info(n, a.shape, a.dtype) for n, a in zip(names, carry)],
+        [value_info(outs[0], (), np.bool_)] + [value_info(o, a.shape, a.dtype) for o, a in zip(outs[1:], carry)],
+        initializer=child.initializers)
+    return b.op("Loop", ["", first, *init], n_out=len(init), body=graph)
 
 
 @rule("custom_jvp_call", "custom_vjp_call")
@@ -603,6 +629,15 @@ def _reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def _all_nodes(nodes):
+    """Every node, including those of subgraphs (If branches, Loop bodies)."""
+    for node in nodes:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attribute.g.node)
+
+
 def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
     """The nodes some output depends on, in order (collapsed reshapes leave unread nodes behind)."""
     needed, keep = set(outputs), []
@@ -632,7 +667,7 @@ def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]],
         else:
             extra.append(helper.make_node("Identity", [out], [spec.name]))
     nodes = _live([_renamed(node, rename) for node in b.nodes] + extra, [t.name for t in graph.outputs])
-    used = {name for node in nodes for name in node.input}
+    used = set().union(*(_reads(node) for node in nodes))
     weights = []
     for spec in graph.weights:
         if spec.name not in used:  # e.g. prefill reads only the secondary's K/V projections
@@ -648,17 +683,20 @@ def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]],
                              [value_info(t.name, t.shape, t.dtype) for t in graph.outputs],
                              initializer=weights + b.initializers)
     domains = [helper.make_opsetid("", OPSET)]
-    if any(node.domain == "com.microsoft" for node in nodes):
+    if any(node.domain == "com.microsoft" for node in _all_nodes(nodes)):
         domains.append(helper.make_opsetid("com.microsoft", 1))
     model = helper.make_model(body, opset_imports=domains, producer_name="tandemc", ir_version=10)
     return model
 
 
 def lower(graphs: list[Graph], weight_locations: dict[str, tuple[str, int, int]], profile: str = "cpu") -> dict[str, bytes]:
-    """`<key>.onnx` for every graph except `generate` (its in-graph loop is not lowered to ONNX Loop yet)."""
+    """`<key>.onnx` for every graph; `generate` (its while loops as ONNX Loop) for the cpu profile only, since the
+    gpu profile keeps graphs loop-free for TensorRT, and only with float weights: ONNX Runtime 1.32 fails to fuse a
+    quantized matmul inside a Loop body whose weights live in the outer graph ("Missing required weight")."""
     files = {}
     for graph in graphs:
-        if graph.name == "generate":
+        quantized = any(w.dtype in ("int8", "int4") for w in graph.weights)
+        if graph.name == "generate" and (profile != "cpu" or quantized):
             continue
         files[graph.key + ".onnx"] = lower_graph(graph, weight_locations, profile).SerializeToString()
     return files

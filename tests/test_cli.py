@@ -148,7 +148,7 @@ def test_cpu_artifact_and_the_dependency_light_consumer(tiny, tmp_path):
     art = tmp_path / "cpu"
     out = json.loads(run("export", tiny, "--target", "cpu", "-o", art, "--batch", 2, "--max-seq-len", "64,128",
                          "--prefill-chunk", 16, "--json").output)
-    assert out["verification"]["ok"] and out["verification"]["generate_graph_identical"] is None
+    assert out["verification"]["ok"] and out["verification"]["generate_graph_identical"]  # ONNX Loop
     example = Path(__file__).parent.parent / "examples" / "onnxruntime_generate.py"
     for extra in ([], ["-t", "0.7", "--seed", "3"]):
         ref = json.loads(run("generate", tiny, "--prompt", "def f(", "-n", 20, *extra, "--json").output)

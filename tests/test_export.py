@@ -255,6 +255,8 @@ def test_cpu_graphs_use_onnx_runtime_fused_operators(tmp_path):
     weights = {init.name for init in step.graph.initializer}
     assert all(n.input[0] in weights for n in step.graph.node if n.op_type == "Transpose")  # tied LM head only
     assert not ops & {"Sort", "Loop", "Scan"}  # loop-free step graphs, as the GPU target needs too
+    generate = onnx.load(str(tmp_path / "a" / manifest["graphs"]["generate.s32"]["onnx"]), load_external_data=False)
+    assert [n.op_type for n in generate.graph.node].count("Loop") == 2  # prefill chunks, then steps
     assert all(init.data_location == onnx.TensorProto.EXTERNAL for init in step.graph.initializer
                if init.name.startswith(("primary.", "secondary.", "tandem.")))
 
