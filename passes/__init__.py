@@ -106,7 +106,7 @@ def run_pass(program: Program, name: str, options: dict, prompts=None) -> Progra
     merged = {**p.options, **options}
     config, params, details = p.fn(program.config, program.params, **merged)
     after = dataclasses.replace(program, config=config, params=params)
-    report = {"name": name, "exact": p.exact, "options": {k: v for k, v in options.items()}, **details,
+    report = {"name": name, "exact": p.exact, "options": dict(options), **details,
               "check": check.compare(program, after, exact=p.exact, prompts=prompts)}
     if p.exact and not report["check"]["ok"]:
         raise TandemcError(f"pass {name} changed the logits by {report['check']['max_abs_logit_diff']:.2e} (tolerance "

@@ -31,7 +31,8 @@ def fold_projection(config: TandemConfig, params: dict):
         else:
             wkv = np.concatenate([_f64(layer["wk"]), _f64(layer["wv"])], axis=1)
         dtype = proj["weight"].dtype
-        tandem.append({"wkv": (_f64(proj["weight"]) @ wkv).astype(dtype), "bkv": (_f64(proj["bias"]) @ wkv).astype(dtype)})
+        tandem.append({"wkv": (_f64(proj["weight"]) @ wkv).astype(dtype),
+                       "bkv": (_f64(proj["bias"]) @ wkv).astype(dtype)})
     return config, {**params, "tandem": tandem}, {"layers": len(tandem)}
 
 

@@ -18,7 +18,8 @@ MODELS = ("primary", "secondary", "drafter", "tandem")
 
 
 def quantize_matrix(w: np.ndarray, bits: int, block: int) -> dict[str, np.ndarray]:
-    """w [K, N] → {"q": int8 (bits 8) or int4 (bits 4) [K, N] in ±(2^(bits-1) - 1), "scale": float32 [K/block, N]}."""
+    """w [K, N] → {"q": int8 (bits 8) or int4 (bits 4) [K, N] in ±(2^(bits-1) - 1),
+    "scale": float32 [K/block, N]}."""
     k, n = w.shape
     block = block_for(k, block)
     qmax = 2 ** (bits - 1) - 1

@@ -67,7 +67,8 @@ def qkv(p, cfg: DecoderConfig, h, positions):
         q, k, v = split_last(linear(h, p["wqkv"]), widths)
     else:
         q, k, v = linear(h, p["wq"]), linear(h, p["wk"]), linear(h, p["wv"])
-    return heads(q, cfg.n_heads, cfg, positions), heads(k, cfg.n_kv_heads, cfg, positions), heads(v, cfg.n_kv_heads, cfg)
+    return (heads(q, cfg.n_heads, cfg, positions), heads(k, cfg.n_kv_heads, cfg, positions),
+            heads(v, cfg.n_kv_heads, cfg))
 
 
 def heads(x, n, cfg: DecoderConfig, positions=None):

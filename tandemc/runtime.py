@@ -98,6 +98,35 @@ class SavedModelBackend:
         return array.numpy()
 
 
+class StateBuffers:
+    """Preallocated state buffers in two sets, keyed by (name, shape, dtype) and so shared by the graphs of a cache
+    bucket: a call reads its state from one set and writes the other (ping-pong). `allocate(shape, dtype)` makes
+    a backend's buffer."""
+
+    def __init__(self, allocate):
+        self._allocate = allocate
+        self._buffers: dict[tuple, object] = {}
+        self._set_of: dict[int, int] = {}  # id(buffer) → its set
+
+    def get(self, name: str, spec: dict, which: int):
+        key = (name, tuple(spec["shape"]), spec["dtype"], which)
+        if key not in self._buffers:
+            self._buffers[key] = buffer = self._allocate(spec["shape"], spec["dtype"])
+            self._set_of[id(buffer)] = which
+        return self._buffers[key]
+
+    def set_to_write(self, state) -> int:
+        """The set a call reading `state` writes: the other one (set 0 for state allocated elsewhere)."""
+        return 1 - self._set_of.get(id(state), 1)
+
+
+def first_state_input(entry: dict, caches: bool) -> int | None:
+    """Index of a graph's first state input (KV caches, rank 4, count only when `caches`), or None."""
+    feeds = set(entry["state"].values())
+    return next((i for i, spec in enumerate(entry["inputs"])
+                 if spec["name"] in feeds and (caches or len(spec["shape"]) != 4)), None)
+
+
 class OnnxBackend:
     """One ONNX Runtime session per graph; weights come from the shared external-data file.
 
@@ -123,60 +152,49 @@ class OnnxBackend:
         self._sessions = {key: (ort.InferenceSession(str(path / entry["onnx"]), options,
                                                      providers=["CPUExecutionProvider"]), entry)
                           for key, entry in manifest["graphs"].items()}
-        self._buffers: dict[tuple, tuple] = {}  # (name, shape, dtype, set) → (OrtValue, its numpy array)
-        self._set_of: dict[int, int] = {}  # id(OrtValue) → buffer set, for the buffers above
-        self._bindings: dict[tuple, tuple] = {}  # (graph, set) → (IOBinding, {input name: bound object})
-
-    def _buffer(self, name: str, spec: dict, which: int):
-        key = (name, tuple(spec["shape"]), spec["dtype"], which)
-        if key not in self._buffers:
-            array = np.zeros(spec["shape"], spec["dtype"])
-            value = self._ort.OrtValue.ortvalue_from_numpy(array)  # shares the array's memory
-            self._buffers[key] = (value, array)
-            self._set_of[id(value)] = which
-        return self._buffers[key]
+        self._state = StateBuffers(self.zeros)
+        self._first_state = {key: first_state_input(entry, caches=False) for key, entry in manifest["graphs"].items()}
+        self._bindings: dict[tuple, tuple] = {}  # (graph, set) → what _plan returns
 
     def _plan(self, key: str, which: int):
         """The binding of graph `key` writing buffer set `which`, and how to return each output."""
         session, entry = self._sessions[key]
         binding = session.io_binding()
-        returns = []  # per output: ("copy", numpy buffer) | ("state", OrtValue) | ("cache", its input's name)
+        returns = []  # per output: ("copy", OrtValue) | ("state", OrtValue) | ("cache", its input's name)
         for spec in entry["outputs"]:
             source = entry["state"].get(spec["name"])
             if source is not None and len(spec["shape"]) == 4:
                 returns.append(("cache", source))
                 continue
-            value, array = self._buffer(source if source is not None else f"{key}/{spec['name']}", spec, which)
+            value = self._state.get(source if source is not None else f"{key}/{spec['name']}", spec, which)
             binding.bind_ortvalue_output(spec["name"], value)
-            returns.append(("copy", array) if source is None else ("state", value))
+            returns.append(("copy" if source is None else "state", value))
         cache_output = {source: name for name, source in entry["state"].items()}
         inputs = [(spec["name"], spec["name"] in cache_output, len(spec["shape"]) == 4, cache_output.get(spec["name"]))
                   for spec in entry["inputs"]]
         return session, binding, {}, inputs, returns
 
     def call(self, key: str, inputs: list) -> list:
-        entry = self._sessions[key][1]
-        first_state = next((x for spec, x in zip(entry["inputs"], inputs)
-                            if spec["name"] in entry["state"].values() and len(spec["shape"]) != 4), None)
-        which = 1 - self._set_of.get(id(first_state), 1)
+        index = self._first_state[key]
+        which = self._state.set_to_write(inputs[index] if index is not None else None)
         if (key, which) not in self._bindings:
             self._bindings[key, which] = self._plan(key, which)
         session, binding, bound, plan, returns = self._bindings[key, which]
         for (name, is_state, is_cache, cache_out), x in zip(plan, inputs):
-            if bound.get(name) is x:  # bound last time (OrtValues and numpy arrays are bound without copies)
+            if name in bound and bound[name][0] is x:  # bound last time (OrtValues, numpy arrays: no copies)
                 continue
-            bound[name] = x
             if is_state:
                 value = x if isinstance(x, self._ort.OrtValue) else self._ort.OrtValue.ortvalue_from_numpy(
                     np.ascontiguousarray(x))
                 binding.bind_ortvalue_input(name, value)
                 if is_cache:  # the cache write lands in the input's buffer
                     binding.bind_ortvalue_output(cache_out, value)
-                    bound[name + "/value"] = value
             else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(np.asarray(x)))
+                value = np.ascontiguousarray(np.asarray(x))
+                binding.bind_cpu_input(name, value)
+            bound[name] = (x, value)
         session.run_with_iobinding(binding)
-        return [value.copy() if kind == "copy" else bound[value + "/value"] if kind == "cache" else value
+        return [value.numpy().copy() if kind == "copy" else bound[value][1] if kind == "cache" else value
                 for kind, value in returns]
 
     def zeros(self, shape, dtype):
@@ -280,7 +298,8 @@ class Artifact:
         return decode_loop(prefill_call, step_call, state, prompts, batch=self.decode["batch"],
                            chunk=self.decode["prefill_chunk"], gamma=self.decode["block_length"],
                            max_new_tokens=max_new_tokens, seed=seed, eos_id=eos_id, greedy=temperature == 0,
-                           record_logits=record_logits, read=lambda state, name: backend.to_host(state["state." + name]))
+                           record_logits=record_logits,
+                           read=lambda state, name: backend.to_host(state["state." + name]))
 
     def run_generate(self, prompts: list[list[int]], max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0,
                      seed=0, eos_id=-1) -> Generation:

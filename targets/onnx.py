@@ -31,8 +31,8 @@ PROFILES = ("cpu", "gpu")
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
 ONNX_DTYPES = {
     "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
-    "int32": TensorProto.INT32, "int64": TensorProto.INT64, "int8": TensorProto.INT8, "int4": TensorProto.INT4, "uint8": TensorProto.UINT8,
-    "uint32": TensorProto.UINT32, "bool": TensorProto.BOOL,
+    "int32": TensorProto.INT32, "int64": TensorProto.INT64, "int8": TensorProto.INT8, "int4": TensorProto.INT4,
+    "uint8": TensorProto.UINT8, "uint32": TensorProto.UINT32, "bool": TensorProto.BOOL,
 }
 
 
@@ -575,8 +575,9 @@ def _attention(b, eqn, ins):
     batch, length, heads, dim = q.shape
     keys, kv = k.shape[1], k.shape[2]
     mask = b.reshape(ins[3], [batch, 1, length, keys])
-    out = b.op1("Attention", [b.reshape(ins[0], [batch, length, heads * dim]), b.reshape(ins[1], [batch, keys, kv * dim]),
-                              b.reshape(ins[2], [batch, keys, kv * dim]), mask],
+    out = b.op1("Attention", [b.reshape(ins[0], [batch, length, heads * dim]),
+                              b.reshape(ins[1], [batch, keys, kv * dim]), b.reshape(ins[2], [batch, keys, kv * dim]),
+                              mask],
                 q_num_heads=heads, kv_num_heads=kv, scale=float(dim ** -0.5))
     return [out]
 
@@ -648,7 +649,8 @@ def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProt
     return keep[::-1]
 
 
-def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]], profile: str = "cpu") -> onnx.ModelProto:
+def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]],
+                profile: str = "cpu") -> onnx.ModelProto:
     """One graph as an ONNX model whose weights are external data at (file, offset, length)."""
     closed = jax.make_jaxpr(graph.fn)(*graph.arg_structs())
     b = Builder()
@@ -689,7 +691,8 @@ def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]],
     return model
 
 
-def lower(graphs: list[Graph], weight_locations: dict[str, tuple[str, int, int]], profile: str = "cpu") -> dict[str, bytes]:
+def lower(graphs: list[Graph], weight_locations: dict[str, tuple[str, int, int]],
+          profile: str = "cpu") -> dict[str, bytes]:
     """`<key>.onnx` for every graph; `generate` (its while loops as ONNX Loop) for the cpu profile only, since the
     gpu profile keeps graphs loop-free for TensorRT, and only with float weights: ONNX Runtime 1.32 fails to fuse a
     quantized matmul inside a Loop body whose weights live in the outer graph ("Missing required weight")."""

@@ -45,18 +45,19 @@ TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
          onnx.TensorProto.BOOL: "bool"}
 
 
-def _restrictions(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> str | None:
-    """What is wrong with a supported operator's use, or None."""
+def _restrictions(node: onnx.NodeProto, constants: dict[str, np.ndarray | None]) -> str | None:
+    """What is wrong with a supported operator's use, or None. `constants`: initializers by name, with their
+    values where stored in the model (None for external data)."""
     if node.op_type == "TopK":
-        k = constants.get(node.input[1])
-        if k is None:
+        if node.input[1] not in constants:
             return "K must be a constant (initializer)"
-        if int(np.asarray(k).reshape(-1)[0]) > TOPK_MAX_K:
-            return f"K = {int(np.asarray(k).reshape(-1)[0])} exceeds TensorRT's {TOPK_MAX_K} (top-p over a vocabulary " \
-                   "that large needs another sampler)"
+        k = constants[node.input[1]]
+        if k is not None and int(k.reshape(-1)[0]) > TOPK_MAX_K:
+            return (f"K = {int(k.reshape(-1)[0])} exceeds TensorRT's {TOPK_MAX_K} (top-p over a vocabulary that "
+                    "large needs another sampler)")
     if node.op_type in ("DequantizeLinear", "QuantizeLinear") and len(node.input) > 2 and node.input[2]:
         zero = constants.get(node.input[2])
-        if zero is None or np.any(np.asarray(zero) != 0):
+        if node.input[2] not in constants or (zero is not None and np.any(zero != 0)):
             return "TensorRT takes symmetric quantization only: the zero point must be a constant 0"
     if node.op_type in ("CumSum", "Slice", "Squeeze", "Unsqueeze") and len(node.input) > 1:
         axes_input = node.input[1] if node.op_type != "Slice" else (node.input[3] if len(node.input) > 3 else "")
@@ -73,12 +74,11 @@ def check_model(model: onnx.ModelProto, name: str = "") -> list[str]:
         if opset.domain in ("", "ai.onnx") and opset.version > MAX_OPSET:
             problems.append(f"{where}opset {opset.version} is newer than TensorRT's parser takes ({MAX_OPSET})")
         elif opset.domain not in ("", "ai.onnx"):
-            problems.append(f"{where}imports operator domain {opset.domain!r}; TensorRT parses the standard domain only")
+            problems.append(f"{where}imports operator domain {opset.domain!r}; TensorRT parses the standard domain "
+                            "only")
     graph = model.graph
     constants = {t.name: (onnx.numpy_helper.to_array(t) if t.data_location != onnx.TensorProto.EXTERNAL else None)
                  for t in graph.initializer}
-    constants = {k: v for k, v in constants.items() if v is not None} | {
-        t.name: np.zeros(0) for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     typed = list(graph.input) + list(graph.output) + list(graph.value_info)
     for value in typed:
         elem = value.type.tensor_type.elem_type
@@ -89,11 +89,11 @@ def check_model(model: onnx.ModelProto, name: str = "") -> list[str]:
         if init.data_type not in TYPES:
             problems.append(f"{where}initializer '{init.name}' has type "
                             f"{onnx.TensorProto.DataType.Name(init.data_type)}, which TensorRT does not take")
-    _check_nodes(graph.node, constants, problems, where, top=True)
+    _check_nodes(graph.node, constants, problems, where)
     return problems
 
 
-def _check_nodes(nodes, constants, problems, where, top: bool):
+def _check_nodes(nodes, constants, problems, where):
     for index, node in enumerate(nodes):
         label = f"{where}node {index} '{node.name or node.output[0]}' ({node.op_type})"
         if node.domain not in ("", "ai.onnx"):
@@ -115,7 +115,7 @@ def _check_nodes(nodes, constants, problems, where, top: bool):
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
                 inner = {**constants, **{t.name: onnx.numpy_helper.to_array(t) for t in attribute.g.initializer}}
-                _check_nodes(attribute.g.node, inner, problems, f"{where}{node.op_type} {attribute.name}: ", top=False)
+                _check_nodes(attribute.g.node, inner, problems, f"{where}{node.op_type} {attribute.name}: ")
 
 
 def check_artifact(path: str | Path) -> dict:
@@ -254,6 +254,8 @@ class TensorRTBackend:
     """
 
     def __init__(self, path: Path, manifest: dict, weights: dict[str, np.ndarray]):
+        from tandemc.runtime import StateBuffers, first_state_input
+
         env = environment()
         if env is None:
             raise TandemcError(f"cannot run TensorRT engines here: {missing_reason()}; to run the graphs in ONNX "
@@ -275,8 +277,8 @@ class TensorRTBackend:
             if engine is None:
                 raise TandemcError(f"TensorRT could not load {info['engines'][key]}")
             self._graphs[key] = (engine, engine.create_execution_context(), entry)
-        self._pool: dict[tuple, DeviceArray] = {}  # (name, shape, dtype, set) → buffer
-        self._set_of: dict[int, int] = {}  # id(buffer) → set
+        self._state = StateBuffers(self.zeros)
+        self._first_state = {key: first_state_input(entry, caches=True) for key, entry in manifest["graphs"].items()}
 
     def zeros(self, shape, dtype):
         dtype = np.dtype(dtype)
@@ -284,24 +286,16 @@ class TensorRTBackend:
         _check(self._cudart.cudaMemset(array.ptr, 0, array.nbytes))
         return array
 
-    def _buffer(self, name: str, spec: dict, which: int) -> "DeviceArray":
-        key = (name, tuple(spec["shape"]), spec["dtype"], which)
-        if key not in self._pool:
-            self._pool[key] = self.zeros(spec["shape"], spec["dtype"])
-            self._set_of[id(self._pool[key])] = which
-        return self._pool[key]
-
     def call(self, key: str, inputs: list) -> list:
         _, context, entry = self._graphs[key]
         cudart = self._cudart
-        state_inputs = set(entry["state"].values())
-        first_state = next((x for spec, x in zip(entry["inputs"], inputs) if spec["name"] in state_inputs), None)
-        which = 1 - self._set_of.get(id(first_state), 1)
+        index = self._first_state[key]
+        which = self._state.set_to_write(inputs[index] if index is not None else None)
         uploads = []
         for spec, x in zip(entry["inputs"], inputs):
             if not isinstance(x, DeviceArray):
                 host = np.ascontiguousarray(np.asarray(x, spec["dtype"]))
-                x = self._buffer(f"{key}/{spec['name']}", spec, 0)
+                x = self._state.get(f"{key}/{spec['name']}", spec, 0)
                 _check(cudart.cudaMemcpyAsync(x.ptr, host.ctypes.data, host.nbytes,
                                               cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream))
                 uploads.append(host)  # alive until the stream synchronises
@@ -309,7 +303,7 @@ class TensorRTBackend:
         outputs = []
         for spec in entry["outputs"]:
             source = entry["state"].get(spec["name"])
-            buffer = self._buffer(source or f"{key}/{spec['name']}", spec, which)
+            buffer = self._state.get(source or f"{key}/{spec['name']}", spec, which)
             context.set_tensor_address(spec["name"], buffer.ptr)
             outputs.append(buffer)
         if not context.execute_async_v3(self._stream):

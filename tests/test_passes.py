@@ -132,8 +132,8 @@ def test_cli_lists_passes_and_exports_o2_that_verify_rebuilds(tmp_path):
     save_checkpoint(tmp_path / "ckpt", cfg, init_params(cfg, 0))
     out = tmp_path / "art"
     result = runner.invoke(cli, ["export", str(tmp_path / "ckpt"), "--target", "cpu", "-o", str(out), "-O2",
-                                 "--max-seq-len", "48", "--prefill-chunk", "16", "--max-new-tokens", "8", "--verify-prompts", "1",
-                                 "--json"])
+                                 "--max-seq-len", "48", "--prefill-chunk", "16", "--max-new-tokens", "8",
+                                 "--verify-prompts", "1", "--json"])
     assert result.exit_code == 0, result.output
     assert [p["name"] for p in json.loads(result.output)["passes"]] == PRESETS["O2"]
     result = runner.invoke(cli, ["verify", str(out), "--checkpoint", str(tmp_path / "ckpt"), "--prompts", "1"])
