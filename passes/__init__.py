@@ -44,15 +44,19 @@ REGISTRY: dict[str, Pass] = {p.name: p for p in [
          folding.fold_norm_scale),
     Pass("fuse_qkv", "Q, K and V projections in one matmul", True, fusion.fuse_qkv),
     Pass("fuse_gate_up", "SwiGLU gate and up projections in one matmul", True, fusion.fuse_gate_up),
-    Pass("quantize_int8", "int8 weight-only, symmetric, per output channel", False, quantize.quantize,
-         {"bits": 8, "block": 0}),
+    Pass("quantize_int8", "int8 weight-only, symmetric, per output channel (activations=int8: CPU int8 kernels)",
+         False, quantize.quantize, {"bits": 8, "block": 0}),
     Pass("quantize_int4", "int4 weight-only, symmetric, blocks of 32 input rows", False, quantize.quantize,
          {"bits": 4, "block": 32}),
 ]}
+# Each a list of pass specs (parse syntax). -O2 is portable to every target; -O3 quantizes activations too, for
+# the CPU and TPU targets: ONNX Runtime's int8 kernels are the only fast int8 path on CPUs.
 PRESETS = {
     "O0": [],
     "O1": ["dedupe_tied", "fold_projection", "fuse_qkv", "fuse_gate_up"],
     "O2": ["dedupe_tied", "fold_projection", "fuse_qkv", "fuse_gate_up", "quantize_int8"],
+    "O3": ["dedupe_tied", "fold_projection", "fuse_qkv", "fuse_gate_up",
+           "quantize_int8:block=128:activations=int8"],
 }
 
 
@@ -60,7 +64,8 @@ def parse(spec: str) -> list[tuple[str, dict]]:
     """Comma-separated `name[:key=value...]` items, e.g. "O1,quantize_int4:block=64:models=primary".
 
     Options after a colon: `block=N` (quantization block, 0 = per channel), `models=primary+secondary` (which
-    models a quantization pass touches), `keep=embed+lm_head` (matrices left in float).
+    models a quantization pass touches), `keep=embed+lm_head` (matrices left in float), `activations=int8`
+    (quantize the matmuls' inputs at run time too).
     """
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -81,7 +86,10 @@ def resolve(names) -> list[tuple[str, dict]]:
         names = parse(names)
     out = []
     for item in names:
-        name, options = (item, {}) if isinstance(item, str) else item
+        if isinstance(item, str):
+            out += resolve(parse(item)) if ":" in item or "," in item else resolve([(item, {})])
+            continue
+        name, options = item
         if name in PRESETS and not options:  # a preset inside a list: "O1,quantize_int4"
             out += resolve(PRESETS[name])
             continue

@@ -3,6 +3,11 @@
 Scales are per output column and per block of `block` input rows (block 0: the whole column, i.e. per output
 channel). Targets lower a quantized matmul natively from the same integers (tandemc.primitives.dequant_matmul:
 StableHLO convert + multiply; ONNX DequantizeLinear feeding MatMul), so every target computes the same numbers.
+
+`activations=int8` quantizes the matmul's input too, at run time, per block of the weight's block
+(tandemc.primitives.int8_activation_matmul; leaves {"qa", "scale"}): integer dot products, the numerics of ONNX
+Runtime's fast MatMulNBits kernels (accuracy level 4). Its float-activation kernels for 8-bit weights dequantize
+the whole matrix every call, slower than float32 on CPUs; with int8 activations an int8 artifact beats float.
 """
 
 from __future__ import annotations
@@ -12,33 +17,50 @@ import numpy as np
 from tandemc.config import TandemConfig
 from tandemc.errors import TandemcError
 from tandemc.params import np_dtype
+from tandemc.primitives import quant_block
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
 MODELS = ("primary", "secondary", "drafter", "tandem")
+ACTIVATIONS = ("float", "int8")
+KERNEL_BLOCKS = (16, 32, 64, 128, 256)  # the blocks ONNX Runtime's MatMulNBits kernels take
 
 
-def quantize_matrix(w: np.ndarray, bits: int, block: int) -> dict[str, np.ndarray]:
-    """w [K, N] → {"q": int8 (bits 8) or int4 (bits 4) [K, N] in ±(2^(bits-1) - 1),
-    "scale": float32 [K/block, N]}."""
+def quantize_matrix(w: np.ndarray, bits: int, block: int, key: str = "q") -> dict[str, np.ndarray]:
+    """w [K, N] → {key: int8 (bits 8) or int4 (bits 4) [K, N] in ±(2^(bits-1) - 1),
+    "scale": float32 [ceil(K/block), N]} (the last block may be shorter)."""
     k, n = w.shape
     block = block_for(k, block)
+    blocks = -(-k // block)
     qmax = 2 ** (bits - 1) - 1
-    blocks = np.asarray(w, np.float32).reshape(k // block, block, n)
-    scale = np.max(np.abs(blocks), axis=1) / qmax
+    padded = np.zeros((blocks * block, n), np.float32)
+    padded[:k] = w
+    padded = padded.reshape(blocks, block, n)
+    scale = np.max(np.abs(padded), axis=1) / qmax
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax, qmax).astype(np.int8).reshape(k, n)
-    return {"q": q if bits == 8 else q.astype(np_dtype("int4")), "scale": scale}
+    q = np.clip(np.rint(padded / scale[:, None, :]), -qmax, qmax).astype(np.int8).reshape(-1, n)[:k]
+    return {key: q if bits == 8 else q.astype(np_dtype("int4")), "scale": scale}
 
 
 def block_for(rows: int, block: int) -> int:
-    """The block used for a matrix of `rows` input rows: `block` where it divides them, else the largest power of
+    """The block used for a matrix of `rows` input rows: `block` where its blocks tile the rows with a shorter last
+    one that leaves the block recoverable from the scales' shape (primitives.quant_block), else the largest power of
     two below it that does (ONNX Runtime's MatMulNBits takes powers of two from 16), else the whole column."""
-    if not block or rows % block == 0:
-        return block or rows
-    b = 1 << (block.bit_length() - 1)
-    while b >= 16 and rows % b:
+    if not block:
+        return rows
+    b = block
+    while b >= 16 and quant_block(rows, -(-rows // b)) != b:
         b //= 2
     return b if b >= 16 else rows
+
+
+def kinds(params) -> set[str]:
+    """Which quantized matrices a parameter tree holds: "q" (weight-only) and/or "qa" (int8 activations)."""
+    if isinstance(params, dict):
+        found = {k for k in ("q", "qa") if k in params}
+        return found.union(*(kinds(v) for v in params.values()))
+    if isinstance(params, list):
+        return set().union(*(kinds(v) for v in params))
+    return set()
 
 
 def _nbytes(tree) -> int:
@@ -50,9 +72,10 @@ def _nbytes(tree) -> int:
 
 
 def quantize(config: TandemConfig, params: dict, bits: int = 8, block: int | str = 0,
-             models: str = "primary+secondary+drafter+tandem", keep: str = "embed+lm_head"):
+             models: str = "primary+secondary+drafter+tandem", keep: str = "embed+lm_head",
+             activations: str = "float"):
     """Quantize the matrices of the chosen models; `keep` names matrices left in float (the embedding table is a
-    lookup, never quantized)."""
+    lookup, never quantized); `activations` float (weight-only) or int8 (see the module docstring)."""
     if config.dtype != "float32":
         raise TandemcError(f"quantization starts from float32 weights; export with --dtype float32 (got "
                            f"{config.dtype})")
@@ -60,11 +83,22 @@ def quantize(config: TandemConfig, params: dict, bits: int = 8, block: int | str
     for m in chosen:
         if m not in MODELS:
             raise TandemcError(f"quantization option models={models!r}: {m!r} is not one of {', '.join(MODELS)}")
+    if activations not in ACTIVATIONS:
+        raise TandemcError(f"quantization option activations={activations!r}: use one of {', '.join(ACTIVATIONS)}")
+    if activations == "int8" and block not in KERNEL_BLOCKS:
+        raise TandemcError(f"activations=int8 needs block={'|'.join(map(str, KERNEL_BLOCKS))} (the int8 kernels' "
+                           f"blocks), got block={block}")
     kept = set(str(keep).split("+"))
-    params, details = dict(params), {"bits": bits, "block": block, "models": {}}
+    key = "qa" if activations == "int8" else "q"
+    params, details = dict(params), {"bits": bits, "block": block, "activations": activations, "models": {}}
 
     def q(w):
-        return quantize_matrix(w, bits, block) if isinstance(w, np.ndarray) and w.ndim == 2 else w
+        if not (isinstance(w, np.ndarray) and w.ndim == 2):
+            return w
+        if key == "qa" and block_for(w.shape[0], block) not in KERNEL_BLOCKS:
+            raise TandemcError(f"activations=int8: a matrix of {w.shape[0]} input rows has no block of 16..{block} "
+                               f"rows that divides it; quantize it weight-only or keep it")
+        return quantize_matrix(w, bits, block, key)
 
     for name in chosen:
         if name not in params:

@@ -374,8 +374,9 @@ def _format_stats(s: dict, compiled: bool = True) -> str:
               "MLP width over MODEL).")
 @click.option("--savedmodel", is_flag=True, help="tpu target: also write a TensorFlow SavedModel wrapping the same "
               "StableHLO, for TF Serving (needs tandemc[tf]).")
-@click.option("-O", "opt_level", type=click.Choice(["0", "1", "2"]), default="1", show_default=True,
-              help="Pass preset: 0 none, 1 exact fusions, 2 fusions + int8 weights (`tandemc passes`).")
+@click.option("-O", "opt_level", type=click.Choice(["0", "1", "2", "3"]), default="1", show_default=True,
+              help="Pass preset: 0 none, 1 exact fusions, 2 fusions + int8 weights, 3 fusions + int8 weights and "
+              "activations (cpu, tpu) (`tandemc passes`).")
 @click.option("--passes", "pass_list", default=None,
               help="Comma-separated passes instead of -O, e.g. fuse_qkv,quantize_int4:block=64:models=primary.")
 @click.option("--no-verify", is_flag=True, help="Skip the check against the reference before writing.")
@@ -505,7 +506,9 @@ def _verify_line(r: dict) -> str:
     buckets = ", ".join(f"{b['cache_length']}" for b in r["buckets"])
     return (f"{r['prompts']} prompts per cache length ({buckets}): greedy identical {r['greedy_identical']}, "
             f"generate graph identical {r['generate_graph_identical']}, sampled identical {r['sampled_identical']}, "
-            f"max |dlogits| {r['max_abs_logit_diff']:.2e} (tolerance {r['logit_tolerance']:.0e})")
+            f"max |dlogits| {r['max_abs_logit_diff']:.2e} (tolerance {r['logit_tolerance']:.0e}"
+            + (f", exceeded at {r['logit_rows_over_tolerance']} of {r['logit_rows']} positions)"
+               if r.get("logit_rows_over_tolerance") else ")"))
 
 
 def _inspect_artifact(path: Path, as_json: bool) -> None:

@@ -29,7 +29,7 @@ def lower_for_target(program: Program, graphs, target: str, platforms: Sequence[
         names = {key[:-len(".onnx")]: {"onnx": key} for key in files}
         if target == "gpu":
             check_tensorrt_profile(files)
-        return files, names, {"onnx_opset": onnx_target.OPSET, "onnx_session_config": onnx_target.SESSION_CONFIG}
+        return files, names, {"onnx_opset": onnx_target.OPSET, "onnx_session_config": onnx_target.session_config(program.params)}
     if target == "tpu":
         from tandemc.targets import stablehlo
 
@@ -128,4 +128,5 @@ def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOption
 def _summary(report: dict) -> str:
     return (f"greedy identical {report['greedy_identical']}, generate graph identical "
             f"{report['generate_graph_identical']}, sampled identical {report['sampled_identical']}, max |Δlogits| "
-            f"{report['max_abs_logit_diff']:.2e} (tolerance {report['logit_tolerance']:.0e})")
+            f"{report['max_abs_logit_diff']:.2e} (tolerance {report['logit_tolerance']:.0e}; exceeded at "
+            f"{report['logit_rows_over_tolerance']} of {report['logit_rows']} positions)")

@@ -14,7 +14,7 @@ current block (written by `write_tandem_kv` after each verification) and its own
 
 Weights may come in the layouts the passes produce (passes/): Q, K, V in one matrix (`wqkv`), SwiGLU gate and up in
 one (`w_gate_up`), RMSNorm gains folded away (absent), the tandem projection folded into the secondary's K/V
-(`tandem[j].wkv`), and any matrix quantized (`{"q": integers, "scale": ...}`, applied by `linear`).
+(`tandem[j].wkv`), and any matrix quantized (`{"q" or "qa": integers, "scale": ...}`, applied by `linear`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ Attend = Callable  # (q [B,T,H,hd], k [B,T,KV,hd], v [B,T,KV,hd]) -> (out [B,T,H
 
 
 def linear(x, w):
-    """x @ w for a float matrix or a quantized one ({"q", "scale"}, see passes/quantize.py)."""
+    """x @ w for a float matrix or a quantized one (see passes/quantize.py): {"q", "scale"} weight-only,
+    {"qa", "scale"} with the activations quantized to int8 at run time as well."""
     if isinstance(w, dict):
+        if "qa" in w:
+            return primitives.int8_activation_matmul(x, w["qa"], w["scale"])
         return primitives.dequant_matmul(x, w["q"], w["scale"])
     return x @ w
 

@@ -19,13 +19,43 @@ def primitive(fn):
     return jax.jit(fn)
 
 
+def quant_block(rows: int, blocks: int) -> int:
+    """The block of a quantized matrix of `rows` input rows with `blocks` scales per column: blocks tile the rows
+    from the top and the last may be shorter (as ONNX's blocked DequantizeLinear allows); passes/quantize.py only
+    makes blocks this recovers."""
+    return -(-rows // blocks)
+
+
+def _padded_rows(a, blocks: int):
+    """a [K, ...] with zero rows appended to fill its last block: [blocks, block, ...]."""
+    k = a.shape[0]
+    block = quant_block(k, blocks)
+    return jnp.pad(a, [(0, blocks * block - k)] + [(0, 0)] * (a.ndim - 1)).reshape(blocks, block, *a.shape[1:])
+
+
 @primitive
 def dequant_matmul(x, q, scale):
-    """x [..., K] @ dequantize(q [K, N] integers, scale [K/block, N]): symmetric weight-only quantization, scales
-    per block of `block` input rows and output column (one block: per output channel)."""
-    block = q.shape[0] // scale.shape[0]
-    w = q.astype(jnp.float32) * jnp.repeat(scale, block, axis=0)
+    """x [..., K] @ dequantize(q [K, N] integers, scale [blocks, N]): symmetric weight-only quantization, scales
+    per block of input rows and output column (one block: per output channel)."""
+    k = q.shape[0]
+    w = q.astype(jnp.float32) * jnp.repeat(scale, quant_block(k, scale.shape[0]), axis=0)[:k]
     return x @ w.astype(x.dtype)
+
+
+@primitive
+def int8_activation_matmul(x, q, scale):
+    """x [..., K] @ dequantize(q, scale) with x quantized too, at run time: per block of the weight's input rows,
+    symmetric int8 (step max|x|/127, round half to even), integer dot products per block, scaled and summed in
+    float32. These are the numerics of ONNX Runtime's MatMulNBits at accuracy level 4, its int8 kernels."""
+    k = q.shape[0]
+    blocks = scale.shape[0]
+    xb = _padded_rows(jnp.moveaxis(x.astype(jnp.float32), -1, 0), blocks)  # [blocks, block, ...]
+    step = jnp.max(jnp.abs(xb), axis=1, keepdims=True) / 127
+    xq = jnp.round(xb * jnp.where(step > 0, 1 / step, 0)).astype(jnp.int8)
+    dots = jnp.einsum("kb...,kbn->...kn", xq, _padded_rows(q.astype(jnp.int8), blocks),
+                      preferred_element_type=jnp.int32)
+    step = jnp.moveaxis(step[:, 0], 0, -1)[..., None]  # [..., blocks, 1]
+    return jnp.sum(dots.astype(jnp.float32) * step * scale, axis=-2).astype(x.dtype)
 
 
 @primitive

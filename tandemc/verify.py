@@ -1,7 +1,9 @@
 """Checking an artifact against the JAX reference on the same Program (same weights, dtype and passes).
 
 Greedy tokens must be identical (host-driven steps and the in-graph `generate`), sampled tokens for fixed seeds
-must be identical, and the primary's verify-block logits must agree within the dtype's tolerance.
+must be identical, and the primary's verify-block logits must agree within the dtype's tolerance — at every
+position, or, where activations are quantized at run time, at all but a few: rounding an activation to int8 turns
+a last-bit difference between two compilers into a whole quantization step now and then.
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from tandemc.decoding import generate as reference_generate
+from tandemc.passes.quantize import kinds as quantized_kinds
 from tandemc.program import Program
 
 # max |Δlogits| allowed between an artifact and the reference, by dtype: different compilers reorder float sums.
 LOGIT_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
 SAMPLING = {"temperature": 0.8, "top_k": 0, "top_p": 0.95}
+# With int8 activations: the largest fraction of logit rows (positions) allowed outside the tolerance. A lowering
+# that computes something else (a matmul not fused, the wrong accuracy level) moves nearly every row.
+ROUNDING_ROWS = 0.05
 
 
 def verification_prompts(program: Program, count: int, longest: int, seed: int = 0) -> list[list[int]]:
@@ -34,7 +40,8 @@ def verify(artifact, program: Program, prompts: int = 4, seeds: tuple[int, ...] 
     params = jax.tree.map(jnp.asarray, program.params)
     eos = artifact.tokenizer.eos_id
     greedy_ok = generate_ok = sampled_ok = True
-    max_diff = 0.0
+    max_diff, rows, rows_over = 0.0, 0, 0
+    tolerance = LOGIT_TOLERANCE[program.config.dtype]
     checked = []
     below = 0
     for seq_len in opts.max_seq_len:
@@ -58,18 +65,22 @@ def verify(artifact, program: Program, prompts: int = 4, seeds: tuple[int, ...] 
                 diff = np.abs(a[:b.shape[0]] - b)
                 if np.any(np.isfinite(diff)):
                     max_diff = max(max_diff, float(np.nanmax(diff)))
+                    row_max = np.nanmax(diff.reshape(-1, diff.shape[-1]), axis=-1)
+                    rows += int(np.sum(np.isfinite(row_max)))
+                    rows_over += int(np.sum(row_max > tolerance))
             if artifact.has_generate_graph:
                 generate_ok &= artifact.run_generate(batch, max_new, eos_id=eos).tokens == ref.tokens
             for seed in seeds:
                 ref_s = reference(batch, seed=seed, **SAMPLING)
                 got_s = artifact.run_steps(batch, max_new, seed=seed, eos_id=eos, **SAMPLING)
                 sampled_ok &= got_s.tokens == ref_s.tokens
-    tolerance = LOGIT_TOLERANCE[program.config.dtype]
+    allowed = ROUNDING_ROWS if "qa" in quantized_kinds(program.params) else 0.0
     return {
         "prompts": prompts, "buckets": checked,
         "greedy_identical": bool(greedy_ok),
         "generate_graph_identical": bool(generate_ok) if artifact.has_generate_graph else None,
         "sampled_identical": bool(sampled_ok), "sampling": {**SAMPLING, "seeds": list(seeds)},
         "max_abs_logit_diff": max_diff, "logit_tolerance": tolerance,
-        "ok": bool(greedy_ok and generate_ok and sampled_ok and max_diff <= tolerance),
+        "logit_rows": rows, "logit_rows_over_tolerance": rows_over,
+        "ok": bool(greedy_ok and generate_ok and sampled_ok and rows_over <= allowed * rows),
     }

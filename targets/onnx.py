@@ -18,7 +18,8 @@ from jax.extend import core
 from onnx import TensorProto, helper, numpy_helper
 
 from tandemc.errors import TandemcError
-from tandemc.primitives import PREFIX
+from tandemc.passes import quantize
+from tandemc.primitives import PREFIX, quant_block
 from tandemc.trace import Graph
 
 OPSET = 23
@@ -27,8 +28,22 @@ OPSET = 23
 # fused primitives inlined from their JAX definitions, per-channel int8 as per-axis DequantizeLinear.
 PROFILES = ("cpu", "gpu")
 # Session settings the graphs need, recorded in the manifest for every runtime: quantized matmuls fused into
-# MatMulNBits compute in float32 (level 1), as the reference does, instead of quantizing activations to int8.
-SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+# MatMulNBits compute in float32 (level 1) as the reference's dequant_matmul does, or quantize their activations to
+# int8 (level 4) as its int8_activation_matmul does. ONNX Runtime sets the level per session, so one artifact
+# holds one kind.
+ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
+
+
+def session_config(params) -> dict[str, str]:
+    """The manifest's onnx_session_config for a Program's parameters."""
+    kinds = quantize.kinds(params)
+    if len(kinds) > 1:
+        raise TandemcError("this Program mixes weight-only and int8-activation quantized matrices; ONNX Runtime "
+                           "chooses float or int8 activations per session: quantize every model with the same "
+                           "activations= option")
+    return {ACCURACY_LEVEL: "4" if "qa" in kinds else "1"}
+
+
 ONNX_DTYPES = {
     "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
     "int32": TensorProto.INT32, "int64": TensorProto.INT64, "int8": TensorProto.INT8, "int4": TensorProto.INT4,
@@ -589,12 +604,22 @@ def _dequant_matmul(b, eqn, ins):
     x, q, scale = (aval(v) for v in eqn.invars)
     if x.dtype != np.float32:
         return _inline(b, eqn, ins)
-    block = q.shape[0] // scale.shape[0]
+    block = quant_block(q.shape[0], scale.shape[0])
     if b.profile == "gpu" and scale.shape[0] == 1:  # per output channel: TensorRT's per-axis form
         weight = b.op1("DequantizeLinear", [ins[1], b.reshape(ins[2], [scale.shape[1]])], axis=1)
     else:
         weight = b.op1("DequantizeLinear", [ins[1], ins[2]], axis=0, block_size=block)
     return [b.op1("MatMul", [ins[0], weight])]
+
+
+@named("int8_activation_matmul")
+def _int8_activation_matmul(b, eqn, ins):
+    """The same DequantizeLinear + MatMul pair: ONNX Runtime fuses it into MatMulNBits, which at the session's
+    accuracy level 4 (session_config) quantizes the activations per block exactly as the primitive does."""
+    if aval(eqn.invars[0]).dtype != np.float32 or b.profile != "cpu":
+        raise TandemcError("int8 activations follow ONNX Runtime's CPU kernels (MatMulNBits, accuracy level 4); for "
+                           "the gpu target quantize weights only (activations=float)")
+    return _dequant_matmul(b, eqn, ins)
 
 
 @named("sort_descending")
@@ -649,6 +674,25 @@ def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProt
     return keep[::-1]
 
 
+def _one_reader_per_quantized_weight(nodes: list[onnx.NodeProto], weights: set[str]) -> dict[str, str]:
+    """Give each DequantizeLinear its own names for the weights it reads (alias → weight; the aliases point at the
+    same bytes of the weights file). ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits only where the
+    integers and scales have no other reader, and the drafter's weights are read once per unrolled draft step."""
+    aliases, seen = {}, set()
+    for node in nodes:
+        if node.op_type != "DequantizeLinear":
+            continue
+        for i, name in enumerate(node.input[:2]):
+            if name not in weights:
+                continue
+            if name in seen:
+                alias = f"{name}.{len(aliases) + 1}"
+                aliases[alias] = name
+                node.input[i] = alias
+            seen.add(name)
+    return aliases
+
+
 def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]],
                 profile: str = "cpu") -> onnx.ModelProto:
     """One graph as an ONNX model whose weights are external data at (file, offset, length)."""
@@ -669,13 +713,14 @@ def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]],
         else:
             extra.append(helper.make_node("Identity", [out], [spec.name]))
     nodes = _live([_renamed(node, rename) for node in b.nodes] + extra, [t.name for t in graph.outputs])
+    aliases = _one_reader_per_quantized_weight(nodes, set(weight_names)) if profile == "cpu" else {}
     used = set().union(*(_reads(node) for node in nodes))
+    specs = {spec.name: spec for spec in graph.weights}
     weights = []
-    for spec in graph.weights:
-        if spec.name not in used:  # e.g. prefill reads only the secondary's K/V projections
-            continue
+    for name in [w for w in weight_names if w in used] + list(aliases):  # unread: e.g. prefill's drafter
+        spec = specs[aliases.get(name, name)]
         file, offset, length = weight_locations[spec.name]
-        tensor = onnx.TensorProto(name=spec.name, dims=list(spec.shape), data_type=onnx_dtype(spec.dtype),
+        tensor = onnx.TensorProto(name=name, dims=list(spec.shape), data_type=onnx_dtype(spec.dtype),
                                   data_location=onnx.TensorProto.EXTERNAL)
         for key, value in (("location", file), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()

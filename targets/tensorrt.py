@@ -45,20 +45,31 @@ TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
          onnx.TensorProto.BOOL: "bool"}
 
 
-def _restrictions(node: onnx.NodeProto, constants: dict[str, np.ndarray | None]) -> str | None:
-    """What is wrong with a supported operator's use, or None. `constants`: initializers by name, with their
-    values where stored in the model (None for external data)."""
+def _value(tensor: onnx.TensorProto) -> np.ndarray | None:
+    """An initializer's value where the model stores it (None for external data)."""
+    return None if tensor.data_location == onnx.TensorProto.EXTERNAL else onnx.numpy_helper.to_array(tensor)
+
+
+def _restrictions(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> str | None:
+    """What is wrong with a supported operator's use, or None. `constants`: initializers by name."""
     if node.op_type == "TopK":
         if node.input[1] not in constants:
             return "K must be a constant (initializer)"
-        k = constants[node.input[1]]
+        k = _value(constants[node.input[1]])
         if k is not None and int(k.reshape(-1)[0]) > TOPK_MAX_K:
             return (f"K = {int(k.reshape(-1)[0])} exceeds TensorRT's {TOPK_MAX_K} (top-p over a vocabulary that "
                     "large needs another sampler)")
     if node.op_type in ("DequantizeLinear", "QuantizeLinear") and len(node.input) > 2 and node.input[2]:
-        zero = constants.get(node.input[2])
+        zero = _value(constants[node.input[2]]) if node.input[2] in constants else None
         if node.input[2] not in constants or (zero is not None and np.any(zero != 0)):
             return "TensorRT takes symmetric quantization only: the zero point must be a constant 0"
+    block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+    if node.op_type == "DequantizeLinear" and block and node.input[0] in constants:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        rows = constants[node.input[0]].dims[axis]
+        if rows % block:
+            return (f"TensorRT's block quantization needs blocks that divide the axis ({rows} rows, blocks of "
+                    f"{block}); quantize with a block that divides it")
     if node.op_type in ("CumSum", "Slice", "Squeeze", "Unsqueeze") and len(node.input) > 1:
         axes_input = node.input[1] if node.op_type != "Slice" else (node.input[3] if len(node.input) > 3 else "")
         if axes_input and axes_input not in constants:
@@ -77,8 +88,7 @@ def check_model(model: onnx.ModelProto, name: str = "") -> list[str]:
             problems.append(f"{where}imports operator domain {opset.domain!r}; TensorRT parses the standard domain "
                             "only")
     graph = model.graph
-    constants = {t.name: (onnx.numpy_helper.to_array(t) if t.data_location != onnx.TensorProto.EXTERNAL else None)
-                 for t in graph.initializer}
+    constants = {t.name: t for t in graph.initializer}
     typed = list(graph.input) + list(graph.output) + list(graph.value_info)
     for value in typed:
         elem = value.type.tensor_type.elem_type
@@ -114,7 +124,7 @@ def _check_nodes(nodes, constants, problems, where):
             problems.append(f"{label}: {problem}")
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
-                inner = {**constants, **{t.name: onnx.numpy_helper.to_array(t) for t in attribute.g.initializer}}
+                inner = {**constants, **{t.name: t for t in attribute.g.initializer}}
                 _check_nodes(attribute.g.node, inner, problems, f"{where}{node.op_type} {attribute.name}: ")
 
 

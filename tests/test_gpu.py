@@ -82,6 +82,7 @@ def vi(name, dtype=TensorProto.FLOAT, shape=(2, 3)):
     ("opset", "opset 26 is newer than TensorRT's parser takes (25)"),
     ("topk", "K = 5000 exceeds TensorRT's 3840"),
     ("zero-point", "zero point must be a constant 0"),
+    ("ragged-blocks", "blocks that divide the axis (40 rows, blocks of 16)"),
     ("cast", "casts to UINT64"),
     ("inside-if", "then_branch: node 0 'y_then' (NonZero)"),
 ])
@@ -114,6 +115,11 @@ def test_checker_names_each_violation(case, message):
         z = numpy_helper.from_array(np.full((3,), 3, np.int8), "z")
         model = model_with([helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=1, name="dq")], [], [y],
                            [q, s, z])
+    elif case == "ragged-blocks":  # valid ONNX (the last block is shorter), which TensorRT does not take
+        q = numpy_helper.from_array(np.ones((40, 3), np.int8), "q")
+        s = numpy_helper.from_array(np.ones((3, 3), np.float32), "s")
+        model = model_with([helper.make_node("DequantizeLinear", ["q", "s"], ["y"], axis=0, block_size=16,
+                                             name="dq")], [], [vi("y", shape=(40, 3))], [q, s])
     elif case == "cast":
         model = model_with([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.UINT64, name="cast")], [x],
                            [vi("y", TensorProto.UINT64)])

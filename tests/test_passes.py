@@ -62,27 +62,32 @@ def test_o1_artifacts_are_token_identical_to_o0_and_make_fewer_matmuls(tmp_path)
     assert matmuls["O1"] < matmuls["O0"]
 
 
-@pytest.mark.parametrize("name, ratio", [("quantize_int8", 3.5), ("quantize_int4", 6.0)])
-def test_quantized_artifacts_shrink_and_tpu_and_cpu_agree(name, ratio, tmp_path):
+@pytest.mark.parametrize("spec, key, ratio, level", [
+    ("quantize_int8", "q", 3.5, "1"), ("quantize_int4", "q", 6.0, "1"),
+    ("quantize_int8:block=32:activations=int8", "qa", 32 / 9, "4"),
+    ("quantize_int4:activations=int8", "qa", 6.0, "4")])
+def test_quantized_artifacts_shrink_and_tpu_and_cpu_agree(spec, key, ratio, level, tmp_path):
     """Same integers, same math: the StableHLO and ONNX artifacts of a quantized Program give the same tokens, its
-    matrices shrink by the bits' ratio (scales included), and ONNX Runtime runs them as MatMulNBits."""
+    matrices shrink by the bits' ratio (scales included), and ONNX Runtime runs them as MatMulNBits computing in
+    float32 (weight-only, accuracy level 1) or with int8 activations (level 4), as the reference does."""
     import onnxruntime as ort
 
     ckpt = tiny()
     options = ExportOptions(**OPTIONS)
-    program = make_program(ckpt, options, [name])
+    program = make_program(ckpt, options, spec)
     report = program.passes[-1]
     layer = program.params["primary"]["layers"][0]
-    assert layer["wq"]["q"].dtype.name == ("int8" if name.endswith("8") else "int4")
+    assert layer["wq"][key].dtype.name == ("int8" if spec.startswith("quantize_int8") else "int4")
     assert {"top1_agreement", "max_abs_logit_diff"} <= set(report["check"]["per_model"]["primary"])
     assert set(report["check"]["mean_accepted_per_step"]) == {"before", "after"}
     prompts = [[5, 1, 3, 2] * 5, [4, 1, 2]]
     got = {}
     for target in ("tpu", "cpu"):
-        manifest = export(ckpt, target, tmp_path / target, options, passes=[name], verify_prompts=2)
+        manifest = export(ckpt, target, tmp_path / target, options, passes=spec, verify_prompts=2)
         assert manifest["verification"]["ok"], manifest["verification"]
         got[target] = load(tmp_path / target).run_steps(prompts, 12).tokens
     assert got["tpu"] == got["cpu"]
+    assert manifest["onnx_session_config"] == {"session.qdq_matmulnbits_accuracy_level": level}
     float_dir = tmp_path / "float"
     export(ckpt, "cpu", float_dir, options, verify=False)
     from tandemc import safetensors_io
@@ -94,20 +99,63 @@ def test_quantized_artifacts_shrink_and_tpu_and_cpu_agree(name, ratio, tmp_path)
     assert "DequantizeLinear" in {n.op_type for n in onnx.load(str(step), load_external_data=False).graph.node}
     options_ort = ort.SessionOptions()
     options_ort.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    for key, value in manifest["onnx_session_config"].items():
-        options_ort.add_session_config_entry(key, value)
+    for k, value in manifest["onnx_session_config"].items():
+        options_ort.add_session_config_entry(k, value)
     ort.InferenceSession(str(step), options_ort, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
-    assert "MatMulNBits" in {n.op_type for n in optimized.graph.node}  # ONNX Runtime fused DQ + MatMul
+    fused = [n for n in optimized.graph.node if n.op_type == "MatMulNBits"]  # ONNX Runtime fused DQ + MatMul
+    assert fused
+    if level == "4":  # an unfused pair would compute float activations: every matmul must be fused
+        assert "DequantizeLinear" not in {n.op_type for n in optimized.graph.node}
+    assert {a.i for n in fused for a in n.attribute if a.name == "accuracy_level"} == {int(level)}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int8_activation_matmul_computes_what_onnx_runtime_int8_kernels_compute(bits):
+    """The reference primitive against ONNX Runtime's MatMulNBits at accuracy level 4, on a matrix whose last block
+    is shorter (688 rows, blocks of 32): only float summation order may differ."""
+    import jax.numpy as jnp
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tandemc.passes.quantize import quantize_matrix
+    from tandemc.primitives import int8_activation_matmul
+
+    rng = np.random.default_rng(0)
+    rows, cols = 688, 96
+    m = quantize_matrix(rng.normal(size=(rows, cols)).astype(np.float32), bits, 32, "qa")
+    assert m["scale"].shape == (22, cols)
+    ints = np.asarray(m["qa"], np.int8)
+    q = (numpy_helper.from_array(ints, "q") if bits == 8
+         else helper.make_tensor("q", TensorProto.INT4, [rows, cols], ints.reshape(-1).tolist()))
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=0, block_size=32),
+         helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, cols])], [q, numpy_helper.from_array(m["scale"], "s")])
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+                                   .SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = (rng.normal(size=(5, rows)) * 3).astype(np.float32)
+    got = session.run(None, {"x": x})[0]
+    want = np.asarray(int8_activation_matmul(jnp.asarray(x), jnp.asarray(m["qa"]), jnp.asarray(m["scale"])))
+    weight_only = x @ (ints * np.repeat(m["scale"], 32, axis=0)[:rows])
+    assert np.max(np.abs(got - want)) <= 1e-6 * np.max(np.abs(want)) * 10
+    assert np.max(np.abs(got - weight_only)) > 1e-3 * np.max(np.abs(want))  # the activations were quantized
 
 
 def test_quantized_matrix_roundtrip_error_is_within_half_a_step():
     from tandemc.passes.quantize import quantize_matrix
 
-    w = np.random.default_rng(0).normal(size=(96, 40)).astype(np.float32)
-    for bits, block in ((8, 0), (4, 32), (8, 32)):
+    from tandemc.primitives import quant_block
+
+    for rows, bits, block, blocks in ((96, 8, 0, 1), (96, 4, 32, 3), (96, 8, 32, 3), (688, 4, 32, 22),
+                                      (688, 8, 128, 22), (100, 4, 32, 1)):
+        w = np.random.default_rng(0).normal(size=(rows, 40)).astype(np.float32)
         qm = quantize_matrix(w, bits, block)
-        step = np.repeat(qm["scale"], 96 // qm["scale"].shape[0], axis=0)
+        assert qm["scale"].shape == (blocks, 40)  # a shorter last block where the block is recoverable
+        step = np.repeat(qm["scale"], quant_block(rows, blocks), axis=0)[:rows]
         assert np.abs(qm["q"]).max() <= 2 ** (bits - 1) - 1
         assert np.all(np.abs(qm["q"] * step - w) <= step / 2 + 1e-7)
 
@@ -120,6 +168,17 @@ def test_bad_pass_requests_are_refused(tmp_path):
         run_passes(program, ["quantize_int8", "fuse_qkv"])
     with pytest.raises(TandemcError, match="models='primary\\+teacher'"):
         run_passes(program, "quantize_int8:models=primary+teacher")
+    with pytest.raises(TandemcError, match="activations=int8 needs block=16"):
+        run_passes(program, "quantize_int8:activations=int8")  # per channel: no int8 kernel takes it
+    with pytest.raises(TandemcError, match="activations='fp16'"):
+        run_passes(program, "quantize_int8:activations=fp16")
+    mixed = run_passes(program, "quantize_int4:models=primary,quantize_int8:block=32:activations=int8:models=drafter")
+    with pytest.raises(TandemcError, match="mixes weight-only and int8-activation"):
+        export(tiny(), "cpu", tmp_path / "mixed", ExportOptions(**OPTIONS), passes=[
+            (p["name"], p["options"]) for p in mixed.passes], verify=False)
+    with pytest.raises(TandemcError, match="for the gpu target quantize weights only"):
+        export(tiny(), "gpu", tmp_path / "gpu", ExportOptions(**OPTIONS), passes="O3", verify=False)
+    assert not (tmp_path / "mixed").exists() and not (tmp_path / "gpu").exists()
 
 
 def test_cli_lists_passes_and_exports_o2_that_verify_rebuilds(tmp_path):
