@@ -47,7 +47,6 @@ def int8_activation_matmul(x, q, scale):
     """x [..., K] @ dequantize(q, scale) with x quantized too, at run time: per block of the weight's input rows,
     symmetric int8 (step max|x|/127, round half to even), integer dot products per block, scaled and summed in
     float32. These are the numerics of ONNX Runtime's MatMulNBits at accuracy level 4, its int8 kernels."""
-    k = q.shape[0]
     blocks = scale.shape[0]
     xb = _padded_rows(jnp.moveaxis(x.astype(jnp.float32), -1, 0), blocks)  # [blocks, block, ...]
     step = jnp.max(jnp.abs(xb), axis=1, keepdims=True) / 127
