@@ -1,13 +1,15 @@
 """The Tandem model in JAX, as pure functions over parameter pytrees.
 
 Both models are Llama-style decoders built from one `layer` function. What differs between the forward modes is
-only where a layer's attention gets its keys and values, so `layer` takes an `attend(q, k, v)` callable:
+only where a layer's attention gets its keys and values, so `layer` takes an `attend(q, k, v)` callable (queries and
+keys not yet rotated: each applies RoPE at its own positions):
 
 - `self_attention`: training, a whole sequence attends to itself causally (the primary, the drafter);
 - `tandem_block_attention`: training the secondary; keys before the query's block of γ come from the primary's
   projected representations, keys inside it are the secondary's own;
-- `cached_attention`: decoding; the block's keys/values are written into a fixed-size cache at their per-row
-  positions and the queries attend over the cache, masked by position.
+- `cached_attention`: decoding; the block's keys/values are written into a fixed-size cache [B, KV, S, hd] (the
+  layout of Hugging Face's and ONNX Runtime's caches) at their per-row positions and the queries attend over the
+  cache, masked by position: one primitive, one fused kernel where a target has one.
 
 In decoding the secondary needs no special layer at all: its cache holds primary-derived keys/values below the
 current block (written by `write_tandem_kv` after each verification) and its own inside the block.
@@ -30,7 +32,7 @@ from tandemc import primitives
 from tandemc.config import DecoderConfig, RouterConfig, TandemConfig
 
 Params = dict
-Cache = list  # one {"k": [B, S, KV, hd], "v": [B, S, KV, hd]} per layer
+Cache = list  # one {"k": [B, KV, S, hd], "v": [B, KV, S, hd]} per layer
 Attend = Callable  # (q [B,T,H,hd], k [B,T,KV,hd], v [B,T,KV,hd]) -> (out [B,T,H*hd], new cache entry or None)
 
 
@@ -62,16 +64,15 @@ def rms_norm(x, weight, eps):
 rope = primitives.rope  # rotary embedding, rotate-half convention (as Llama): x [B, T, N, hd] at positions [B, T]
 
 
-def qkv(p, cfg: DecoderConfig, h, positions):
-    """Q, K (both with RoPE at their positions) and V of a layer: [B, T, heads, hd] each."""
+def qkv(p, cfg: DecoderConfig, h):
+    """Q, K and V of a layer, before RoPE: [B, T, heads, hd] each."""
     b, t, _ = h.shape
     widths = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
     if "wqkv" in p:
         q, k, v = split_last(linear(h, p["wqkv"]), widths)
     else:
         q, k, v = linear(h, p["wq"]), linear(h, p["wk"]), linear(h, p["wv"])
-    return (heads(q, cfg.n_heads, cfg, positions), heads(k, cfg.n_kv_heads, cfg, positions),
-            heads(v, cfg.n_kv_heads, cfg))
+    return heads(q, cfg.n_heads, cfg), heads(k, cfg.n_kv_heads, cfg), heads(v, cfg.n_kv_heads, cfg)
 
 
 def heads(x, n, cfg: DecoderConfig, positions=None):
@@ -92,21 +93,21 @@ def mlp(p, h):
 attention = primitives.attention  # grouped-query attention with a boolean visibility mask [B, T, S]
 
 
-def layer(p, cfg: DecoderConfig, x, positions, attend: Attend):
+def layer(p, cfg: DecoderConfig, x, attend: Attend):
     """One pre-norm decoder layer: x + attention, then x + SwiGLU MLP."""
     h = rms_norm(x, p.get("attn_norm"), cfg.norm_eps)
-    out, extra = attend(*qkv(p, cfg, h, positions))
+    out, extra = attend(*qkv(p, cfg, h))
     x = x + linear(out, p["wo"])
     h = rms_norm(x, p.get("mlp_norm"), cfg.norm_eps)
     return x + mlp(p, h), extra
 
 
-def decoder(p, cfg: DecoderConfig, tokens, positions, attends: list[Attend]):
+def decoder(p, cfg: DecoderConfig, tokens, attends: list[Attend]):
     """Tokens [B, T] → (float32 logits [B, T, V], residual stream after each layer, per-layer attend extras)."""
     x = primitives.embed(p["embed"], tokens)
     hiddens, extras = [], []
     for lp, attend in zip(p["layers"], attends):
-        x, extra = layer(lp, cfg, x, positions, attend)
+        x, extra = layer(lp, cfg, x, attend)
         hiddens.append(x)
         extras.append(extra)
     head = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
@@ -120,31 +121,36 @@ def causal_mask(query_pos, key_pos):
     return key_pos[:, None, :] <= query_pos[:, :, None]
 
 
-def self_attention(positions) -> Attend:
+def by_head(x):
+    """[B, T, KV, hd] → [B, KV, T, hd], the layout `attention` takes keys and values in."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def self_attention(positions, theta) -> Attend:
     def attend(q, k, v):
-        return attention(q, k, v, causal_mask(positions, positions)), None
+        q, k = rope(q, positions, theta), rope(k, positions, theta)
+        return attention(q, by_head(k), by_head(v), causal_mask(positions, positions)), None
     return attend
 
 
-def tandem_block_attention(k_primary, v_primary, positions, start) -> Attend:
+def tandem_block_attention(k_primary, v_primary, positions, start, theta) -> Attend:
     """Query at position i sees primary-derived keys at positions < start[i] (its block's first position) and its
     own keys at start[i]..i."""
     def attend(q, k, v):
+        q, k = rope(q, positions, theta), rope(k, positions, theta)
         from_primary = positions[:, None, :] < start[:, :, None]
         own = (positions[:, None, :] >= start[:, :, None]) & causal_mask(positions, positions)
-        keys = jnp.concatenate([k_primary, k], axis=1)
-        values = jnp.concatenate([v_primary, v], axis=1)
+        keys = by_head(jnp.concatenate([k_primary, k], axis=1))
+        values = by_head(jnp.concatenate([v_primary, v], axis=1))
         return attention(q, keys, values, jnp.concatenate([from_primary, own], axis=-1)), None
     return attend
 
 
-def cached_attention(entry, positions) -> Attend:
-    """Write the block's K/V at its positions (contiguous per row), then attend over the whole cache."""
+def cached_attention(entry, start, theta) -> Attend:
+    """The block's tokens sit at start[b].. of each row: rotate, write K/V into the cache there, attend over it."""
     def attend(q, k, v):
-        start = positions[:, 0]
-        ck, cv = primitives.write_block(entry["k"], k, start), primitives.write_block(entry["v"], v, start)
-        key_pos = jnp.broadcast_to(jnp.arange(ck.shape[1], dtype=positions.dtype), (ck.shape[0], ck.shape[1]))
-        return attention(q, ck, cv, causal_mask(positions, key_pos)), {"k": ck, "v": cv}
+        out, ck, cv = primitives.cached_attention(q, k, v, entry["k"], entry["v"], start, theta)
+        return out, {"k": ck, "v": cv}
     return attend
 
 
@@ -158,7 +164,7 @@ def sequence_positions(tokens):
 def forward(p, cfg: DecoderConfig, tokens):
     """Training forward of a plain decoder (the primary, the drafter): logits and per-layer residual streams."""
     positions = sequence_positions(tokens)
-    logits, hiddens, _ = decoder(p, cfg, tokens, positions, [self_attention(positions)] * cfg.n_layers)
+    logits, hiddens, _ = decoder(p, cfg, tokens, [self_attention(positions, cfg.rope_theta)] * cfg.n_layers)
     return logits, hiddens
 
 
@@ -194,25 +200,27 @@ def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None 
         block_starts = (positions // block) * block
     if primary_hiddens is None:
         primary_hiddens = forward(params["primary"], cfg.primary, tokens)[1]
-    attends = [tandem_block_attention(k, v, positions, block_starts)
+    attends = [tandem_block_attention(k, v, positions, block_starts, cfg.secondary.rope_theta)
                for k, v in tandem_kv(params, cfg, primary_hiddens, positions)]
-    return decoder(params["secondary"], cfg.secondary, tokens, positions, attends)[0]
+    return decoder(params["secondary"], cfg.secondary, tokens, attends)[0]
 
 
 def empty_cache(cfg: DecoderConfig, batch: int, length: int, dtype) -> Cache:
-    shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
 
 
 def decode_block(p, cfg: DecoderConfig, tokens, positions, cache: Cache):
     """Decoding forward of T tokens per row at contiguous positions: (logits, hiddens, updated cache)."""
-    attends = [cached_attention(entry, positions) for entry in cache]
-    return decoder(p, cfg, tokens, positions, attends)
+    start = positions[:, 0]
+    attends = [cached_attention(entry, start, cfg.rope_theta) for entry in cache]
+    return decoder(p, cfg, tokens, attends)
 
 
 def write_tandem_kv(cache: Cache, kvs, start) -> Cache:
     """Overwrite the secondary cache at start.. with primary-derived keys/values."""
-    return [{"k": primitives.write_block(e["k"], k, start), "v": primitives.write_block(e["v"], v, start)} for e, (k, v) in zip(cache, kvs)]
+    return [{"k": primitives.write_cache(e["k"], k, start), "v": primitives.write_cache(e["v"], v, start)}
+            for e, (k, v) in zip(cache, kvs)]
 
 
 # --- adaptive block length ------------------------------------------------------------------------------------

@@ -76,10 +76,10 @@ def take_rows(x, index):
 
 
 @primitive
-def write_block(cache, block, start):
-    """cache [B, S, ...] with block [B, T, ...] written at rows' offsets start [B] (in range by construction)."""
-    zeros = (0,) * (cache.ndim - 2)
-    return jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, x.astype(c.dtype), (s, *zeros)))(cache, block, start)
+def write_block(buffer, block, start):
+    """buffer [B, S, ...] with block [B, T, ...] written at rows' offsets start [B] (in range by construction)."""
+    zeros = (0,) * (buffer.ndim - 2)
+    return jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, x.astype(c.dtype), (s, *zeros)))(buffer, block, start)
 
 
 @primitive
@@ -114,12 +114,32 @@ def rope(x, positions, theta):
 
 
 @primitive
+def write_cache(cache, block, start):
+    """cache [B, KV, S, hd] with block [B, T, KV, hd] written at positions start[b]..start[b]+T-1 of each row (in
+    range by construction; XLA clamps otherwise)."""
+    return jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, jnp.swapaxes(x, 0, 1).astype(c.dtype), (0, s, 0)))(
+        cache, block, start)
+
+
+@primitive
 def attention(q, k, v, mask):
-    """Grouped-query attention. q [B,T,H,hd]; k, v [B,S,KV,hd]; mask [B,T,S], True where a key is visible."""
+    """Grouped-query attention. q [B,T,H,hd]; k, v [B,KV,S,hd]; mask [B,T,S], True where a key is visible."""
     b, t, h, hd = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     qg = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * (hd ** -0.5)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) * (hd ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     weights = softmax(scores).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, h * hd)
+    return jnp.einsum("bkgts,bksd->btkgd", weights, v).reshape(b, t, h * hd)
+
+
+@primitive
+def cached_attention(q, k, v, cache_k, cache_v, start, theta):
+    """Decoding attention of T new tokens per row at positions start..start+T-1: RoPE on q and k, k and v written
+    into the caches [B, KV, S, hd] at start, then the queries attend causally over the cache. Returns (out
+    [B, T, H*hd], cache_k, cache_v). One kernel on ONNX Runtime's CPU (GroupQueryAttention over a shared buffer)."""
+    positions = start[:, None] + jnp.arange(q.shape[1], dtype=start.dtype)
+    q, k = rope(q, positions, theta), rope(k, positions, theta)
+    cache_k, cache_v = write_cache(cache_k, k, start), write_cache(cache_v, v, start)
+    key_pos = jnp.arange(cache_k.shape[2], dtype=positions.dtype)
+    return attention(q, cache_k, cache_v, key_pos[None, None, :] <= positions[:, :, None]), cache_k, cache_v

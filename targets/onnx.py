@@ -24,7 +24,7 @@ from tandemc.trace import Graph
 
 OPSET = 23
 # Operator profiles. cpu: ONNX Runtime's fused kernels (opset-23 RMSNormalization and Attention, com.microsoft
-# RotaryEmbedding). gpu: what TensorRT's ONNX parser takes (targets/tensorrt.py): standard operators only, the
+# GroupQueryAttention, RotaryEmbedding and SkipSimplifiedLayerNormalization). gpu: what TensorRT's ONNX parser takes (targets/tensorrt.py): standard operators only, the
 # fused primitives inlined from their JAX definitions, per-channel int8 as per-axis DequantizeLinear.
 PROFILES = ("cpu", "gpu")
 # Session settings the graphs need, recorded in the manifest for every runtime: quantized matmuls fused into
@@ -76,6 +76,7 @@ class Builder:
         self.shapes: dict[str, tuple[int, ...]] = {}  # static shapes of the values lowered so far
         self.producer: dict[str, int] = {}  # value → index of the node (in self.nodes) that computes it
         self._reshaped: dict[str, str] = {}  # Reshape output → the value it reshapes (chains collapse)
+        self.memo: dict[tuple, str] = {}  # values a lowering computes once per graph (e.g. per-row sequence lengths)
 
     def materialize(self, name: str) -> str:
         if name not in self.lazy:
@@ -515,17 +516,36 @@ def _take_rows(b, eqn, ins):
     return [b.op1("GatherND", [ins[0], index], batch_dims=1)]
 
 
+def _clamped_start(b, start: str, limit: int) -> str:
+    """start [B] as int64 clamped into 0..limit, as XLA's dynamic_update_slice clamps (only finished rows, whose
+    caches are never read again, reach the end)."""
+    return b.op1("Min", [b.op1("Max", [b.cast(start, np.int64), b.i64([0])]), b.i64([limit])])
+
+
 @named("write_block")
 def _write_block(b, eqn, ins):
-    cache, block = aval(eqn.invars[0]), aval(eqn.invars[1])
+    buffer, block = aval(eqn.invars[0]), aval(eqn.invars[1])
     batch, length = block.shape[0], block.shape[1]
-    # clamp like XLA's dynamic_update_slice (only finished rows, whose caches are never read again, reach the end)
-    start = b.op1("Min", [b.op1("Max", [b.cast(ins[2], np.int64), b.i64([0])]), b.i64([cache.shape[1] - length])])
-    rows = np.broadcast_to(np.arange(batch, dtype=np.int64)[:, None], (batch, length))
-    offsets = np.broadcast_to(np.arange(length, dtype=np.int64)[None, :], (batch, length))
-    positions = b.op1("Add", [b.const(offsets.copy()), b.op1("Unsqueeze", [start, b.i64([1])])])
-    indices = b.op1("Concat", [b.op1("Unsqueeze", [b.const(rows.copy()), b.i64([2])]),
+    start = _clamped_start(b, ins[2], buffer.shape[1] - length)
+    rows, offsets = np.indices((batch, length), dtype=np.int64)
+    positions = b.op1("Add", [b.const(offsets), b.op1("Unsqueeze", [start, b.i64([1])])])
+    indices = b.op1("Concat", [b.op1("Unsqueeze", [b.const(rows), b.i64([2])]),
                                b.op1("Unsqueeze", [positions, b.i64([2])])], axis=2)
+    update = ins[1] if block.dtype == buffer.dtype else b.cast(ins[1], buffer.dtype)
+    return [b.op1("ScatterND", [ins[0], indices, update])]
+
+
+@named("write_cache")
+def _write_cache(b, eqn, ins):
+    """ScatterND of the block [B, T, KV, hd] as it comes, at indices (row, head, position) of the [B, KV, S, hd]
+    cache: no transpose."""
+    cache, block = aval(eqn.invars[0]), aval(eqn.invars[1])
+    batch, length, kv = block.shape[:3]
+    start = _clamped_start(b, ins[2], cache.shape[2] - length)
+    rows, offsets, heads = np.indices((batch, length, kv), dtype=np.int64)
+    positions = b.op1("Add", [b.const(offsets), b.op1("Unsqueeze", [start, b.i64([1, 2])])])
+    indices = b.op1("Concat", [b.const(rows[..., None]), b.const(heads[..., None]),
+                               b.op1("Unsqueeze", [positions, b.i64([3])])], axis=3)
     update = ins[1] if block.dtype == cache.dtype else b.cast(ins[1], cache.dtype)
     return [b.op1("ScatterND", [ins[0], indices, update])]
 
@@ -558,6 +578,14 @@ def _softmax(b, eqn, ins):
     return [b.op1("Softmax", ins, axis=-1)]
 
 
+def _rotary_tables(b, theta: float, dim: int, length: int) -> list[str]:
+    """cos and sin [length, dim/2] of RoPE's angles, as primitives.rope computes them, for ONNX Runtime's kernels."""
+    half = dim // 2
+    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, 2 * half, 2, dtype=np.float32) / np.float32(2 * half))))
+    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+    return [b.const(np.cos(angles)), b.const(np.sin(angles))]
+
+
 @named("rope")
 def _rope(b, eqn, ins):
     theta = literal(eqn.invars[2])
@@ -565,13 +593,10 @@ def _rope(b, eqn, ins):
     if theta is None or x.dtype != np.float32 or b.max_position is None or b.profile != "cpu":
         return _inline(b, eqn, ins)
     batch, length, heads, dim = x.shape
-    half = dim // 2
-    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, 2 * half, 2, dtype=np.float32) / np.float32(2 * half))))
-    angles = np.arange(b.max_position, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
     # positions past the table only occur for finished rows (whose outputs are discarded): clamp them into it
     positions = b.op1("Min", [b.op1("Max", [b.cast(ins[1], np.int64), b.i64([0])]), b.i64([b.max_position - 1])])
     flat = b.reshape(ins[0], [batch, length, heads * dim])
-    out = b.op1("RotaryEmbedding", [flat, positions, b.const(np.cos(angles)), b.const(np.sin(angles))],
+    out = b.op1("RotaryEmbedding", [flat, positions, *_rotary_tables(b, theta, dim, b.max_position)],
                 domain="com.microsoft", interleaved=0, num_heads=heads)
     return [b.reshape(out, x.shape)]
 
@@ -583,18 +608,63 @@ def _inline(b, eqn, ins):
 
 @named("attention")
 def _attention(b, eqn, ins):
-    """ONNX Attention (opset 23) on [B, T, H*hd] queries over [B, S, KV*hd] caches: one kernel per layer."""
+    """ONNX Attention (opset 23) on [B, H, T, hd] queries over [B, KV, S, hd] keys/values: one kernel per layer."""
     q, k = aval(eqn.invars[0]), aval(eqn.invars[1])
     if q.dtype != np.float32 or k.dtype != np.float32 or b.profile != "cpu":
         return _inline(b, eqn, ins)
     batch, length, heads, dim = q.shape
-    keys, kv = k.shape[1], k.shape[2]
-    mask = b.reshape(ins[3], [batch, 1, length, keys])
-    out = b.op1("Attention", [b.reshape(ins[0], [batch, length, heads * dim]),
-                              b.reshape(ins[1], [batch, keys, kv * dim]), b.reshape(ins[2], [batch, keys, kv * dim]),
-                              mask],
+    kv, keys = k.shape[1], k.shape[2]
+    by_head = b.op1("Transpose", [ins[0]], perm=[0, 2, 1, 3])
+    out = b.op1("Attention", [by_head, ins[1], ins[2], b.reshape(ins[3], [batch, 1, length, keys])],
                 q_num_heads=heads, kv_num_heads=kv, scale=float(dim ** -0.5))
-    return [out]
+    return [b.reshape(b.op1("Transpose", [out], perm=[0, 2, 1, 3]), [batch, length, heads * dim])]
+
+
+# ONNX Runtime's GroupQueryAttention takes a block of several new tokens on top of a cache only for one row, and
+# rotates only heads of a multiple of 16 values.
+GQA_HEAD_MULTIPLE = 16
+
+
+def _split_source(b, pieces: list[str]) -> str | None:
+    """The tensor `pieces` were split from, in order, along its last axis, if they are all of one Split's outputs."""
+    index = b.producer.get(pieces[0])
+    node = b.nodes[index] if index is not None else None
+    if node is None or node.op_type != "Split" or list(node.output) != pieces:
+        return None
+    axis = next(a.i for a in node.attribute if a.name == "axis")
+    source = node.input[0]
+    return source if axis in (-1, len(b.shapes.get(source, ())) - 1) else None
+
+
+@named("cached_attention")
+def _cached_attention(b, eqn, ins):
+    """com.microsoft GroupQueryAttention: RoPE, the cache write and causal attention over each row's valid prefix in
+    one kernel. Bound to the same buffer as its output (tandemc.runtime does), the cache is updated in place."""
+    q, k, cache = aval(eqn.invars[0]), aval(eqn.invars[1]), aval(eqn.invars[3])
+    theta = literal(eqn.invars[6])
+    batch, length, heads, dim = q.shape
+    kv, keys = cache.shape[1], cache.shape[2]
+    if (b.profile != "cpu" or q.dtype != np.float32 or cache.dtype != np.float32 or theta is None
+            or dim % GQA_HEAD_MULTIPLE or (batch > 1 and length > 1)):
+        return _inline(b, eqn, ins)
+    # the kernel places the block at seqlens_k + 1 - T: the index of each row's last new token, clamped like
+    # write_cache (rows past the end are finished, their outputs unused)
+    key = ("seqlens_k", ins[5], length, keys)
+    if key not in b.memo:
+        start = b.op1("Min", [b.op1("Max", [b.cast(ins[5], np.int32), b.const(np.int32(0))]),
+                              b.const(np.int32(keys - length))])
+        b.memo[key] = b.op1("Add", [start, b.const(np.int32(length - 1))])
+    qkv = [b.reshape(ins[0], [batch, length, heads * dim]), b.reshape(ins[1], [batch, length, kv * dim]),
+           b.reshape(ins[2], [batch, length, kv * dim])]
+    packed = _split_source(b, qkv)
+    if packed is not None:  # Q, K and V are the pieces of one fused matmul (fuse_qkv): the kernel takes it whole
+        qkv = [packed, "", ""]
+    out, new_k, new_v = b.op(
+        "GroupQueryAttention", [*qkv, ins[3], ins[4], b.memo[key], b.const(np.int32(keys)),
+                                *_rotary_tables(b, theta, dim, keys)],
+        n_out=3, domain="com.microsoft", num_heads=heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0,
+        scale=float(dim ** -0.5))
+    return [out, new_k, new_v]
 
 
 @named("dequant_matmul")

@@ -99,8 +99,8 @@ def partition_spec(tensor: TensorSpec, batch: int, mesh_shape: tuple[int, int]) 
     batch_axis = 1 if tensor.name == "u_steps" else 0
     if len(shape) > batch_axis and shape[batch_axis] == batch and batch % data == 0:
         spec[batch_axis] = "data"
-    if tensor.name.startswith(("state.", "new_state.")) and len(shape) == 4 and shape[2] % model == 0:
-        spec[2] = "model"  # KV cache [B, S, kv_heads, head_dim]
+    if tensor.name.startswith(("state.", "new_state.")) and len(shape) == 4 and shape[1] % model == 0:
+        spec[1] = "model"  # KV cache [B, kv_heads, S, head_dim]
     return tuple(spec)
 
 
