@@ -434,14 +434,27 @@ def list_passes(as_json):
               help="savedmodel: a tpu artifact's TensorFlow SavedModel; onnxruntime: a gpu artifact's ONNX graphs "
               "in ONNX Runtime (no TensorRT needed) [default: the target's own runtime].")
 @click.option("--stats", is_flag=True, help="Print decoding statistics to stderr.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ONNX Runtime intra-op threads (cpu artifacts; 0: one per core).")
+@click.option("--profile", type=click.Path(file_okay=False, path_type=Path),
+              help="Write ONNX Runtime's profiler trace of each graph to this folder and print where the time went "
+              "(by scope: draft0.., verify, tandem_kv; and by operator) to stderr.")
 @json_option
-def run(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, generate_graph, backend, stats, as_json):
+def run(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, generate_graph, backend, stats, threads,
+        profile, as_json):
     """Generate text with a compiled artifact."""
     from tandemc.runtime import load
 
-    loaded = load(artifact, backend)
+    loaded = load(artifact, backend, threads=threads, profile=profile)
     result = loaded.generate(list(prompts), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, seed=seed, use_generate_graph=generate_graph)
+    if profile is not None:
+        from tandemc.profiling import format_summary, summarize
+
+        for graph, trace in loaded.backend.end_profiling().items():
+            summary = summarize(trace)
+            if summary is not None:
+                click.echo(f"{format_summary(graph, summary)}\n  trace: {trace}", err=True)
     if as_json:
         rows = [{"tokens": t, "text": x} for t, x in zip(result.tokens, result.text)]
         data = {**rows[0], "stats": result.stats, "mode": loaded.decode["mode"]} if len(rows) == 1 else \

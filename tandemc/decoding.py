@@ -74,15 +74,18 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths,
     """
     b, t = tokens.shape
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
-    logits, hiddens, primary_cache = model.decode_block(params["primary"], cfg.primary, tokens, positions,
-                                                         state["primary"])
+    with jax.named_scope("primary"):
+        logits, hiddens, primary_cache = model.decode_block(params["primary"], cfg.primary, tokens, positions,
+                                                             state["primary"])
     secondary_cache = state["secondary"]
     if mode in TANDEM_MODES:
-        secondary_cache = model.write_tandem_kv(secondary_cache, model.tandem_kv(params, cfg, hiddens, positions),
-                                                start)
+        with jax.named_scope("tandem_kv"):
+            secondary_cache = model.write_tandem_kv(secondary_cache, model.tandem_kv(params, cfg, hiddens, positions),
+                                                    start)
     elif mode == "vanilla":
-        _, _, secondary_cache = model.decode_block(params["drafter"], cfg.drafter, tokens, positions,
-                                                   secondary_cache)
+        with jax.named_scope("drafter"):
+            _, _, secondary_cache = model.decode_block(params["drafter"], cfg.drafter, tokens, positions,
+                                                       secondary_cache)
     last = lengths - 1 - start
     ends_here = (last >= 0) & (last < t)
     last = jnp.clip(last, 0, t - 1)
@@ -126,22 +129,25 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
         else:
             tokens, positions = c[:, None], p[:, None]
         for t in range(gamma):
-            logits, _, secondary_cache = model.decode_block(draft_params, draft_cfg, tokens, positions,
-                                                            secondary_cache)
-            q = token_distribution(logits[:, -1], sampling)
-            d = sample(q, u[:, t])
-            if mode == "adaptive":  # stop drafting at the first draft the router expects to be rejected
-                features = model.router_features(cfg.router, draft_params["embed"], jax.nn.softmax(logits[:, -1]))
-                reject = model.router_reject_probability(params["router"], features) > cfg.router.threshold
-                n_drafted = jnp.where((n_drafted == gamma) & reject, t, n_drafted)
+            with jax.named_scope(f"draft{t}"):  # names the graph's nodes, so profiles show each draft's cost
+                logits, _, secondary_cache = model.decode_block(draft_params, draft_cfg, tokens, positions,
+                                                                secondary_cache)
+                q = token_distribution(logits[:, -1], sampling)
+                d = sample(q, u[:, t])
+                if mode == "adaptive":  # stop drafting at the first draft the router expects to be rejected
+                    features = model.router_features(cfg.router, draft_params["embed"],
+                                                     jax.nn.softmax(logits[:, -1]))
+                    reject = model.router_reject_probability(params["router"], features) > cfg.router.threshold
+                    n_drafted = jnp.where((n_drafted == gamma) & reject, t, n_drafted)
             drafts.append(d)
             draft_probs.append(q)
             tokens, positions = d[:, None], (p + t + 1)[:, None]
 
     block = jnp.stack([c] + drafts, axis=1)
     block_pos = p[:, None] + jnp.arange(gamma + 1, dtype=jnp.int32)
-    logits, hiddens, primary_cache = model.decode_block(params["primary"], cfg.primary, block, block_pos,
-                                                        state["primary"])
+    with jax.named_scope("verify"):
+        logits, hiddens, primary_cache = model.decode_block(params["primary"], cfg.primary, block, block_pos,
+                                                            state["primary"])
     vocab = logits.shape[-1]
     if gamma > 0:
         target = token_distribution(logits, sampling)  # [B, γ+1, V]; target[:, j] predicts position p+j+1
@@ -174,7 +180,9 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
     slots = jnp.arange(gamma + 1)
 
     if mode in TANDEM_MODES:
-        secondary_cache = model.write_tandem_kv(secondary_cache, model.tandem_kv(params, cfg, hiddens, block_pos), p)
+        with jax.named_scope("tandem_kv"):
+            secondary_cache = model.write_tandem_kv(secondary_cache, model.tandem_kv(params, cfg, hiddens, block_pos),
+                                                    p)
 
     hit_eos = jnp.any((slots < n_emitted[:, None]) & (emitted == eos_id), axis=1)
     generated = state["generated"] + jnp.where(active, n_emitted, 0)

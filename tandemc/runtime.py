@@ -139,19 +139,27 @@ class OnnxBackend:
     State returned by a call stays valid until the call after next; the caller's loop only keeps the latest.
     """
 
-    def __init__(self, path: Path, manifest: dict, weights: dict[str, np.ndarray], threads: int = 0):
+    def __init__(self, path: Path, manifest: dict, weights: dict[str, np.ndarray], threads: int = 0,
+                 profile: Path | None = None):
         import onnxruntime as ort
 
         self._ort = ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        for key, value in manifest.get("onnx_session_config", {}).items():
-            options.add_session_config_entry(key, value)
-        self._sessions = {key: (ort.InferenceSession(str(path / entry["onnx"]), options,
-                                                     providers=["CPUExecutionProvider"]), entry)
-                          for key, entry in manifest["graphs"].items()}
+
+        def session(key, entry):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            for name, value in manifest.get("onnx_session_config", {}).items():
+                options.add_session_config_entry(name, value)
+            if profile is not None:  # ONNX Runtime's own trace, one file per graph (end_profiling writes it)
+                options.enable_profiling = True
+                options.profile_file_prefix = str(Path(profile) / key)
+            return ort.InferenceSession(str(path / entry["onnx"]), options, providers=["CPUExecutionProvider"])
+
+        if profile is not None:
+            Path(profile).mkdir(parents=True, exist_ok=True)
+        self._sessions = {key: (session(key, entry), entry) for key, entry in manifest["graphs"].items()}
         self._state = StateBuffers(self.zeros)
         self._first_state = {key: first_state_input(entry, caches=False) for key, entry in manifest["graphs"].items()}
         self._bindings: dict[tuple, tuple] = {}  # (graph, set) → what _plan returns
@@ -197,6 +205,11 @@ class OnnxBackend:
         return [value.numpy().copy() if kind == "copy" else bound[value][1] if kind == "cache" else value
                 for kind, value in returns]
 
+    def end_profiling(self) -> dict[str, Path]:
+        """Stop ONNX Runtime's profiler (sessions opened with `profile`); the trace file of each graph that ran."""
+        files = {key: Path(session.end_profiling()) for key, (session, _) in self._sessions.items()}
+        return {key: f for key, f in files.items() if f.name}
+
     def zeros(self, shape, dtype):
         return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))  # keeps its numpy buffer alive
 
@@ -226,7 +239,7 @@ class Result:
 class Artifact:
     """A loaded artifact: its manifest, config, tokenizer and one backend."""
 
-    def __init__(self, path: str | Path, backend: str | None = None, threads: int = 0):
+    def __init__(self, path: str | Path, backend: str | None = None, threads: int = 0, profile: Path | None = None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.config = manifest_config(self.manifest)
@@ -236,7 +249,10 @@ class Artifact:
         backend = backend or self.manifest["target"]
         if backend not in BACKENDS:
             raise TandemcError(f"no runtime backend {backend!r} in this tandemc; choose one of {', '.join(BACKENDS)}")
-        options = {"threads": threads} if BACKENDS[backend] is OnnxBackend else {}
+        options = {"threads": threads, "profile": profile} if BACKENDS[backend] is OnnxBackend else {}
+        if profile is not None and not options:
+            raise TandemcError(f"profiling uses ONNX Runtime's profiler: the {backend} backend has none; profile a "
+                               "cpu artifact, or a gpu artifact with --backend onnxruntime")
         self.backend = BACKENDS[backend](self.path, self.manifest, weights, **options)
 
     # --- one request of up to `batch` prompts --------------------------------------------------------------
@@ -353,8 +369,9 @@ class Artifact:
         return Result(tokens, [self.tokenizer.decode(t) for t in tokens], stats)
 
 
-def load(path: str | Path, backend: str | None = None, threads: int = 0) -> Artifact:
+def load(path: str | Path, backend: str | None = None, threads: int = 0, profile: str | Path | None = None) -> Artifact:
     """Open an artifact directory: manifest, hashes and schema checked before anything runs. `backend` defaults to
     the artifact's target; `savedmodel` runs a tpu artifact's TensorFlow SavedModel instead. `threads`: ONNX
-    Runtime intra-op threads for cpu artifacts (0: one per core)."""
-    return Artifact(path, backend, threads)
+    Runtime intra-op threads for cpu artifacts (0: one per core). `profile`: a folder for ONNX Runtime's
+    profiler traces (ONNX backends; `artifact.backend.end_profiling()` writes them, tandemc.profiling reads them)."""
+    return Artifact(path, backend, threads, None if profile is None else Path(profile))

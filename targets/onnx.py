@@ -77,6 +77,9 @@ class Builder:
         self.producer: dict[str, int] = {}  # value → index of the node (in self.nodes) that computes it
         self._reshaped: dict[str, str] = {}  # Reshape output → the value it reshapes (chains collapse)
         self.memo: dict[tuple, str] = {}  # values a lowering computes once per graph (e.g. per-row sequence lengths)
+        # where the JAX code being lowered sits (jax.named_scope, e.g. "draft0", "verify"): node names carry it,
+        # so ONNX Runtime's profiler attributes time to parts of the step
+        self.scope: str = parent.scope if parent else ""
 
     def materialize(self, name: str) -> str:
         if name not in self.lazy:
@@ -91,7 +94,8 @@ class Builder:
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
         outputs = [self.fresh(op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, domain=domain or None, **attrs))
+        name = f"{self.scope}/{op_type}_{self._counter[0]}" if self.scope else f"{op_type}_{self._counter[0]}"
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain or None, **attrs))
         for name in outputs:
             self.producer[name] = len(self.nodes) - 1
         return outputs
@@ -152,7 +156,9 @@ def lower_jaxpr(b: Builder, jaxpr: core.Jaxpr, consts, inputs: list[str]) -> lis
     for var, name in zip(jaxpr.invars, inputs):
         if name not in b.lazy:
             b.shapes.setdefault(name, tuple(aval(var).shape))
+    outer_scope = b.scope
     for eqn in jaxpr.eqns:
+        b.scope = "/".join(filter(None, [outer_scope, str(eqn.source_info.name_stack)]))
         name = eqn.primitive.name
         if name not in RULES:
             raise TandemcError(f"the ONNX lowering has no rule for JAX primitive {name!r}")
@@ -172,6 +178,7 @@ def lower_jaxpr(b: Builder, jaxpr: core.Jaxpr, consts, inputs: list[str]) -> lis
                 env[var] = out
                 if out not in b.lazy:
                     b.shapes.setdefault(out, tuple(aval(var).shape))
+    b.scope = outer_scope
     return [b.materialize(read(v)) for v in jaxpr.outvars]
 
 
@@ -567,7 +574,8 @@ def _rms_norm(b, eqn, ins):
         # the residual add and the norm after it: one SkipSimplifiedLayerNormalization, which also returns the sum
         normed = b.fresh("skipsimplifiedlayernormalization")
         b.nodes[index] = helper.make_node("SkipSimplifiedLayerNormalization", [*add.input, scale],
-                                          [normed, "", "", add.output[0]], domain="com.microsoft", epsilon=eps)
+                                          [normed, "", "", add.output[0]], name=add.name, domain="com.microsoft",
+                                          epsilon=eps)
         b.producer[normed] = index
         return [normed]
     return [b.op1("RMSNormalization", [ins[0], scale], axis=-1, epsilon=eps, stash_type=1)]

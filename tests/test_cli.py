@@ -159,3 +159,22 @@ def test_cpu_artifact_and_the_dependency_light_consumer(tiny, tmp_path):
                               capture_output=True, text=True, env={"PATH": "", "PYTHONPATH": ""}, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout[:-1] == ref["text"]
+
+
+def test_run_profile_splits_step_time_by_scope(tiny, tmp_path):
+    """`run --profile` leaves ONNX Runtime's traces and says which part of a step took the time: each draft, the
+    primary's verification and the tandem cache write are named scopes in the graph."""
+    art = tmp_path / "cpu"
+    run("export", tiny, "--target", "cpu", "-o", art, "--max-seq-len", 64, "--prefill-chunk", 16, "-g", 2,
+        "--max-new-tokens", 16, "--no-verify")
+    result = run("run", art, "--prompt", "def f(", "-n", 12, "--profile", tmp_path / "traces", "--threads", 1)
+    step = next(line for line in result.stderr.splitlines() if line.startswith("step.s64:"))
+    scopes = result.stderr.split(step)[1].splitlines()[1]
+    assert all(name in scopes for name in ("verify", "draft0", "draft1", "tandem_kv"))
+    from tandemc.profiling import summarize
+
+    summary = summarize(next((tmp_path / "traces").glob("step.s64*.json")))
+    assert summary["runs"] >= 12 // 3 and set(summary["by_scope"]) >= {"verify", "draft0", "draft1", "tandem_kv"}
+    assert abs(sum(summary["by_scope"].values()) - summary["kernel_ms_per_run"]) < 0.01
+    refused = run("run", art, "--prompt", "x", "--profile", tmp_path / "t2", "--backend", "savedmodel", ok=False)
+    assert refused.exit_code != 0 and "profiling uses ONNX Runtime" in refused.output
