@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from tandemc import model, primitives
 from tandemc.config import TandemConfig
 from tandemc.errors import TandemcError
-from tandemc.sampling import Sampling, next_token, sample, token_distribution, uniforms
+from tandemc.sampling import Sampling, draft_token, next_token, sample, token_distribution, uniforms
 
 MODES = ("speed", "tandem", "adaptive", "primary", "vanilla")
 TANDEM_MODES = ("speed", "tandem", "adaptive")  # modes drafting with the tandem secondary
@@ -132,8 +133,7 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
             with jax.named_scope(f"draft{t}"):  # names the graph's nodes, so profiles show each draft's cost
                 logits, _, secondary_cache = model.decode_block(draft_params, draft_cfg, tokens, positions,
                                                                 secondary_cache)
-                q = token_distribution(logits[:, -1], sampling)
-                d = sample(q, u[:, t])
+                d, q = draft_token(logits[:, -1], sampling, u[:, t])
                 if mode == "adaptive":  # stop drafting at the first draft the router expects to be rejected
                     features = model.router_features(cfg.router, draft_params["embed"],
                                                      jax.nn.softmax(logits[:, -1]))
@@ -148,27 +148,14 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
     with jax.named_scope("verify"):
         logits, hiddens, primary_cache = model.decode_block(params["primary"], cfg.primary, block, block_pos,
                                                             state["primary"])
-    vocab = logits.shape[-1]
     if gamma > 0:
-        target = token_distribution(logits, sampling)  # [B, γ+1, V]; target[:, j] predicts position p+j+1
         d = jnp.stack(drafts, axis=1)
-        q = jnp.stack(draft_probs, axis=1)
-        p_d = primitives.take_along_last(target[:, :gamma], d[..., None])[..., 0]
-        q_d = primitives.take_along_last(q, d[..., None])[..., 0]
         proposed = jnp.arange(gamma)[None, :] < n_drafted[:, None]
-        accept = (u[:, gamma:2 * gamma] * q_d < p_d) & proposed  # u < p/q
-        if mode == "tandem":
-            accept = jnp.ones_like(accept)
-        # a = the number of leading accepts: the index of the first reject, with a sentinel reject at the end
-        a = jnp.argmax(jnp.concatenate([~accept, jnp.ones((b, 1), bool)], axis=1).astype(jnp.int32), axis=1)
-        a = a.astype(jnp.int32)
-        # Drafts never proposed contribute no q: after an early stop the final token comes from p itself.
-        q_ext = jnp.concatenate([jnp.where(proposed[..., None], q, 0.0), jnp.zeros((b, 1, vocab), q.dtype)], axis=1)
-        # First rejection: sample from norm(max(0, p - q)); all accepted: q_ext is zero there, so sample from p.
-        p_a, q_a = primitives.take_rows(target, a), primitives.take_rows(q_ext, a)
-        residual = jnp.maximum(p_a - q_a, 0.0)
-        mass = jnp.sum(residual, axis=-1, keepdims=True)
-        y = sample(jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_a), u[:, 2 * gamma])
+        accept_all = mode == "tandem"
+        a, y = lax.cond(sampling.temperature > 0,
+                        lambda *args: accept_sampled(*args, accept_all=accept_all),
+                        lambda *args: accept_greedy(*args, accept_all=accept_all),
+                        logits.astype(jnp.float32), d, jnp.stack(draft_probs, axis=1), proposed, u, sampling)
         padded = jnp.concatenate([d, jnp.zeros((b, 1), jnp.int32)], axis=1)
         emitted = jnp.where(jnp.arange(gamma + 1) < a[:, None], padded, y[:, None])
         new_prev = jnp.where(a > 0, primitives.take_rows(padded, jnp.maximum(a - 1, 0)), c)
@@ -196,6 +183,41 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
     outputs = {"emitted": emitted, "n_emitted": jnp.where(active, n_emitted, 0), "accepted": jnp.where(active, a, 0),
                "drafted": jnp.where(active, n_drafted, 0), "logits": logits}
     return new_state, outputs
+
+
+def first_reject(accept):
+    """The number of leading accepts [B]: the index of the first reject, with a sentinel reject at the end."""
+    sentinel = jnp.ones((accept.shape[0], 1), bool)
+    return jnp.argmax(jnp.concatenate([~accept, sentinel], axis=1).astype(jnp.int32), axis=1).astype(jnp.int32)
+
+
+def accept_greedy(logits, d, q, proposed, u, sampling: Sampling, *, accept_all: bool):
+    """Greedy verification: accept the drafts that equal the primary's argmax; the final token is the primary's
+    argmax after the last accepted one. Exactly `accept_sampled` with one-hot distributions (u < 1 accepts a draft
+    iff the primary's one-hot is 1 there; the residual of two different one-hots is the primary's), computed
+    without any distribution."""
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, γ+1]
+    gamma = d.shape[1]
+    accept = jnp.ones_like(proposed) if accept_all else (d == best[:, :gamma]) & proposed
+    a = first_reject(accept)
+    return a, primitives.take_rows(best, a)
+
+
+def accept_sampled(logits, d, q, proposed, u, sampling: Sampling, *, accept_all: bool):
+    """Leviathan et al. rejection sampling over the block: accept d_t when u·q(d_t) < p(d_t); at the first
+    rejection draw from norm(max(0, p − q)), after all accepted from p (the bonus token)."""
+    b, gamma = d.shape
+    target = token_distribution(logits, sampling)  # [B, γ+1, V]; target[:, j] predicts position p+j+1
+    p_d = primitives.take_along_last(target[:, :gamma], d[..., None])[..., 0]
+    q_d = primitives.take_along_last(q, d[..., None])[..., 0]
+    accept = jnp.ones_like(proposed) if accept_all else (u[:, gamma:2 * gamma] * q_d < p_d) & proposed
+    a = first_reject(accept)
+    # Drafts never proposed contribute no q: after an early stop the final token comes from p itself.
+    q_ext = jnp.concatenate([jnp.where(proposed[..., None], q, 0.0), jnp.zeros((b, 1, q.shape[-1]), q.dtype)], axis=1)
+    p_a, q_a = primitives.take_rows(target, a), primitives.take_rows(q_ext, a)
+    residual = jnp.maximum(p_a - q_a, 0.0)
+    mass = jnp.sum(residual, axis=-1, keepdims=True)
+    return a, sample(jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_a), u[:, 2 * gamma])
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Token distributions, inverse-CDF sampling and the portable uniform-random stream.
 
-Greedy decoding is sampling from a one-hot distribution at the argmax, so one code path serves both: with
-one-hot distributions, speculative rejection sampling reduces exactly to greedy draft-and-verify. Random numbers
+Greedy decoding is sampling from a one-hot distribution at the argmax: with one-hot distributions, speculative
+rejection sampling reduces exactly to greedy draft-and-verify. The graphs compute the greedy case directly
+(argmaxes, no distributions) behind a conditional on the temperature, tested equal to the one-hot path. Random numbers
 are inputs (uniforms in [0, 1)), never drawn inside a graph, so every target draws the same tokens from the same
 seed. `uniforms` is a counter-based generator (splitmix64) that any runtime can reimplement in a few lines.
 """
@@ -49,6 +50,18 @@ def next_token(logits, s: Sampling, u):
     one-hot's inverse CDF is the argmax for every u in [0, 1)), so greedy graphs skip the distribution."""
     return lax.cond(s.temperature > 0, lambda x, s, u: sample(_sampled(x, s), u),
                     lambda x, s, u: jnp.argmax(x, axis=-1).astype(jnp.int32), logits.astype(jnp.float32), s, u)
+
+
+def draft_token(logits, s: Sampling, u):
+    """A draft: (token, the distribution it was drawn from). Greedy returns the argmax and zeros in place of the
+    one-hot, which greedy verification never reads (decoding.accept_greedy), so greedy graphs skip both."""
+    return lax.cond(s.temperature > 0, lambda x, s, u: _sampled_draft(_sampled(x, s), u),
+                    lambda x, s, u: (jnp.argmax(x, axis=-1).astype(jnp.int32), jnp.zeros_like(x)),
+                    logits.astype(jnp.float32), s, u)
+
+
+def _sampled_draft(q, u):
+    return sample(q, u), q
 
 
 def _greedy(logits, s: Sampling):

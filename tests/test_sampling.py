@@ -10,8 +10,8 @@ from scipy import stats
 
 from conftest import CONFIGS, make
 from tandemc import model
-from tandemc.decoding import generate
-from tandemc.sampling import Sampling, sample, token_distribution, uniforms
+from tandemc.decoding import accept_greedy, accept_sampled, generate
+from tandemc.sampling import Sampling, draft_token, sample, token_distribution, uniforms
 
 ALPHA = 1e-3  # significance level of the goodness-of-fit tests
 SAMPLES = 6000
@@ -127,6 +127,33 @@ def test_temperature_zero_is_one_hot_argmax():
     # Inverse-CDF sampling from a one-hot picks its token for every u in [0, 1).
     probs = jnp.asarray([[0.0, 1.0, 0.0, 0.0]] * 4)
     assert np.asarray(sample(probs, jnp.asarray([0.0, 0.3, 0.999, 1 - 2 ** -24]))).tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("accept_all", [False, True])
+def test_greedy_verification_is_rejection_sampling_with_one_hots(accept_all):
+    """The greedy branch (argmaxes only) decides exactly what rejection sampling decides with one-hot
+    distributions: the same accepted count and final token for drafts that match, miss, tie or stop early."""
+    rng = np.random.default_rng(0)
+    b, gamma, vocab = 64, 4, 5
+    logits = rng.integers(-2, 3, (b, gamma + 1, vocab)).astype(np.float32)  # small integers: ties happen
+    best = logits.argmax(-1)
+    d = np.where(rng.random((b, gamma)) < 0.6, best[:, :gamma], rng.integers(0, vocab, (b, gamma))).astype(np.int32)
+    proposed = np.arange(gamma)[None] < rng.integers(0, gamma + 1, (b, 1))
+    u = rng.random((b, 2 * gamma + 1)).astype(np.float32)
+    greedy = Sampling.make(0.0)
+    drafted, q = draft_token(jnp.asarray(logits[:, 0]), greedy, jnp.asarray(u[:, 0]))
+    np.testing.assert_array_equal(drafted, best[:, 0])
+    assert not np.asarray(q).any()
+    one_hot = np.eye(vocab, dtype=np.float32)[d]
+    args = [jnp.asarray(x) for x in (logits, d)]
+    a_ref, y_ref = accept_sampled(*args, jnp.asarray(one_hot), jnp.asarray(proposed), jnp.asarray(u), greedy,
+                                  accept_all=accept_all)
+    a, y = accept_greedy(*args, jnp.zeros_like(one_hot), jnp.asarray(proposed), jnp.asarray(u), greedy,
+                         accept_all=accept_all)  # greedy drafts come with zeros (draft_token), never read
+    np.testing.assert_array_equal(a, a_ref)
+    np.testing.assert_array_equal(y, y_ref)
+    rejected = int((np.asarray(a) < np.asarray(proposed).sum(1)).sum())
+    assert rejected == 0 if accept_all else 0 < rejected < b  # both rejections and full acceptances occur
 
 
 def test_inverse_cdf_sampling_frequencies():
