@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/cpu_decode.py --preset 100m ...      # a random checkpoint of a preset
 
 For each mode and block length: export a batch-1 CPU artifact, check its greedy tokens equal the reference's,
-then time both decoding the same prompt (best of --repeats, the two alternating, after a warm-up that compiles).
+then time both decoding the same prompt (best of --repeats after a warm-up that compiles; every JAX and ONNX run
+of every mode alternating with all the others, so mode/primary ratios see the same machine load).
 Prints tokens/s, ms per token, mean tokens per step, and the ratios ONNX/JAX and mode/primary (one run, one
 machine). --profile then decodes once more under ONNX Runtime's profiler and splits each step graph's kernel time
 by scope (verify, the drafts, tandem_kv, the rest): shares only, since the profiler itself slows every kernel.
@@ -41,8 +42,8 @@ def main():
     prompt = ckpt.tokenizer.encode(PROMPT)
     seq_len = 1 << (len(prompt) + args.new_tokens - 1).bit_length()
     eos = -1  # decode the full length: equal work for every mode
-    rows = []
     work = Path(tempfile.mkdtemp(prefix="tandemc-bench-"))
+    cases = []  # (mode, γ, artifact folder, JAX run, ONNX run)
     for mode in args.modes.split(","):
         for gamma in ([0] if mode == "primary" else [int(g) for g in args.gammas.split(",")]):
             options = ExportOptions(mode=mode, block_length=gamma, max_seq_len=(seq_len,), batch=1,
@@ -53,24 +54,27 @@ def main():
             program = make_program(ckpt, options, args.passes)
             params = jax.tree.map(jax.numpy.asarray, program.params)
 
-            def run_jax():
-                return generate(params, program.config, [prompt], mode=mode, block_length=gamma or None,
+            def run_jax(params=params, config=program.config, mode=mode, gamma=gamma):
+                return generate(params, config, [prompt], mode=mode, block_length=gamma or None,
                                 max_new_tokens=args.new_tokens, eos_id=eos, max_seq_len=seq_len)
 
-            def run_onnx():
+            def run_onnx(artifact=artifact):
                 return artifact.run_steps([prompt], args.new_tokens, eos_id=eos)
 
-            (jax_s, jax_out), (onnx_s, onnx_out) = best_times([run_jax, run_onnx], args.repeats)
-            n = len(jax_out.tokens[0])
-            rows.append({"mode": mode, "gamma": gamma, "tokens": n, "identical": onnx_out.tokens == jax_out.tokens,
-                         "jax_tokens_per_s": n / jax_s, "onnx_tokens_per_s": n / onnx_s,
-                         "onnx_ms_per_token": 1000 * onnx_s / n, "onnx_over_jax": jax_s / onnx_s,
-                         "tokens_per_step": jax_out.stats["mean_tokens_per_step"]})
-            if args.profile:
-                profiled = load(out, threads=args.threads, profile=work / "traces" / out.name)
-                profiled.run_steps([prompt], args.new_tokens, eos_id=eos)
-                traces = profiled.backend.end_profiling()
-                rows[-1]["profile"] = summarize(traces[f"step.s{seq_len}"])
+            cases.append((mode, gamma, out, run_jax, run_onnx))
+    # every run of every mode alternates with every other, so a drift in the machine's load hits all rows alike
+    timings = best_times([fn for case in cases for fn in case[3:]], args.repeats)
+    rows = []
+    for (mode, gamma, out, _, _), (jax_s, jax_out), (onnx_s, onnx_out) in zip(cases, timings[::2], timings[1::2]):
+        n = len(jax_out.tokens[0])
+        rows.append({"mode": mode, "gamma": gamma, "tokens": n, "identical": onnx_out.tokens == jax_out.tokens,
+                     "jax_tokens_per_s": n / jax_s, "onnx_tokens_per_s": n / onnx_s,
+                     "onnx_ms_per_token": 1000 * onnx_s / n, "onnx_over_jax": jax_s / onnx_s,
+                     "tokens_per_step": jax_out.stats["mean_tokens_per_step"]})
+        if args.profile:
+            profiled = load(out, threads=args.threads, profile=work / "traces" / out.name)
+            profiled.run_steps([prompt], args.new_tokens, eos_id=eos)
+            rows[-1]["profile"] = summarize(profiled.backend.end_profiling()[f"step.s{seq_len}"])
     base = next((r for r in rows if r["mode"] == "primary"), None)
     print(f"{'mode':8s} {'γ':>2s} {'same':>5s} {'JAX tok/s':>10s} {'ONNX tok/s':>11s} {'ONNX ms/tok':>12s} "
           f"{'ONNX/JAX':>9s} {'tok/step':>9s} {'vs primary':>11s}")
