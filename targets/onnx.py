@@ -24,8 +24,9 @@ from tandemc.trace import Graph
 
 OPSET = 23
 # Operator profiles. cpu: ONNX Runtime's fused kernels (opset-23 RMSNormalization and Attention, com.microsoft
-# GroupQueryAttention, RotaryEmbedding and SkipSimplifiedLayerNormalization). gpu: what TensorRT's ONNX parser takes (targets/tensorrt.py): standard operators only, the
-# fused primitives inlined from their JAX definitions, per-channel int8 as per-axis DequantizeLinear.
+# GroupQueryAttention, RotaryEmbedding and SkipSimplifiedLayerNormalization). gpu: what TensorRT's ONNX parser
+# takes (targets/tensorrt.py): standard operators only, the fused primitives inlined from their JAX definitions,
+# per-channel int8 as per-axis DequantizeLinear.
 PROFILES = ("cpu", "gpu")
 # Session settings the graphs need, recorded in the manifest for every runtime: quantized matmuls fused into
 # MatMulNBits compute in float32 (level 1) as the reference's dequant_matmul does, or quantize their activations to
@@ -523,17 +524,18 @@ def _take_rows(b, eqn, ins):
     return [b.op1("GatherND", [ins[0], index], batch_dims=1)]
 
 
-def _clamped_start(b, start: str, limit: int) -> str:
-    """start [B] as int64 clamped into 0..limit, as XLA's dynamic_update_slice clamps (only finished rows, whose
-    caches are never read again, reach the end)."""
-    return b.op1("Min", [b.op1("Max", [b.cast(start, np.int64), b.i64([0])]), b.i64([limit])])
+def _clamped(b, index: str, limit: int, dtype=np.int64) -> str:
+    """index as `dtype` clamped into 0..limit, as XLA clamps a dynamic_update_slice's start (only finished rows,
+    whose caches and outputs are never read again, reach past the end)."""
+    return b.op1("Min", [b.op1("Max", [b.cast(index, dtype), b.const(np.zeros(1, dtype))]),
+                         b.const(np.full(1, limit, dtype))])
 
 
 @named("write_block")
 def _write_block(b, eqn, ins):
     buffer, block = aval(eqn.invars[0]), aval(eqn.invars[1])
     batch, length = block.shape[0], block.shape[1]
-    start = _clamped_start(b, ins[2], buffer.shape[1] - length)
+    start = _clamped(b, ins[2], buffer.shape[1] - length)
     rows, offsets = np.indices((batch, length), dtype=np.int64)
     positions = b.op1("Add", [b.const(offsets), b.op1("Unsqueeze", [start, b.i64([1])])])
     indices = b.op1("Concat", [b.op1("Unsqueeze", [b.const(rows), b.i64([2])]),
@@ -548,7 +550,7 @@ def _write_cache(b, eqn, ins):
     cache: no transpose."""
     cache, block = aval(eqn.invars[0]), aval(eqn.invars[1])
     batch, length, kv = block.shape[:3]
-    start = _clamped_start(b, ins[2], cache.shape[2] - length)
+    start = _clamped(b, ins[2], cache.shape[2] - length)
     rows, offsets, heads = np.indices((batch, length, kv), dtype=np.int64)
     positions = b.op1("Add", [b.const(offsets), b.op1("Unsqueeze", [start, b.i64([1, 2])])])
     indices = b.op1("Concat", [b.const(rows[..., None]), b.const(heads[..., None]),
@@ -602,7 +604,7 @@ def _rope(b, eqn, ins):
         return _inline(b, eqn, ins)
     batch, length, heads, dim = x.shape
     # positions past the table only occur for finished rows (whose outputs are discarded): clamp them into it
-    positions = b.op1("Min", [b.op1("Max", [b.cast(ins[1], np.int64), b.i64([0])]), b.i64([b.max_position - 1])])
+    positions = _clamped(b, ins[1], b.max_position - 1)
     flat = b.reshape(ins[0], [batch, length, heads * dim])
     out = b.op1("RotaryEmbedding", [flat, positions, *_rotary_tables(b, theta, dim, b.max_position)],
                 domain="com.microsoft", interleaved=0, num_heads=heads)
@@ -648,7 +650,7 @@ def _split_source(b, pieces: list[str]) -> str | None:
 def _cached_attention(b, eqn, ins):
     """com.microsoft GroupQueryAttention: RoPE, the cache write and causal attention over each row's valid prefix in
     one kernel. Bound to the same buffer as its output (tandemc.runtime does), the cache is updated in place."""
-    q, k, cache = aval(eqn.invars[0]), aval(eqn.invars[1]), aval(eqn.invars[3])
+    q, cache = aval(eqn.invars[0]), aval(eqn.invars[3])
     theta = literal(eqn.invars[6])
     batch, length, heads, dim = q.shape
     kv, keys = cache.shape[1], cache.shape[2]
@@ -659,9 +661,7 @@ def _cached_attention(b, eqn, ins):
     # write_cache (rows past the end are finished, their outputs unused)
     key = ("seqlens_k", ins[5], length, keys)
     if key not in b.memo:
-        start = b.op1("Min", [b.op1("Max", [b.cast(ins[5], np.int32), b.const(np.int32(0))]),
-                              b.const(np.int32(keys - length))])
-        b.memo[key] = b.op1("Add", [start, b.const(np.int32(length - 1))])
+        b.memo[key] = b.op1("Add", [_clamped(b, ins[5], keys - length, np.int32), b.const(np.int32(length - 1))])
     qkv = [b.reshape(ins[0], [batch, length, heads * dim]), b.reshape(ins[1], [batch, length, kv * dim]),
            b.reshape(ins[2], [batch, length, kv * dim])]
     packed = _split_source(b, qkv)
