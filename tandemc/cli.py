@@ -108,6 +108,7 @@ def inspect(path, as_json):
                             "max_seq_len": m.max_seq_len}
     data = {"path": str(path), "schema_version": cfg.schema_version, "dtype": cfg.dtype, "models": models,
             "tandem_parameters": by_model["tandem"], "router_parameters": by_model["router"],
+            "primary_state_input": cfg.primary_state_input, "primary_state_input_parameters": by_model["tandem_input"],
             "layer_map": list(cfg.layer_map), "gamma_train": cfg.gamma_train, "tokenizer": cfg.tokenizer.type,
             "bytes_by_dtype": dict(by_dtype), "total_parameters": sum(by_model.values())}
     lines = [f"{path}: tandem checkpoint (schema {cfg.schema_version}, {cfg.dtype}, tokenizer {cfg.tokenizer.type})"]
@@ -117,6 +118,9 @@ def inspect(path, as_json):
                      f"{'  tied' if m['tied_embeddings'] else ''}")
     lines.append(f"  tandem    {_human(by_model['tandem']):>7s} params  layer map (secondary j <- primary l(j)): "
                  f"{list(cfg.layer_map)}  gamma_train {cfg.gamma_train}")
+    if cfg.primary_state_input:
+        lines.append(f"  state-in  {_human(by_model['tandem_input']):>7s} params  primary-state-input variant, "
+                     f"hidden {cfg.primary_state_input}")
     if cfg.router:
         lines.append(f"  router    {_human(by_model['router']):>7s} params  top_k {cfg.router.top_k}  "
                      f"hidden {cfg.router.hidden}  threshold {cfg.router.threshold}")
@@ -185,6 +189,9 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @click.option("--init-projections", type=click.Choice(["random", "fit"]), default="random", show_default=True,
               help="tandem: keep the checkpoint's projections (random at init, as in the paper) or fit them by least "
               "squares to reproduce the secondary's own layer inputs.")
+@click.option("--primary-state-input", type=click.IntRange(min=0), default=0,
+              help="tandem: switch on the variant that feeds the primary's last-layer state before each block into "
+              "the secondary's input through an MLP of this hidden width (docs/training.md) [default: off].")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-every", default=200, show_default=True, help="Steps between resumable state saves.")
 @click.option("--state-dir", type=click.Path(path_type=Path),
@@ -193,19 +200,24 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @json_option
 def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq_len, lr, warmup, block_length,
-          init_secondary_from_drafter, init_projections, seed, save_every, state_dir, stop_after, force, as_json):
+          init_secondary_from_drafter, init_projections, primary_state_input, seed, save_every, state_dir, stop_after,
+          force, as_json):
     """Train one stage of the recipe on CHECKPOINT and write the result to OUTPUT (resumable)."""
     import shutil
 
     from tandemc.checkpoint import load_checkpoint
     from tandemc.data import batch_at, load_corpus
     from tandemc.train import (TrainOptions, fit_projections, initialise_secondary_from_drafter, save_trained,
-                               with_router_threshold)
+                               with_primary_state_input, with_router_threshold)
     from tandemc.train import train as run
 
     if out.exists() and not force:
         raise TandemcError(f"{out} already exists; pass --force to overwrite it")
     ckpt = load_checkpoint(checkpoint)
+    if primary_state_input:
+        if stage != "tandem":
+            raise TandemcError("--primary-state-input belongs to the tandem stage; add --stage tandem or drop it")
+        ckpt = with_primary_state_input(ckpt, primary_state_input, seed)
     if init_secondary_from_drafter:
         ckpt = initialise_secondary_from_drafter(ckpt)
     opts = TrainOptions(stage=stage, model=model_name, objective=objective, steps=steps, batch=batch,
@@ -230,11 +242,12 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
     step, loss, accuracy = result.history[-1] if result.history else (result.step, float("nan"), float("nan"))
     run_steps = result.step - result.history[0][0] + 1 if result.history else 0
     tokens = run_steps * opts.batch * opts.seq_len
-    data_out = {"output": str(out), "stage": stage, "trained": list(opts.trained), "objective": objective,
+    trained = list(opts.trained(ckpt.params))
+    data_out = {"output": str(out), "stage": stage, "trained": trained, "objective": objective,
                 "steps": step, "loss": loss, "accuracy": accuracy, "seconds": round(result.seconds, 2),
                 "tokens_per_second": round(tokens / max(result.seconds, 1e-9)), "train_files": corpus.n_files[0],
                 "held_out_files": corpus.n_files[1], **extra}
-    _emit(as_json, data_out, f"wrote {out}: {stage} {'/'.join(opts.trained)} step {step} loss {loss:.4f} "
+    _emit(as_json, data_out, f"wrote {out}: {stage} {'/'.join(trained)} step {step} loss {loss:.4f} "
                              f"accuracy {accuracy:.3f} ({result.seconds:.0f}s)")
 
 

@@ -114,6 +114,9 @@ class TandemConfig:
     secondary: DecoderConfig
     layer_map: tuple[int, ...] = ()  # empty means the default map
     gamma_train: int = 2
+    # Variant (docs/training.md): hidden width of an MLP that feeds the primary's last-layer state before the block
+    # into the secondary's input at every draft; 0 (default) is the paper's tandem.
+    primary_state_input: int = 0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     router: RouterConfig | None = None
     drafter: DecoderConfig | None = None
@@ -147,6 +150,9 @@ class TandemConfig:
             if not 0 <= src < self.primary.n_layers:
                 raise TandemcError(f"config field 'layer_map[{j}]' is {src}; it must name a primary layer in "
                                    f"0..{self.primary.n_layers - 1}")
+        if self.primary_state_input < 0:
+            raise TandemcError(f"config field 'primary_state_input' must be >= 0 (0: off), got "
+                               f"{self.primary_state_input}")
         if self.gamma_train < 1:
             raise TandemcError(f"config field 'gamma_train' must be >= 1, got {self.gamma_train}")
         if self.dtype not in DTYPES:

@@ -55,12 +55,19 @@ def init_state(cfg: TandemConfig, mode: str, batch: int, cache_len: int) -> dict
     def zeros():  # a fresh buffer per field: the state is donated, and a donated buffer must appear once
         return jnp.zeros((batch,), jnp.int32)
 
-    return {
+    state = {
         "token": zeros(), "pos": zeros(), "prev": zeros(), "generated": zeros(), "limit": zeros(),
         "done": jnp.zeros((batch,), bool),
         "primary": model.empty_cache(cfg.primary, batch, cache_len, dtype),
         "secondary": model.empty_cache(draft_cfg, batch, cache_len, dtype) if draft_cfg else [],
     }
+    if reads_primary_state(cfg, mode):  # the drafts' extra input, from the primary's state before the block
+        state["primary_state"] = jnp.zeros((batch, cfg.primary.d_model), dtype)
+    return state
+
+
+def reads_primary_state(cfg: TandemConfig, mode: str) -> bool:
+    return mode in TANDEM_MODES and cfg.primary_state_input
 
 
 def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths, limit, u, sampling: Sampling,
@@ -94,9 +101,9 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths,
     generated = jnp.ones((b,), jnp.int32)
 
     def pick(new, old):
-        return jnp.where(ends_here, new, old)
+        return jnp.where(ends_here[:, None] if new.ndim == 2 else ends_here, new, old)
 
-    return {
+    new_state = {
         **state, "token": pick(first, state["token"]), "pos": pick(lengths.astype(jnp.int32), state["pos"]),
         "prev": pick(primitives.take_rows(tokens, last), state["prev"]),
         "generated": pick(generated, state["generated"]),
@@ -104,6 +111,9 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths,
         "done": pick((first == eos_id) | (generated >= limit), state["done"]),
         "primary": primary_cache, "secondary": secondary_cache,
     }
+    if reads_primary_state(cfg, mode):
+        new_state["primary_state"] = pick(primitives.take_rows(hiddens[-1], last), state["primary_state"])
+    return new_state
 
 
 def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: Sampling, eos_id):
@@ -131,8 +141,10 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
             tokens, positions = c[:, None], p[:, None]
         for t in range(gamma):
             with jax.named_scope(f"draft{t}"):  # names the graph's nodes, so profiles show each draft's cost
+                offset = (model.primary_state_input(params, cfg, state["primary_state"][:, None], tokens)
+                          if reads_primary_state(cfg, mode) else None)
                 logits, _, secondary_cache = model.decode_block(draft_params, draft_cfg, tokens, positions,
-                                                                secondary_cache)
+                                                                secondary_cache, offset)
                 d, q = draft_token(logits[:, -1], sampling, u[:, t])
                 if mode == "adaptive":  # stop drafting at the first draft the router expects to be rejected
                     features = model.router_features(cfg.router, draft_params["embed"],
@@ -171,6 +183,11 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
             secondary_cache = model.write_tandem_kv(secondary_cache, model.tandem_kv(params, cfg, hiddens, block_pos),
                                                     p)
 
+    new_state_extra = {}
+    if reads_primary_state(cfg, mode):  # the next block starts after y: keep the state at the last kept position
+        new_state_extra["primary_state"] = jnp.where(active[:, None], primitives.take_rows(hiddens[-1], a),
+                                                     state["primary_state"])
+
     hit_eos = jnp.any((slots < n_emitted[:, None]) & (emitted == eos_id), axis=1)
     generated = state["generated"] + jnp.where(active, n_emitted, 0)
     new_state = {
@@ -178,7 +195,7 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
         "token": jnp.where(active, y, c), "pos": jnp.where(active, p + n_emitted, p),
         "prev": jnp.where(active, new_prev, state["prev"]), "generated": generated,
         "done": state["done"] | (active & (hit_eos | (generated >= state["limit"]))),
-        "primary": primary_cache, "secondary": secondary_cache,
+        "primary": primary_cache, "secondary": secondary_cache, **new_state_extra,
     }
     outputs = {"emitted": emitted, "n_emitted": jnp.where(active, n_emitted, 0), "accepted": jnp.where(active, a, 0),
                "drafted": jnp.where(active, n_drafted, 0), "logits": logits}

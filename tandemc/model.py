@@ -102,9 +102,13 @@ def layer(p, cfg: DecoderConfig, x, attend: Attend):
     return x + mlp(p, h), extra
 
 
-def decoder(p, cfg: DecoderConfig, tokens, attends: list[Attend]):
-    """Tokens [B, T] → (float32 logits [B, T, V], residual stream after each layer, per-layer attend extras)."""
+def decoder(p, cfg: DecoderConfig, tokens, attends: list[Attend], input_offset=None):
+    """Tokens [B, T] → (float32 logits [B, T, V], residual stream after each layer, per-layer attend extras).
+
+    `input_offset` [B, T, D], when given, is added to the token embeddings (the tandem's primary-state input)."""
     x = primitives.embed(p["embed"], tokens)
+    if input_offset is not None:
+        x = x + input_offset.astype(x.dtype)
     hiddens, extras = [], []
     for lp, attend in zip(p["layers"], attends):
         x, extra = layer(lp, cfg, x, attend)
@@ -202,7 +206,23 @@ def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None 
         primary_hiddens = forward(params["primary"], cfg.primary, tokens)[1]
     attends = [tandem_block_attention(k, v, positions, block_starts, cfg.secondary.rope_theta)
                for k, v in tandem_kv(params, cfg, primary_hiddens, positions)]
-    return decoder(params["secondary"], cfg.secondary, tokens, attends)[0]
+    offset = None
+    if cfg.primary_state_input:  # each position reads the state at its block start - 1 (zero for the first block)
+        before = jnp.maximum(block_starts - 1, 0)[..., None]
+        last = jnp.take_along_axis(primary_hiddens[-1], before, axis=1)
+        offset = primary_state_input(params, cfg, last, tokens) * (block_starts > 0)[..., None]
+    return decoder(params["secondary"], cfg.secondary, tokens, attends, offset)[0]
+
+
+def primary_state_input(params: Params, cfg: TandemConfig, last_hidden, tokens):
+    """The variant's extra secondary input [..., d_secondary]: an MLP of [rms(h), e(token)], with h [..., d_primary]
+    the primary's last-layer state at the position just before the block (the freshest thing the primary knows
+    when drafting starts) and e the secondary's embedding of the token being read."""
+    p = params["tandem_input"]
+    embedded = primitives.embed(params["secondary"]["embed"], tokens)
+    h = rms_norm(last_hidden, None, cfg.primary.norm_eps).astype(embedded.dtype)
+    z = jax.nn.silu(linear(jnp.concatenate([h, embedded], axis=-1), p["w_in"]) + p["b_in"])
+    return linear(z, p["w_out"])
 
 
 def empty_cache(cfg: DecoderConfig, batch: int, length: int, dtype) -> Cache:
@@ -210,11 +230,11 @@ def empty_cache(cfg: DecoderConfig, batch: int, length: int, dtype) -> Cache:
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
 
 
-def decode_block(p, cfg: DecoderConfig, tokens, positions, cache: Cache):
+def decode_block(p, cfg: DecoderConfig, tokens, positions, cache: Cache, input_offset=None):
     """Decoding forward of T tokens per row at contiguous positions: (logits, hiddens, updated cache)."""
     start = positions[:, 0]
     attends = [cached_attention(entry, start, cfg.rope_theta) for entry in cache]
-    return decoder(p, cfg, tokens, attends)
+    return decoder(p, cfg, tokens, attends, input_offset)
 
 
 def write_tandem_kv(cache: Cache, kvs, start) -> Cache:

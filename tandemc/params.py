@@ -50,6 +50,11 @@ def checkpoint_shapes(cfg: TandemConfig) -> dict[str, Shape]:
     for j in range(cfg.secondary.n_layers):
         shapes[f"tandem.{j}.weight"] = (d_l, d_s)
         shapes[f"tandem.{j}.bias"] = (d_s,)
+    if cfg.primary_state_input:
+        hidden = (cfg.primary_state_input, "primary_state_input")
+        shapes["tandem_input.w_in"] = ((d_l[0] + d_s[0], "primary.d_model+secondary.d_model"), hidden)
+        shapes["tandem_input.b_in"] = (hidden,)
+        shapes["tandem_input.w_out"] = (hidden, d_s)
     if cfg.router:
         feats = (cfg.router.num_features(cfg.secondary.d_model), "1+router.top_k*(1+secondary.d_model)")
         hidden = (cfg.router.hidden, "router.hidden")

@@ -85,6 +85,8 @@ def mode_params(params: dict[str, Any], mode: str) -> dict[str, Any]:
     """Only the weights a mode's graphs read."""
     names = {"primary": ["primary"], "vanilla": ["primary", "drafter"],
              "adaptive": ["primary", "secondary", "tandem", "router"]}.get(mode, ["primary", "secondary", "tandem"])
+    if "tandem" in names and "tandem_input" in params:
+        names.append("tandem_input")
     return {name: params[name] for name in names}
 
 

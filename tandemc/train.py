@@ -34,7 +34,7 @@ from tandemc.atomic import atomic_directory
 from tandemc.checkpoint import Checkpoint, save_checkpoint
 from tandemc.data import batch_at
 from tandemc.errors import TandemcError
-from tandemc.params import flatten, unflatten
+from tandemc.params import flatten, init_params, unflatten
 
 STAGES = ("pretrain", "tandem", "router")
 DISTIL_WEIGHT = 0.5  # λ between the primary's distribution and the ground truth
@@ -81,9 +81,11 @@ class TrainOptions:
             raise TandemcError(f"--batch {self.batch} must be a multiple of the {devices} local devices")
         return self
 
-    @property
-    def trained(self) -> tuple[str, ...]:
-        return {"pretrain": (self.model,), "tandem": ("secondary", "tandem"), "router": ("router",)}[self.stage]
+    def trained(self, params) -> tuple[str, ...]:
+        """The parameter groups this stage trains (the variant's `tandem_input` only where the checkpoint has it)."""
+        groups = {"pretrain": (self.model,), "tandem": ("secondary", "tandem", "tandem_input"),
+                  "router": ("router",)}[self.stage]
+        return tuple(k for k in groups if k in params)
 
 
 # --- losses -----------------------------------------------------------------------------------------------------
@@ -221,8 +223,8 @@ def train(ckpt: Checkpoint, corpus_train: np.ndarray, opts: TrainOptions, state_
     cfg = dataclasses.replace(ckpt.config, gamma_train=opts.block_length or ckpt.config.gamma_train) \
         if opts.stage == "tandem" else ckpt.config
     params = jax.tree.map(jnp.asarray, ckpt.params)
-    trained = {k: params[k] for k in opts.trained}
-    frozen = {k: v for k, v in params.items() if k not in opts.trained}
+    trained = {k: params[k] for k in opts.trained(params)}
+    frozen = {k: v for k, v in params.items() if k not in trained}
 
     mesh = Mesh(np.array(jax.local_devices()), ("data",))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -244,7 +246,7 @@ def train(ckpt: Checkpoint, corpus_train: np.ndarray, opts: TrainOptions, state_
         trained, opt_state, start = load_state(state_dir, opt_state, opts)
     trained, opt_state, frozen = jax.device_put((trained, opt_state, frozen), replicated)
 
-    bar = Progress(opts.steps, f"[{opts.stage} {'/'.join(opts.trained)}]") if progress else None
+    bar = Progress(opts.steps, f"[{opts.stage} {'/'.join(trained)}]") if progress else None
     history, began, completed = [], time.perf_counter(), start
     last = opts.steps if stop_after is None else min(opts.steps, start + stop_after)
     if state_dir is None and last < opts.steps:
@@ -290,7 +292,24 @@ def initialise_secondary_from_drafter(ckpt: Checkpoint) -> Checkpoint:
     if ckpt.config.drafter != ckpt.config.secondary:
         raise TandemcError("--init-secondary-from-drafter needs the drafter and secondary configs to be identical")
     params = {**ckpt.params, "secondary": jax.tree.map(np.copy, ckpt.params["drafter"])}
+    if "tandem_input" in params:  # the variant's MLP starts silent: the tandem starts as the standalone secondary
+        params["tandem_input"] = {**params["tandem_input"], "w_out": np.zeros_like(params["tandem_input"]["w_out"])}
     return dataclasses.replace(ckpt, params=params)
+
+
+def with_primary_state_input(ckpt: Checkpoint, width: int, seed: int = 0) -> Checkpoint:
+    """Switch on the primary-state-input variant: an MLP of hidden `width`, its output layer zero so that the
+    tandem starts exactly as it was and training decides what the primary's state adds."""
+    cfg = ckpt.config
+    if cfg.primary_state_input == width:
+        return ckpt
+    if cfg.primary_state_input:
+        raise TandemcError(f"this checkpoint already has primary_state_input {cfg.primary_state_input}; "
+                           f"drop --primary-state-input or pass {cfg.primary_state_input}")
+    cfg = dataclasses.replace(cfg, primary_state_input=width).validate()
+    fresh = init_params(cfg, seed)["tandem_input"]
+    fresh["w_out"] = np.zeros_like(fresh["w_out"])
+    return dataclasses.replace(ckpt, config=cfg, params={**ckpt.params, "tandem_input": fresh})
 
 
 def fit_projections(ckpt: Checkpoint, tokens: np.ndarray, ridge: float = 1e-3) -> Checkpoint:

@@ -65,8 +65,8 @@ def verify(artifact, program: Program, prompts: int = 4, seeds: tuple[int, ...] 
                 diff = np.abs(a[:b.shape[0]] - b)
                 if np.any(np.isfinite(diff)):
                     max_diff = max(max_diff, float(np.nanmax(diff)))
-                    row_max = np.nanmax(diff.reshape(-1, diff.shape[-1]), axis=-1)
-                    rows += int(np.sum(np.isfinite(row_max)))
+                    row_max = np.max(np.where(np.isnan(diff), -np.inf, diff).reshape(-1, diff.shape[-1]), axis=-1)
+                    rows += int(np.sum(np.isfinite(row_max)))  # all-NaN rows (finished rows) count for nothing
                     rows_over += int(np.sum(row_max > tolerance))
             if artifact.has_generate_graph:
                 generate_ok &= artifact.run_generate(batch, max_new, eos_id=eos).tokens == ref.tokens

@@ -22,7 +22,7 @@ def decoder(vocab, d_model, n_layers, n_heads, n_kv_heads, head_dim, tie=False, 
 
 # Shapes that stress the model: odd head counts, several GQA ratios, L_S not dividing L_L, tied and untied
 # embeddings, head_dim * n_heads != d_model. Small vocabularies make random drafts agree with the primary often
-# enough to exercise acceptance.
+# enough to exercise acceptance. custom-map also carries the primary-state-input variant.
 CONFIGS = {
     "mha-odd-heads": TandemConfig(decoder(5, 24, 3, 3, 3, 8), decoder(5, 12, 2, 3, 1, 4, tie=True),
                                   drafter=decoder(5, 12, 2, 3, 1, 4)),
@@ -30,7 +30,7 @@ CONFIGS = {
                              drafter=decoder(6, 16, 1, 2, 1, 8)),
     "mqa-5to1": TandemConfig(decoder(7, 40, 2, 5, 1, 6), decoder(7, 20, 2, 5, 1, 4), gamma_train=3),
     "custom-map": TandemConfig(decoder(6, 32, 3, 6, 3, 6), decoder(6, 16, 2, 1, 1, 10, tie=True),
-                               layer_map=(0, 0), router=RouterConfig(top_k=3, hidden=8)),
+                               layer_map=(0, 0), router=RouterConfig(top_k=3, hidden=8), primary_state_input=8),
 }
 
 

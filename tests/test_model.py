@@ -49,18 +49,22 @@ def test_tandem_training_forward_matches_incremental(name, block):
 
     primary_cache = model.empty_cache(cfg.primary, b, t, jnp.float32)
     secondary_cache = model.empty_cache(cfg.secondary, b, t, jnp.float32)
-    steps = []
+    steps, last_hidden = [], None
     for start in range(0, t, block):
         end = min(start + block, t)
         for i in range(start, end):  # (c) secondary single-token steps inside the block
+            offset = None  # the variant's input: the primary's state before the block (none for the first)
+            if cfg.primary_state_input and last_hidden is not None:
+                offset = model.primary_state_input(params, cfg, last_hidden[:, None], tokens[:, i:i + 1])
             logits, _, secondary_cache = decode_block(params["secondary"], cfg.secondary, tokens[:, i:i + 1],
-                                                            jnp.full((b, 1), i), secondary_cache)
+                                                      jnp.full((b, 1), i), secondary_cache, offset)
             steps.append(logits)
         positions = jnp.broadcast_to(jnp.arange(start, end), (b, end - start))  # (b) primary block step
         _, hiddens, primary_cache = decode_block(params["primary"], cfg.primary, tokens[:, start:end],
                                                        positions, primary_cache)
         secondary_cache = write_tandem_kv(secondary_cache, tandem_kv(params, cfg, hiddens, positions),
-                                                jnp.full((b,), start))
+                                          jnp.full((b,), start))
+        last_hidden = hiddens[-1][:, -1]
     incremental = jnp.concatenate(steps, axis=1)
     assert float(jnp.max(jnp.abs(reference - incremental))) <= TOL
 
@@ -85,6 +89,27 @@ def test_tandem_secondary_depends_on_primary_only_before_its_block():
     c = tandem_forward(params_blind, cfg, jnp.asarray(earlier), 4)
     assert float(jnp.max(jnp.abs(a[:, 4:] - c[:, 4:]))) == 0.0
     assert float(jnp.max(jnp.abs(a[:, 1:4] - c[:, 1:4]))) > 1e-3
+
+
+def test_primary_state_input_reads_the_last_layer_just_before_each_block():
+    """The variant's extra input at every position of a block comes from the primary's last layer at the block's
+    start - 1, and from nowhere else in that layer."""
+    cfg, params = make(CONFIGS["custom-map"])
+    assert cfg.primary_state_input and max(cfg.layer_map) < cfg.primary.n_layers - 1  # K/V never read that layer
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.primary.vocab_size, (1, 12)))
+    hiddens = jax.jit(model.forward, static_argnums=1)(params["primary"], cfg.primary, tokens)[1]
+
+    def logits_with_last_layer_bumped(position):
+        bumped = hiddens[:-1] + [hiddens[-1].at[:, position].add(1.0)]
+        return model.tandem_forward(params, cfg, tokens, 4, primary_hiddens=bumped)
+
+    base = model.tandem_forward(params, cfg, tokens, 4, primary_hiddens=hiddens)
+    for position in range(12):
+        changed = np.asarray(jnp.max(jnp.abs(logits_with_last_layer_bumped(position) - base), axis=-1))[0] > 1e-4
+        expected = np.zeros(12, bool)
+        if position % 4 == 3 and position < 11:
+            expected[position + 1:position + 5] = True  # exactly the next block
+        np.testing.assert_array_equal(changed, expected, err_msg=f"position {position}")
 
 
 def test_default_layer_map_ends_at_last_primary_layer():

@@ -18,7 +18,7 @@ from tandemc.decoding import generate
 from tandemc.errors import TandemcError
 from tandemc.params import flatten, init_params
 from tandemc.tokenizer import ByteTokenizer
-from tandemc.train import TrainOptions, initialise_secondary_from_drafter, train
+from tandemc.train import TrainOptions, initialise_secondary_from_drafter, train, with_primary_state_input
 
 SMALL = dict(batch=8, seq_len=64, lr=3e-3, warmup=5)
 
@@ -64,6 +64,27 @@ def test_tandem_stage_keeps_the_primary_bit_identical(tiny, corpus, objective):
     for name in before:
         frozen = not name.startswith(("secondary.", "tandem."))
         assert np.array_equal(before[name], after[name]) == frozen, name
+
+
+def test_primary_state_input_starts_silent_and_trains(tiny, corpus):
+    """Initialised from the drafter, the variant's MLP adds exactly nothing; the tandem stage then trains it."""
+    from tandemc import model
+
+    variant = with_primary_state_input(tiny, 16, seed=1)
+    cfg = variant.config
+    assert cfg.primary_state_input == 16 and tiny.config.primary_state_input == 0
+    start, paper = initialise_secondary_from_drafter(variant), initialise_secondary_from_drafter(tiny)
+    tokens = batch_at(corpus.train, 1, 0, 4, 64)[:, :-1]
+    np.testing.assert_array_equal(model.tandem_forward(start.params, cfg, tokens),
+                                  model.tandem_forward(paper.params, tiny.config, tokens))
+    result = train(start, corpus.train, TrainOptions(stage="tandem", objective="distil", steps=25, **SMALL),
+                   log_every=5, progress=False)
+    first, last = first_last_loss(result)
+    assert last < first
+    before, after = flatten(start.params), flatten(result.params)
+    assert not np.array_equal(before["tandem_input.w_out"], after["tandem_input.w_out"])
+    for name in before:
+        assert np.array_equal(before[name], after[name]) != name.startswith(("secondary.", "tandem")), name
 
 
 def test_resumption_continues_from_the_saved_step(tiny, corpus, tmp_path):
@@ -169,6 +190,16 @@ def test_train_cli_writes_a_loadable_checkpoint(tmp_path, corpus):
     bad = CliRunner().invoke(cli, ["train", str(init), "-o", str(tmp_path / "x"), "--stage", "pretrain",
                                    "--model", "primary", "--objective", "distil", "--data", str(data)])
     assert bad.exit_code == 2 and "cannot be distilled from itself" in bad.output
+    variant = CliRunner().invoke(cli, ["train", str(init), "-o", str(tmp_path / "variant"), "--stage", "tandem",
+                                       "--primary-state-input", "8", "--data", str(data), "--steps", "2",
+                                       "--batch", "4", "--seq-len", "32", "--json"])
+    assert variant.exit_code == 0, variant.output
+    assert json.loads(variant.output[variant.output.index("{"):])["trained"] == ["secondary", "tandem", "tandem_input"]
+    assert load_checkpoint(tmp_path / "variant").config.primary_state_input == 8
+    bad = CliRunner().invoke(cli, ["train", str(init), "-o", str(tmp_path / "x"), "--stage", "pretrain",
+                                   "--primary-state-input", "8", "--data", str(data)])
+    assert bad.exit_code == 2 and "--primary-state-input belongs to the tandem stage" in bad.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_fitted_projections_start_the_tandem_close_to_its_standalone_init(tiny, corpus):
