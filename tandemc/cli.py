@@ -393,7 +393,8 @@ def _format_stats(s: dict, compiled: bool = True) -> str:
 @click.option("--passes", "pass_list", default=None,
               help="Comma-separated passes instead of -O, e.g. fuse_qkv,quantize_int4:block=64:models=primary.")
 @click.option("--no-verify", is_flag=True, help="Skip the check against the reference before writing.")
-@click.option("--verify-prompts", default=4, show_default=True)
+@click.option("--verify-prompts", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Prompts decoded by the artifact and the reference (--no-verify skips verification).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @json_option
 def export(checkpoint, target, out, mode, block_length, max_seq_len, batch, prefill_chunk, max_new_tokens, dtype,

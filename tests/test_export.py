@@ -66,7 +66,7 @@ def test_every_mode_exports_and_matches(mode, target, tmp_path):
     weights = {n.split(".")[0] for g in manifest["graphs"].values() for n in g["weights"]}
     assert weights == {"primary": {"primary"}, "vanilla": {"primary", "drafter"},
                        "tandem": {"primary", "secondary", "tandem"},
-                       "adaptive": {"primary", "secondary", "tandem", "router"}}[mode]
+                       "adaptive": {"primary", "secondary", "tandem", "tandem_input", "router"}}[mode]  # the variant
 
 
 def test_buckets_pick_the_smallest_cache_and_all_verify(tmp_path):
