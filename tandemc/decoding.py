@@ -67,7 +67,7 @@ def init_state(cfg: TandemConfig, mode: str, batch: int, cache_len: int) -> dict
 
 
 def reads_primary_state(cfg: TandemConfig, mode: str) -> bool:
-    return mode in TANDEM_MODES and cfg.primary_state_input
+    return mode in TANDEM_MODES and cfg.primary_state_input > 0
 
 
 def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths, limit, u, sampling: Sampling,

@@ -91,12 +91,15 @@ def check_tensors(expected: dict[str, Shape], tensors: dict[str, tuple[str, tupl
                                f"{dtype}")
 
 
-def init_params(cfg: TandemConfig, seed: int = 0) -> dict[str, Any]:
-    """Random initialisation: fan-in scaled normals, unit norm gains, zero biases (numpy, so 1B fits in RAM)."""
+def init_params(cfg: TandemConfig, seed: int = 0, only: str = "") -> dict[str, Any]:
+    """Random initialisation: fan-in scaled normals, unit norm gains, zero biases (numpy, so 1B fits in RAM).
+    `only`: initialise just the tensors whose names start with it (one new part of an existing checkpoint)."""
     rng = np.random.default_rng(seed)
     dtype = np_dtype(cfg.dtype)
     flat = {}
     for name, shape in checkpoint_shapes(cfg).items():
+        if not name.startswith(only):
+            continue
         dims = sizes(shape)
         leaf = name.rsplit(".", 1)[1]
         if leaf.endswith("norm"):

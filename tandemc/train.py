@@ -307,7 +307,7 @@ def with_primary_state_input(ckpt: Checkpoint, width: int, seed: int = 0) -> Che
         raise TandemcError(f"this checkpoint already has primary_state_input {cfg.primary_state_input}; "
                            f"drop --primary-state-input or pass {cfg.primary_state_input}")
     cfg = dataclasses.replace(cfg, primary_state_input=width).validate()
-    fresh = init_params(cfg, seed)["tandem_input"]
+    fresh = init_params(cfg, seed, only="tandem_input.")["tandem_input"]
     fresh["w_out"] = np.zeros_like(fresh["w_out"])
     return dataclasses.replace(ckpt, config=cfg, params={**ckpt.params, "tandem_input": fresh})
 
