@@ -195,7 +195,11 @@ def test_train_cli_writes_a_loadable_checkpoint(tmp_path, corpus):
                                        "--batch", "4", "--seq-len", "32", "--json"])
     assert variant.exit_code == 0, variant.output
     assert json.loads(variant.output[variant.output.index("{"):])["trained"] == ["secondary", "tandem", "tandem_input"]
-    assert load_checkpoint(tmp_path / "variant").config.primary_state_input == 8
+    cfg = load_checkpoint(tmp_path / "variant").config
+    assert cfg.primary_state_input == 8
+    info = CliRunner().invoke(cli, ["inspect", str(tmp_path / "variant"), "--json"])
+    d_l, d_s = cfg.primary.d_model, cfg.secondary.d_model
+    assert json.loads(info.output)["primary_state_input_parameters"] == (d_l + d_s) * 8 + 8 + 8 * d_s
     bad = CliRunner().invoke(cli, ["train", str(init), "-o", str(tmp_path / "x"), "--stage", "pretrain",
                                    "--primary-state-input", "8", "--data", str(data)])
     assert bad.exit_code == 2 and "--primary-state-input belongs to the tandem stage" in bad.output
