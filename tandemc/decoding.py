@@ -101,7 +101,7 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths,
     generated = jnp.ones((b,), jnp.int32)
 
     def pick(new, old):
-        return jnp.where(ends_here[:, None] if new.ndim == 2 else ends_here, new, old)
+        return jnp.where(ends_here.reshape((b,) + (1,) * (new.ndim - 1)), new, old)
 
     new_state = {
         **state, "token": pick(first, state["token"]), "pos": pick(lengths.astype(jnp.int32), state["pos"]),

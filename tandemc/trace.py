@@ -83,11 +83,10 @@ def specs_of(tree: Any, prefix: str = "") -> list[TensorSpec]:
 
 def mode_params(params: dict[str, Any], mode: str) -> dict[str, Any]:
     """Only the weights a mode's graphs read."""
+    tandem = ["primary", "secondary", "tandem", "tandem_input"]  # tandem_input: only with the variant
     names = {"primary": ["primary"], "vanilla": ["primary", "drafter"],
-             "adaptive": ["primary", "secondary", "tandem", "router"]}.get(mode, ["primary", "secondary", "tandem"])
-    if "tandem" in names and "tandem_input" in params:
-        names.append("tandem_input")
-    return {name: params[name] for name in names}
+             "adaptive": tandem + ["router"]}.get(mode, tandem)
+    return {name: params[name] for name in names if name in params}
 
 
 def build_graphs(program: Program) -> list[Graph]:

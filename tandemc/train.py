@@ -293,8 +293,13 @@ def initialise_secondary_from_drafter(ckpt: Checkpoint) -> Checkpoint:
         raise TandemcError("--init-secondary-from-drafter needs the drafter and secondary configs to be identical")
     params = {**ckpt.params, "secondary": jax.tree.map(np.copy, ckpt.params["drafter"])}
     if "tandem_input" in params:  # the variant's MLP starts silent: the tandem starts as the standalone secondary
-        params["tandem_input"] = {**params["tandem_input"], "w_out": np.zeros_like(params["tandem_input"]["w_out"])}
+        params["tandem_input"] = _silenced(params["tandem_input"])
     return dataclasses.replace(ckpt, params=params)
+
+
+def _silenced(tandem_input: dict) -> dict:
+    """The variant's MLP with its output layer zero: it adds nothing until trained."""
+    return {**tandem_input, "w_out": np.zeros_like(tandem_input["w_out"])}
 
 
 def with_primary_state_input(ckpt: Checkpoint, width: int, seed: int = 0) -> Checkpoint:
@@ -307,8 +312,7 @@ def with_primary_state_input(ckpt: Checkpoint, width: int, seed: int = 0) -> Che
         raise TandemcError(f"this checkpoint already has primary_state_input {cfg.primary_state_input}; "
                            f"drop --primary-state-input or pass {cfg.primary_state_input}")
     cfg = dataclasses.replace(cfg, primary_state_input=width).validate()
-    fresh = init_params(cfg, seed, only="tandem_input.")["tandem_input"]
-    fresh["w_out"] = np.zeros_like(fresh["w_out"])
+    fresh = _silenced(init_params(cfg, seed, only="tandem_input.")["tandem_input"])
     return dataclasses.replace(ckpt, config=cfg, params={**ckpt.params, "tandem_input": fresh})
 
 
