@@ -193,6 +193,9 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
               help="tandem: switch on the variant that feeds the primary's last-layer state before each block into "
               "the secondary's input through an MLP of this hidden width (docs/training.md) [default: off].")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--distinct-batches", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Train on the first N batches of the seed's stream in rotation, computing the frozen primary's "
+                   "outputs for each once and keeping them in memory (0: a fresh batch every step).")
 @click.option("--save-every", default=200, show_default=True, help="Steps between resumable state saves.")
 @click.option("--state-dir", type=click.Path(path_type=Path),
               help="Resumable training state [default: OUTPUT.train-state]; removed when the run completes.")
@@ -200,8 +203,8 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @json_option
 def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq_len, lr, warmup, block_length,
-          init_secondary_from_drafter, init_projections, primary_state_input, seed, save_every, state_dir, stop_after,
-          force, as_json):
+          init_secondary_from_drafter, init_projections, primary_state_input, seed, distinct_batches, save_every,
+          state_dir, stop_after, force, as_json):
     """Train one stage of the recipe on CHECKPOINT and write the result to OUTPUT (resumable)."""
     import shutil
 
@@ -222,7 +225,7 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
         ckpt = initialise_secondary_from_drafter(ckpt)
     opts = TrainOptions(stage=stage, model=model_name, objective=objective, steps=steps, batch=batch,
                         seq_len=seq_len, lr=lr, warmup=warmup, block_length=block_length, seed=seed,
-                        save_every=save_every).validate(ckpt)
+                        save_every=save_every, distinct_batches=distinct_batches).validate(ckpt)
     corpus = load_corpus(data, ckpt.tokenizer)
     if init_projections == "fit":
         ckpt = fit_projections(ckpt, batch_at(corpus.train, seed, 0, 64, seq_len)[:, :-1])

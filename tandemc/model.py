@@ -191,12 +191,20 @@ def tandem_kv(params: Params, cfg: TandemConfig, primary_hiddens, positions):
     return out
 
 
+def primary_layers_read(cfg: TandemConfig) -> tuple[int, ...]:
+    """The primary layers whose residual streams the tandem secondary reads: the layer map's, and the last layer's
+    where the primary-state-input variant is on."""
+    last = (cfg.primary.n_layers - 1,) if cfg.primary_state_input else ()
+    return tuple(sorted(set(cfg.layer_map) | set(last)))
+
+
 def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None = None, primary_hiddens=None,
                    block_starts=None):
     """Training forward of the tandem secondary; returns its logits [B, T, V].
 
     Blocks are fixed, of γ = `block` (default γ_train) tokens, unless `block_starts` [B, T] gives each position's
-    block start k explicitly (as decoding produces them, wherever verification stopped).
+    block start k explicitly (as decoding produces them, wherever verification stopped). `primary_hiddens` maps
+    each layer in `primary_layers_read` to its residual stream (a list of all layers will do).
     """
     positions = sequence_positions(tokens)
     if block_starts is None:
@@ -209,7 +217,7 @@ def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None 
     offset = None
     if cfg.primary_state_input:  # each position reads the state at its block start - 1 (zero for the first block)
         before = jnp.maximum(block_starts - 1, 0)[..., None]
-        last = jnp.take_along_axis(primary_hiddens[-1], before, axis=1)
+        last = jnp.take_along_axis(primary_hiddens[cfg.primary.n_layers - 1], before, axis=1)
         offset = primary_state_input(params, cfg, last, tokens) * (block_starts > 0)[..., None]
     return decoder(params["secondary"], cfg.secondary, tokens, attends, offset)[0]
 

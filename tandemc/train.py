@@ -54,6 +54,16 @@ class TrainOptions:
     block_length: int = 0  # tandem stage: γ_train (0: the checkpoint's)
     seed: int = 0
     save_every: int = 200
+    distinct_batches: int = 0  # train on batches 1..N in rotation, the primary's outputs for each computed once
+
+    @property
+    def reads_primary(self) -> bool:
+        """Whether the stage reads the frozen primary (its distribution or its hidden states)."""
+        return self.stage != "pretrain" or self.objective == "distil"
+
+    def batch_index(self, step: int) -> int:
+        """Which batch of the seed's stream step `step` (1-based) trains on."""
+        return (step - 1) % self.distinct_batches + 1 if self.distinct_batches else step
 
     def validate(self, ckpt: Checkpoint) -> "TrainOptions":
         cfg = ckpt.config
@@ -73,6 +83,8 @@ class TrainOptions:
         for name in ("steps", "batch", "seq_len"):
             if getattr(self, name) < 1:
                 raise TandemcError(f"--{name.replace('_', '-')} must be positive")
+        if self.distinct_batches < 0:
+            raise TandemcError("--distinct-batches must be >= 0 (0: a fresh batch every step)")
         longest = min(c.max_seq_len for c in (cfg.primary, cfg.secondary))
         if self.seq_len > longest:
             raise TandemcError(f"--seq-len {self.seq_len} exceeds the models' max_seq_len {longest}")
@@ -109,33 +121,40 @@ def total_variation(p_logits, q_logits):
     return 0.5 * jnp.sum(jnp.abs(jax.nn.softmax(p_logits) - jax.nn.softmax(q_logits)), axis=-1)
 
 
-def router_inputs(params, cfg, x, block=None):
+def router_inputs(params, cfg, x, block=None, teacher=None):
     """Per position: the router's features from the tandem secondary, and the rejection probability it should
     predict (total variation between the secondary's and the primary's next-token distributions)."""
-    primary_logits, hiddens = model.forward(params["primary"], cfg.primary, x)
-    secondary_logits = model.tandem_forward(params, cfg, x, block, primary_hiddens=hiddens)
+    teacher = teacher or primary_outputs(params["primary"], cfg, x, stage="router")
+    secondary_logits = model.tandem_forward(params, cfg, x, block, primary_hiddens=teacher["hiddens"])
     features = model.router_features(cfg.router, params["secondary"]["embed"], jax.nn.softmax(secondary_logits))
-    return features, total_variation(secondary_logits, primary_logits)
+    return features, total_variation(secondary_logits, teacher["logits"])
+
+
+def primary_outputs(primary, cfg, x, stage: str) -> dict:
+    """What a stage reads from the frozen primary for inputs x: its logits, and for the tandem and router stages
+    its residual streams at the layers the secondary reads ({layer: [B, T, d]}); the layers it does not read are
+    dropped so that a cache of these outputs holds only what training needs."""
+    logits, hiddens = jax.lax.stop_gradient(model.forward(primary, cfg.primary, x))
+    if stage == "pretrain":
+        return {"logits": logits}
+    return {"logits": logits, "hiddens": {layer: hiddens[layer] for layer in model.primary_layers_read(cfg)}}
 
 
 def make_loss(cfg, opts: TrainOptions):
-    """loss(trained, frozen, tokens) → (loss, accuracy); `trained` and `frozen` are disjoint parts of the params."""
+    """loss(trained, frozen, tokens, teacher) → (loss, accuracy); `trained` and `frozen` are disjoint parts of the
+    params, `teacher` the frozen primary's outputs for these tokens (`primary_outputs`; None where not read)."""
     block = opts.block_length or cfg.gamma_train
 
-    def loss(trained, frozen, tokens):
+    def loss(trained, frozen, tokens, teacher):
         params = {**frozen, **trained}
         x, y = tokens[:, :-1], tokens[:, 1:]
         if opts.stage == "pretrain":
             logits, _ = model.forward(params[opts.model], getattr(cfg, opts.model), x)
-            teacher = None
-            if opts.objective == "distil":
-                teacher = jax.lax.stop_gradient(model.forward(params["primary"], cfg.primary, x)[0])
-            return objective_loss(logits, y, teacher, opts.objective)
+            return objective_loss(logits, y, None if teacher is None else teacher["logits"], opts.objective)
         if opts.stage == "tandem":
-            primary_logits, hiddens = jax.lax.stop_gradient(model.forward(params["primary"], cfg.primary, x))
-            logits = model.tandem_forward(params, cfg, x, block, primary_hiddens=hiddens)
-            return objective_loss(logits, y, primary_logits, opts.objective)
-        features, target = jax.lax.stop_gradient(router_inputs(params, cfg, x, block))
+            logits = model.tandem_forward(params, cfg, x, block, primary_hiddens=teacher["hiddens"])
+            return objective_loss(logits, y, teacher["logits"], opts.objective)
+        features, target = jax.lax.stop_gradient(router_inputs(params, cfg, x, block, teacher))
         predicted = model.router_reject_probability(params["router"], features)
         bce = -jnp.mean(target * jnp.log(predicted + 1e-7) + (1 - target) * jnp.log(1 - predicted + 1e-7))
         return bce, jnp.mean(jnp.abs(predicted - target))
@@ -166,8 +185,9 @@ def save_state(path: Path, trained, opt_state, step: int, opts: TrainOptions) ->
 
 def load_state(path: Path, opt_state_template, opts: TrainOptions):
     meta = json.loads((path / STATE_META).read_text())
-    if meta["options"] != dataclasses.asdict(opts):
-        changed = sorted(k for k, v in dataclasses.asdict(opts).items() if meta["options"].get(k) != v)
+    saved = {**dataclasses.asdict(TrainOptions()), **meta["options"]}  # fields added since keep their defaults
+    if saved != dataclasses.asdict(opts):
+        changed = sorted(k for k, v in dataclasses.asdict(opts).items() if saved.get(k) != v)
         raise TandemcError(f"training state in {path} was saved with different options ({', '.join(changed)}); "
                            "rerun with the same options to resume, or delete the state directory")
     tensors = safetensors_io.read(path / STATE_FILE)
@@ -232,13 +252,26 @@ def train(ckpt: Checkpoint, corpus_train: np.ndarray, opts: TrainOptions, state_
     optimizer = make_optimizer(opts)
     loss_fn = make_loss(cfg, opts)
 
-    def step_fn(trained, opt_state, frozen, tokens):
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained, frozen, tokens)
+    def step_fn(trained, opt_state, frozen, tokens, teacher):
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained, frozen, tokens, teacher)
         updates, opt_state = optimizer.update(grads, opt_state, trained)
         return optax.apply_updates(trained, updates), opt_state, loss, accuracy
 
-    train_step = jax.jit(step_fn, in_shardings=(replicated, replicated, replicated, sharded),
+    train_step = jax.jit(step_fn, in_shardings=(replicated, replicated, replicated, sharded, sharded),
                          out_shardings=(replicated, replicated, replicated, replicated), donate_argnums=(0, 1))
+    teacher_of = jax.jit(lambda frozen, tokens: primary_outputs(frozen["primary"], cfg, tokens[:, :-1], opts.stage),
+                         in_shardings=(replicated, sharded), out_shardings=sharded)
+    teachers = {}  # batch index → the primary's outputs, kept while batches repeat (--distinct-batches)
+
+    def teacher_at(index, tokens):
+        if not opts.reads_primary:
+            return None
+        if index not in teachers:
+            out = teacher_of(frozen, tokens)
+            if not opts.distinct_batches:
+                return out
+            teachers[index] = out
+        return teachers[index]
 
     opt_state = optimizer.init(trained)
     start = 0
@@ -253,8 +286,10 @@ def train(ckpt: Checkpoint, corpus_train: np.ndarray, opts: TrainOptions, state_
         raise TandemcError("stopping early needs a state directory to resume from")
     try:
         for step in range(start + 1, last + 1):
-            tokens = jax.device_put(batch_at(corpus_train, opts.seed, step, opts.batch, opts.seq_len), sharded)
-            trained, opt_state, loss, accuracy = train_step(trained, opt_state, frozen, tokens)
+            index = opts.batch_index(step)
+            tokens = jax.device_put(batch_at(corpus_train, opts.seed, index, opts.batch, opts.seq_len), sharded)
+            trained, opt_state, loss, accuracy = train_step(trained, opt_state, frozen, tokens,
+                                                            teacher_at(index, tokens))
             completed = step
             if step % log_every == 0 or step == last or step == start + 1:
                 history.append((step, float(loss), float(accuracy)))

@@ -101,6 +101,32 @@ def test_resumption_continues_from_the_saved_step(tiny, corpus, tmp_path):
         train(tiny, corpus.train, dataclasses.replace(opts, lr=1e-4), state, progress=False)
 
 
+def test_distinct_batches_rotate_and_reuse_the_primary_outputs(tiny, corpus, tmp_path):
+    """--distinct-batches N trains on batches 1..N in rotation with the frozen primary's outputs computed once per
+    batch: caching changes nothing (a run that fits in N steps is identical to one without it), and a run
+    interrupted mid-rotation, whose cache is rebuilt on resume, ends where the uninterrupted one does."""
+    from tandemc.train import primary_outputs
+
+    start = initialise_secondary_from_drafter(with_primary_state_input(tiny, 16, seed=1))
+    cfg = start.config
+    kept = primary_outputs(start.params["primary"], cfg, batch_at(corpus.train, 0, 1, 2, 16), "tandem")
+    assert sorted(kept["hiddens"]) == sorted(set(cfg.layer_map) | {cfg.primary.n_layers - 1})
+    opts = TrainOptions(stage="tandem", objective="distil", steps=3, **SMALL)
+    fresh = train(start, corpus.train, opts, progress=False)
+    cached = train(start, corpus.train, dataclasses.replace(opts, distinct_batches=3), progress=False)
+    for name, value in flatten(fresh.params).items():
+        np.testing.assert_array_equal(flatten(cached.params)[name], value)
+
+    rotating = dataclasses.replace(opts, steps=8, distinct_batches=3, save_every=4)
+    assert [rotating.batch_index(step) for step in range(1, 9)] == [1, 2, 3, 1, 2, 3, 1, 2]
+    straight = train(start, corpus.train, rotating, progress=False)
+    state = tmp_path / "state"
+    assert train(start, corpus.train, rotating, state, progress=False, stop_after=5).step == 5
+    resumed = train(start, corpus.train, rotating, state, progress=False)
+    for name, value in flatten(straight.params).items():
+        np.testing.assert_allclose(flatten(resumed.params)[name], value, rtol=0, atol=1e-6)
+
+
 def test_router_learns_rejection_and_shortens_drafts(corpus):
     """A random secondary's drafts are almost always rejected; a trained router learns that and stops drafting."""
     cfg, params = make(dataclasses.replace(preset("tiny"), router=dataclasses.replace(preset("tiny").router,
