@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Train the bundled example checkpoint from scratch: one command, byte-level, on the Python standard library's
-# source (held-out files chosen by file-name hash), sized for a 2-core machine (40-48 minutes; model card:
+# source (held-out files chosen by file-name hash), sized for a 2-core machine (about an hour; model card:
 # examples/tandem-stdlib/README.md).
 #
 #   bash examples/train_example.sh            # writes examples/build/train/* and examples/tandem-stdlib/
 #
 # Stage 0 pretrains the primary and a standalone secondary (also the vanilla-SPEED drafter). Stage 1 trains the
-# tandem secondary from that standalone secondary with the primary frozen, once with Tandem-CE and once with
-# Tandem-Distil; the standalone drafter gets the same extra budget (distilled), so the comparison is fair.
-# Stage 2 trains the router. Every run is resumable: rerun the script after an interruption.
+# tandem secondary from that standalone secondary with the primary frozen: the paper's tandem with Tandem-CE and
+# with Tandem-Distil, and the primary-state-input variant with Tandem-Distil (the checkpoint's secondary,
+# docs/training.md). The standalone drafter gets the same extra budget, distilled, so the comparison is fair. Every
+# stage-1 run rotates over the same 100 batches (--distinct-batches), computing the frozen primary's outputs for
+# each once. Stage 2 trains the router. Every run is resumable: rerun the script after an interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tandemc=${TANDEMC:-.venv/bin/tandemc}
@@ -18,7 +20,8 @@ mkdir -p "$work"
 common=(--data stdlib --batch 32 --seq-len 256)
 PRIMARY_STEPS=${PRIMARY_STEPS:-500}
 DRAFTER_STEPS=${DRAFTER_STEPS:-600}
-TANDEM_STEPS=${TANDEM_STEPS:-250}
+TANDEM_STEPS=${TANDEM_STEPS:-1000}
+DISTINCT_BATCHES=${DISTINCT_BATCHES:-100}
 ROUTER_STEPS=${ROUTER_STEPS:-80}
 INIT_PROJECTIONS=${INIT_PROJECTIONS:-fit}
 
@@ -31,15 +34,15 @@ step() {  # step NAME ARGS...: run a stage unless its output exists; its wall ti
   echo "$name $((SECONDS - start))" >> "$work/timing.txt"
 }
 
+budget=(--steps "$TANDEM_STEPS" --distinct-batches "$DISTINCT_BATCHES" --lr 3e-3 --warmup 20)
+tandem=(--stage tandem --init-secondary-from-drafter --init-projections "$INIT_PROJECTIONS" "${budget[@]}")
 [ -d "$work/0-init" ] || "$tandemc" init "$work/0-init" --config examples/example_config.json --seed 0
 step 1-primary "$work/0-init" --stage pretrain --model primary --steps "$PRIMARY_STEPS" --lr 2e-3 --warmup 50
 step 2-standalone "$work/1-primary" --stage pretrain --model drafter --steps "$DRAFTER_STEPS" --lr 3e-3 --warmup 50
-step 3-tandem-ce "$work/2-standalone" --stage tandem --objective ce --init-secondary-from-drafter \
-  --init-projections "$INIT_PROJECTIONS" --steps "$TANDEM_STEPS" --lr 2e-3 --warmup 20
-step 3-tandem-distil "$work/2-standalone" --stage tandem --objective distil --init-secondary-from-drafter \
-  --init-projections "$INIT_PROJECTIONS" --steps "$TANDEM_STEPS" --lr 2e-3 --warmup 20
-step 4-standalone-distil "$work/3-tandem-distil" --stage pretrain --model drafter --objective distil \
-  --steps "$TANDEM_STEPS" --lr 2e-3 --warmup 20
+step 3-tandem-ce "$work/2-standalone" "${tandem[@]}" --objective ce
+step 3-tandem-distil "$work/2-standalone" "${tandem[@]}" --objective distil
+step 3-tandem-state "$work/2-standalone" "${tandem[@]}" --objective distil --primary-state-input 256
+step 4-standalone-distil "$work/3-tandem-state" --stage pretrain --model drafter --objective distil "${budget[@]}"
 step 5-router "$work/4-standalone-distil" --stage router --steps "$ROUTER_STEPS" --lr 3e-3 --warmup 10
 
 start=$SECONDS
@@ -48,12 +51,13 @@ evaluate() {  # evaluate CKPT OUT ARGS...: write OUT only when evaluation succee
   [ -f "$out" ] || { "$tandemc" evaluate "$ckpt" "$@" --json > "$out.tmp" && mv "$out.tmp" "$out"; }
 }
 evaluate "$work/3-tandem-ce" "$work/metrics-tandem-ce.json" --gammas 4
+evaluate "$work/3-tandem-distil" "$work/metrics-tandem-distil.json" --gammas 4
 evaluate "$work/5-router" "$work/metrics-final.json"
 echo "evaluate $((SECONDS - start))" >> "$work/timing.txt"
 rm -rf "$out.tmp" && mkdir -p "$out.tmp"
 cp "$work/5-router/config.json" "$work/5-router/model.safetensors" "$out.tmp/"
 cp "$work/metrics-final.json" "$out.tmp/metrics.json"
-cp "$work/metrics-tandem-ce.json" "$out.tmp/metrics-tandem-ce.json"
+cp "$work/metrics-tandem-ce.json" "$work/metrics-tandem-distil.json" "$out.tmp/"
 [ ! -f "$out/README.md" ] || cp "$out/README.md" "$out.tmp/"  # the model card is written by hand
 rm -rf "$out" && mv "$out.tmp" "$out"
 echo "wrote $out"

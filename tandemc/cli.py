@@ -261,7 +261,7 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
 @click.option("--seq-len", default=256, show_default=True)
 @click.option("--block-length", "-g", default=0, help="Tandem block length for next-token metrics [default: gamma_train].")
 @click.option("--gammas", default="1-8", show_default=True, help="Block lengths for the acceptance figures (e.g. 1-8 or 2,4).")
-@click.option("--prompts", default=16, show_default=True, help="Held-out prompts decoded per block length.")
+@click.option("--prompts", default=64, show_default=True, help="Held-out prompts decoded per block length.")
 @click.option("--new-tokens", default=64, show_default=True)
 @json_option
 def evaluate(checkpoint, data, windows, seq_len, block_length, gammas, prompts, new_tokens, as_json):
