@@ -124,7 +124,8 @@ def total_variation(p_logits, q_logits):
 def router_inputs(params, cfg, x, block=None, teacher=None):
     """Per position: the router's features from the tandem secondary, and the rejection probability it should
     predict (total variation between the secondary's and the primary's next-token distributions)."""
-    teacher = teacher or primary_outputs(params["primary"], cfg, x, stage="router")
+    if teacher is None:
+        teacher = primary_outputs(params["primary"], cfg, x, stage="router")
     secondary_logits = model.tandem_forward(params, cfg, x, block, primary_hiddens=teacher["hiddens"])
     features = model.router_features(cfg.router, params["secondary"]["embed"], jax.nn.softmax(secondary_logits))
     return features, total_variation(secondary_logits, teacher["logits"])
@@ -266,11 +267,10 @@ def train(ckpt: Checkpoint, corpus_train: np.ndarray, opts: TrainOptions, state_
     def teacher_at(index, tokens):
         if not opts.reads_primary:
             return None
+        if not opts.distinct_batches:
+            return teacher_of(frozen, tokens)
         if index not in teachers:
-            out = teacher_of(frozen, tokens)
-            if not opts.distinct_batches:
-                return out
-            teachers[index] = out
+            teachers[index] = teacher_of(frozen, tokens)
         return teachers[index]
 
     opt_state = optimizer.init(trained)
