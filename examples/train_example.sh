@@ -34,7 +34,8 @@ step() {  # step NAME ARGS...: run a stage unless its output exists; its wall ti
   echo "$name $((SECONDS - start))" >> "$work/timing.txt"
 }
 
-budget=(--steps "$TANDEM_STEPS" --distinct-batches "$DISTINCT_BATCHES" --lr 3e-3 --warmup 20)
+cache=(--primary-cache "$work/primary-cache")
+budget=(--steps "$TANDEM_STEPS" --distinct-batches "$DISTINCT_BATCHES" --lr 3e-3 --warmup 20 "${cache[@]}")
 tandem=(--stage tandem --init-secondary-from-drafter --init-projections "$INIT_PROJECTIONS" "${budget[@]}")
 [ -d "$work/0-init" ] || "$tandemc" init "$work/0-init" --config examples/example_config.json --seed 0
 step 1-primary "$work/0-init" --stage pretrain --model primary --steps "$PRIMARY_STEPS" --lr 2e-3 --warmup 50
@@ -43,7 +44,9 @@ step 3-tandem-ce "$work/2-standalone" "${tandem[@]}" --objective ce
 step 3-tandem-distil "$work/2-standalone" "${tandem[@]}" --objective distil
 step 3-tandem-state "$work/2-standalone" "${tandem[@]}" --objective distil --primary-state-input 256
 step 4-standalone-distil "$work/3-tandem-state" --stage pretrain --model drafter --objective distil "${budget[@]}"
-step 5-router "$work/4-standalone-distil" --stage router --steps "$ROUTER_STEPS" --lr 3e-3 --warmup 10
+step 5-router "$work/4-standalone-distil" --stage router --steps "$ROUTER_STEPS" --lr 3e-3 --warmup 10 "${cache[@]}"
+
+rm -rf "$work/primary-cache"  # 17 MB per batch; every stage that reads it is done
 
 start=$SECONDS
 evaluate() {  # evaluate CKPT OUT ARGS...: write OUT only when evaluation succeeds

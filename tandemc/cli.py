@@ -196,6 +196,9 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @click.option("--distinct-batches", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train on the first N batches of the seed's stream in rotation, computing the frozen primary's "
                    "outputs for each once and keeping them in memory (0: a fresh batch every step).")
+@click.option("--primary-cache", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory that keeps the frozen primary's outputs per batch on disk, so that runs over the same "
+                   "primary, data and batches compute them once (entries are keyed by a fingerprint of all three).")
 @click.option("--save-every", default=200, show_default=True, help="Steps between resumable state saves.")
 @click.option("--state-dir", type=click.Path(path_type=Path),
               help="Resumable training state [default: OUTPUT.train-state]; removed when the run completes.")
@@ -203,8 +206,8 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @json_option
 def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq_len, lr, warmup, block_length,
-          init_secondary_from_drafter, init_projections, primary_state_input, seed, distinct_batches, save_every,
-          state_dir, stop_after, force, as_json):
+          init_secondary_from_drafter, init_projections, primary_state_input, seed, distinct_batches, primary_cache,
+          save_every, state_dir, stop_after, force, as_json):
     """Train one stage of the recipe on CHECKPOINT and write the result to OUTPUT (resumable)."""
     import shutil
 
@@ -232,7 +235,7 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
     state_dir = state_dir or out.with_name(out.name + ".train-state")
     if (state_dir / "state.json").is_file() and not as_json:
         click.echo(f"resuming from {state_dir}", err=True)
-    result = run(ckpt, corpus.train, opts, state_dir, stop_after=stop_after)
+    result = run(ckpt, corpus.train, opts, state_dir, stop_after=stop_after, primary_cache=primary_cache)
     if result.step < opts.steps:
         _emit(as_json, {"output": None, "state_dir": str(state_dir), "steps": result.step},
               f"stopped at step {result.step}/{opts.steps}; rerun the same command to resume from {state_dir}")

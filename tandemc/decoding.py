@@ -62,7 +62,7 @@ def init_state(cfg: TandemConfig, mode: str, batch: int, cache_len: int) -> dict
         "secondary": model.empty_cache(draft_cfg, batch, cache_len, dtype) if draft_cfg else [],
     }
     if reads_primary_state(cfg, mode):  # the drafts' extra input, from the primary's state before the block
-        state["primary_state"] = jnp.zeros((batch, cfg.primary.d_model), dtype)
+        state["primary_state"] = jnp.zeros((batch, cfg.primary_state_input), dtype)
     return state
 
 
@@ -112,7 +112,8 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths,
         "primary": primary_cache, "secondary": secondary_cache,
     }
     if reads_primary_state(cfg, mode):
-        new_state["primary_state"] = pick(primitives.take_rows(hiddens[-1], last), state["primary_state"])
+        new_state["primary_state"] = pick(model.primary_state_projection(params, cfg, primitives.take_rows(
+            hiddens[-1], last)), state["primary_state"])
     return new_state
 
 
@@ -185,8 +186,9 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
 
     new_state_extra = {}
     if reads_primary_state(cfg, mode):  # the next block starts after y: keep the state at the last kept position
-        new_state_extra["primary_state"] = jnp.where(active[:, None], primitives.take_rows(hiddens[-1], a),
-                                                     state["primary_state"])
+        new_state_extra["primary_state"] = jnp.where(
+            active[:, None], model.primary_state_projection(params, cfg, primitives.take_rows(hiddens[-1], a)),
+            state["primary_state"])
 
     hit_eos = jnp.any((slots < n_emitted[:, None]) & (emitted == eos_id), axis=1)
     generated = state["generated"] + jnp.where(active, n_emitted, 0)

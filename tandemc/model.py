@@ -218,18 +218,27 @@ def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None 
     if cfg.primary_state_input:  # each position reads the state at its block start - 1 (zero for the first block)
         before = jnp.maximum(block_starts - 1, 0)[..., None]
         last = jnp.take_along_axis(primary_hiddens[cfg.primary.n_layers - 1], before, axis=1)
-        offset = primary_state_input(params, cfg, last, tokens) * (block_starts > 0)[..., None]
+        offset = primary_state_input(params, cfg, primary_state_projection(params, cfg, last), tokens)
+        offset = offset * (block_starts > 0)[..., None]
     return decoder(params["secondary"], cfg.secondary, tokens, attends, offset)[0]
 
 
-def primary_state_input(params: Params, cfg: TandemConfig, last_hidden, tokens):
-    """The variant's extra secondary input [..., d_secondary]: an MLP of [rms(h), e(token)], with h [..., d_primary]
-    the primary's last-layer state at the position just before the block (the freshest thing the primary knows
-    when drafting starts) and e the secondary's embedding of the token being read."""
+def primary_state_projection(params: Params, cfg: TandemConfig, last_hidden):
+    """The half of the variant's MLP that reads the primary's state: rms(h) @ w_in[:d_primary] + b_in
+    [..., primary_state_input], with h [..., d_primary] the primary's last-layer state at the position just before
+    the block (the freshest thing the primary knows when drafting starts). It is fixed for a block, so decoding
+    computes it once per block rather than once per draft."""
+    p = params["tandem_input"]
+    h = rms_norm(last_hidden, None, cfg.primary.norm_eps).astype(p["w_in"].dtype)
+    return linear(h, p["w_in"][:cfg.primary.d_model]) + p["b_in"]
+
+
+def primary_state_input(params: Params, cfg: TandemConfig, projected, tokens):
+    """The variant's extra secondary input [..., d_secondary]: silu([rms(h), e(token)] @ w_in + b_in) @ w_out, from
+    `projected` (`primary_state_projection` of h) and e, the secondary's embedding of the token being read."""
     p = params["tandem_input"]
     embedded = primitives.embed(params["secondary"]["embed"], tokens)
-    h = rms_norm(last_hidden, None, cfg.primary.norm_eps).astype(embedded.dtype)
-    z = jax.nn.silu(linear(jnp.concatenate([h, embedded], axis=-1), p["w_in"]) + p["b_in"])
+    z = jax.nn.silu(projected + linear(embedded, p["w_in"][cfg.primary.d_model:]))
     return linear(z, p["w_out"])
 
 

@@ -17,7 +17,9 @@ rerun with the same options resumes from it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -125,20 +127,60 @@ def router_inputs(params, cfg, x, block=None, teacher=None):
     """Per position: the router's features from the tandem secondary, and the rejection probability it should
     predict (total variation between the secondary's and the primary's next-token distributions)."""
     if teacher is None:
-        teacher = primary_outputs(params["primary"], cfg, x, stage="router")
+        teacher = primary_outputs(params["primary"], cfg, x, model.primary_layers_read(cfg))
     secondary_logits = model.tandem_forward(params, cfg, x, block, primary_hiddens=teacher["hiddens"])
     features = model.router_features(cfg.router, params["secondary"]["embed"], jax.nn.softmax(secondary_logits))
     return features, total_variation(secondary_logits, teacher["logits"])
 
 
-def primary_outputs(primary, cfg, x, stage: str) -> dict:
-    """What a stage reads from the frozen primary for inputs x: its logits, and for the tandem and router stages
-    its residual streams at the layers the secondary reads ({layer: [B, T, d]}); the layers it does not read are
-    dropped so that a cache of these outputs holds only what training needs."""
+def primary_outputs(primary, cfg, x, layers: tuple[int, ...]) -> dict:
+    """What a stage reads from the frozen primary for inputs x: its logits, and its residual streams at `layers`
+    ({layer: [B, T, d]}; the tandem and router stages need those the secondary reads); the other layers are dropped
+    so that a cache of these outputs holds only what training needs."""
     logits, hiddens = jax.lax.stop_gradient(model.forward(primary, cfg.primary, x))
-    if stage == "pretrain":
-        return {"logits": logits}
-    return {"logits": logits, "hiddens": {layer: hiddens[layer] for layer in model.primary_layers_read(cfg)}}
+    return {"logits": logits, "hiddens": {layer: hiddens[layer] for layer in layers}}
+
+
+class PrimaryOutputCache:
+    """The frozen primary's outputs per batch index on disk (`--primary-cache`), so that every run over the same
+    primary, data and batches computes them once: the four stage-1 runs of the example and its router share them.
+
+    Entries live under a fingerprint of everything they depend on (the primary's config and weights, the layers
+    kept, the training tokens, seed, batch and sequence length), so a changed input never reads stale outputs. Each
+    entry is written atomically (a temporary file renamed into place)."""
+
+    def __init__(self, root: Path, primary, cfg, layers: tuple[int, ...], corpus_train: np.ndarray,
+                 opts: TrainOptions):
+        digest = hashlib.sha256()
+        described = {"primary": dataclasses.asdict(cfg.primary), "layers": list(layers), "seed": opts.seed,
+                     "batch": opts.batch, "seq_len": opts.seq_len, "tokens": len(corpus_train)}
+        digest.update(json.dumps(described, sort_keys=True).encode())
+        for name, value in sorted(flatten(primary).items()):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(np.asarray(value)).tobytes())
+        digest.update(np.ascontiguousarray(corpus_train).tobytes())
+        self.dir = Path(root) / digest.hexdigest()[:20]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "made-for.json"
+        if not meta.is_file():
+            meta.write_text(json.dumps(described, indent=2))
+
+    def _file(self, index: int) -> Path:
+        return self.dir / f"batch-{index:06d}.safetensors"
+
+    def get(self, index: int) -> dict | None:
+        if not self._file(index).is_file():
+            return None
+        tensors = safetensors_io.read(self._file(index))
+        return {"logits": tensors["logits"], "hiddens": {int(k.split(".")[1]): v for k, v in tensors.items()
+                                                         if k.startswith("hiddens.")}}
+
+    def put(self, index: int, outputs: dict) -> None:
+        tensors = {"logits": np.asarray(outputs["logits"])}
+        tensors.update({f"hiddens.{layer}": np.asarray(v) for layer, v in outputs["hiddens"].items()})
+        tmp = self._file(index).with_suffix(f".tmp-{os.getpid()}")
+        safetensors_io.write(tmp, tensors)
+        os.replace(tmp, self._file(index))
 
 
 def make_loss(cfg, opts: TrainOptions):
@@ -235,11 +277,13 @@ class TrainResult:
 
 
 def train(ckpt: Checkpoint, corpus_train: np.ndarray, opts: TrainOptions, state_dir: Path | None = None,
-          log_every: int = 20, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+          log_every: int = 20, progress: bool = True, stop_after: int | None = None,
+          primary_cache: Path | None = None) -> TrainResult:
     """Run (or resume) one stage; returns the full parameter tree with the trained part updated.
 
     `stop_after` ends this run after that many steps with its state saved (time-boxed runs); the result's `step`
-    says how far training got."""
+    says how far training got. `primary_cache` is a directory for the frozen primary's outputs shared between runs
+    (`PrimaryOutputCache`); it changes no result, only how often they are computed."""
     opts = opts.validate(ckpt)
     cfg = dataclasses.replace(ckpt.config, gamma_train=opts.block_length or ckpt.config.gamma_train) \
         if opts.stage == "tandem" else ckpt.config
@@ -260,18 +304,29 @@ def train(ckpt: Checkpoint, corpus_train: np.ndarray, opts: TrainOptions, state_
 
     train_step = jax.jit(step_fn, in_shardings=(replicated, replicated, replicated, sharded, sharded),
                          out_shardings=(replicated, replicated, replicated, replicated), donate_argnums=(0, 1))
-    teacher_of = jax.jit(lambda frozen, tokens: primary_outputs(frozen["primary"], cfg, tokens[:, :-1], opts.stage),
+    # A pretraining stage reads only the logits; with a shared cache it keeps the layers a tandem stage reads too.
+    layers = model.primary_layers_read(cfg) if opts.stage != "pretrain" or primary_cache else ()
+    teacher_of = jax.jit(lambda frozen, tokens: primary_outputs(frozen["primary"], cfg, tokens[:, :-1], layers),
                          in_shardings=(replicated, sharded), out_shardings=sharded)
+    disk = PrimaryOutputCache(primary_cache, params["primary"], cfg, layers, corpus_train, opts) \
+        if primary_cache and opts.reads_primary else None
     teachers = {}  # batch index → the primary's outputs, kept while batches repeat (--distinct-batches)
 
     def teacher_at(index, tokens):
         if not opts.reads_primary:
             return None
-        if not opts.distinct_batches:
-            return teacher_of(frozen, tokens)
-        if index not in teachers:
-            teachers[index] = teacher_of(frozen, tokens)
-        return teachers[index]
+        if index in teachers:
+            return teachers[index]
+        outputs = disk.get(index) if disk else None
+        if outputs is None:
+            outputs = teacher_of(frozen, tokens)
+            if disk:
+                disk.put(index, outputs)
+        else:
+            outputs = jax.device_put(outputs, sharded)
+        if opts.distinct_batches:
+            teachers[index] = outputs
+        return outputs
 
     opt_state = optimizer.init(trained)
     start = 0

@@ -55,7 +55,8 @@ def test_tandem_training_forward_matches_incremental(name, block):
         for i in range(start, end):  # (c) secondary single-token steps inside the block
             offset = None  # the variant's input: the primary's state before the block (none for the first)
             if cfg.primary_state_input and last_hidden is not None:
-                offset = model.primary_state_input(params, cfg, last_hidden[:, None], tokens[:, i:i + 1])
+                offset = model.primary_state_input(params, cfg, model.primary_state_projection(
+                    params, cfg, last_hidden[:, None]), tokens[:, i:i + 1])
             logits, _, secondary_cache = decode_block(params["secondary"], cfg.secondary, tokens[:, i:i + 1],
                                                       jnp.full((b, 1), i), secondary_cache, offset)
             steps.append(logits)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import make
+from tandemc import model, safetensors_io
 from tandemc.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from tandemc.config import preset
 from tandemc.data import batch_at, is_held_out, list_files, load_corpus, stdlib_root
@@ -105,12 +106,7 @@ def test_distinct_batches_rotate_and_reuse_the_primary_outputs(tiny, corpus, tmp
     """--distinct-batches N trains on batches 1..N in rotation with the frozen primary's outputs computed once per
     batch: caching changes nothing (a run that fits in N steps is identical to one without it), and a run
     interrupted mid-rotation, whose cache is rebuilt on resume, ends where the uninterrupted one does."""
-    from tandemc.train import primary_outputs
-
     start = initialise_secondary_from_drafter(with_primary_state_input(tiny, 16, seed=1))
-    cfg = start.config
-    kept = primary_outputs(start.params["primary"], cfg, batch_at(corpus.train, 0, 1, 2, 16), "tandem")
-    assert sorted(kept["hiddens"]) == sorted(set(cfg.layer_map) | {cfg.primary.n_layers - 1})
     opts = TrainOptions(stage="tandem", objective="distil", steps=3, **SMALL)
     fresh = train(start, corpus.train, opts, progress=False)
     cached = train(start, corpus.train, dataclasses.replace(opts, distinct_batches=3), progress=False)
@@ -125,6 +121,42 @@ def test_distinct_batches_rotate_and_reuse_the_primary_outputs(tiny, corpus, tmp
     resumed = train(start, corpus.train, rotating, state, progress=False)
     for name, value in flatten(straight.params).items():
         np.testing.assert_allclose(flatten(resumed.params)[name], value, rtol=0, atol=1e-6)
+
+
+def test_primary_cache_is_shared_between_runs_and_keyed_by_the_primary(tiny, corpus, tmp_path):
+    """--primary-cache keeps the frozen primary's outputs on disk: a run of another stage over the same primary and
+    batches reads them instead of recomputing (results unchanged), and a changed primary gets its own entries."""
+    start = initialise_secondary_from_drafter(with_primary_state_input(tiny, 16, seed=1))
+    cache = tmp_path / "cache"
+    tandem = TrainOptions(stage="tandem", objective="distil", steps=3, distinct_batches=3, **SMALL)
+    first = train(start, corpus.train, tandem, progress=False, primary_cache=cache)
+    [entries] = list(cache.iterdir())
+    files = sorted(p.name for p in entries.glob("batch-*"))
+    assert files == ["batch-000001.safetensors", "batch-000002.safetensors", "batch-000003.safetensors"]
+    stored = safetensors_io.read(entries / files[0])
+    assert sorted(stored) == ["hiddens.1", "logits"]  # the layers the secondary reads (layer map and last)
+    assert model.primary_layers_read(start.config) == (1,)
+    again = train(start, corpus.train, tandem, progress=False, primary_cache=cache)
+    for name, value in flatten(first.params).items():
+        np.testing.assert_array_equal(flatten(again.params)[name], value)
+
+    distil = TrainOptions(stage="pretrain", model="drafter", objective="distil", steps=3, **SMALL)
+    plain = train(start, corpus.train, distil, progress=False)
+    shared = train(start, corpus.train, distil, progress=False, primary_cache=cache)
+    for name, value in flatten(plain.params).items():
+        np.testing.assert_array_equal(flatten(shared.params)[name], value)
+    # It did read the entries: with the stored logits replaced, distillation learns something else.
+    for path in entries.glob("batch-*"):
+        tensors = safetensors_io.read(path)  # memory-mapped: write a new file and rename it into place
+        safetensors_io.write(path.with_suffix(".new"), {**tensors, "logits": np.zeros_like(tensors["logits"])})
+        os.replace(path.with_suffix(".new"), path)
+    tampered = train(start, corpus.train, distil, progress=False, primary_cache=cache)
+    assert not np.array_equal(flatten(tampered.params)["drafter.embed"], flatten(plain.params)["drafter.embed"])
+
+    changed = jax.tree.map(np.copy, start.params)
+    changed["primary"]["embed"][0, 0] += 1.0
+    train(dataclasses.replace(start, params=changed), corpus.train, distil, progress=False, primary_cache=cache)
+    assert len(list(cache.iterdir())) == 2
 
 
 def test_router_learns_rejection_and_shortens_drafts(corpus):
