@@ -108,7 +108,8 @@ def inspect(path, as_json):
                             "max_seq_len": m.max_seq_len}
     data = {"path": str(path), "schema_version": cfg.schema_version, "dtype": cfg.dtype, "models": models,
             "tandem_parameters": by_model["tandem"], "router_parameters": by_model["router"],
-            "primary_state_input": cfg.primary_state_input, "primary_state_input_parameters": by_model["tandem_input"],
+            "primary_state_input": cfg.primary_state_input, "primary_state_logits": cfg.primary_state_logits,
+            "primary_state_input_parameters": by_model["tandem_input"],
             "layer_map": list(cfg.layer_map), "gamma_train": cfg.gamma_train, "tokenizer": cfg.tokenizer.type,
             "bytes_by_dtype": dict(by_dtype), "total_parameters": sum(by_model.values())}
     lines = [f"{path}: tandem checkpoint (schema {cfg.schema_version}, {cfg.dtype}, tokenizer {cfg.tokenizer.type})"]
@@ -120,7 +121,7 @@ def inspect(path, as_json):
                  f"{list(cfg.layer_map)}  gamma_train {cfg.gamma_train}")
     if cfg.primary_state_input:
         lines.append(f"  state-in  {_human(by_model['tandem_input']):>7s} params  primary-state-input variant, "
-                     f"hidden {cfg.primary_state_input}")
+                     f"hidden {cfg.primary_state_input}{', into the logits too' if cfg.primary_state_logits else ''}")
     if cfg.router:
         lines.append(f"  router    {_human(by_model['router']):>7s} params  top_k {cfg.router.top_k}  "
                      f"hidden {cfg.router.hidden}  threshold {cfg.router.threshold}")
@@ -192,6 +193,8 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @click.option("--primary-state-input", type=click.IntRange(min=0), default=0,
               help="tandem: switch on the variant that feeds the primary's last-layer state before each block into "
               "the secondary's input through an MLP of this hidden width (docs/training.md) [default: off].")
+@click.option("--primary-state-logits", is_flag=True,
+              help="tandem, with --primary-state-input: that MLP feeds the secondary's logits too.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--distinct-batches", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train on the first N batches of the seed's stream in rotation, computing the frozen primary's "
@@ -206,7 +209,8 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @json_option
 def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq_len, lr, warmup, block_length,
-          init_secondary_from_drafter, init_projections, primary_state_input, seed, distinct_batches, primary_cache,
+          init_secondary_from_drafter, init_projections, primary_state_input,
+          primary_state_logits, seed, distinct_batches, primary_cache,
           save_every, state_dir, stop_after, force, as_json):
     """Train one stage of the recipe on CHECKPOINT and write the result to OUTPUT (resumable)."""
     import shutil
@@ -220,10 +224,12 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
     if out.exists() and not force:
         raise TandemcError(f"{out} already exists; pass --force to overwrite it")
     ckpt = load_checkpoint(checkpoint)
+    if primary_state_logits and not primary_state_input:
+        raise TandemcError("--primary-state-logits needs --primary-state-input N (the MLP it reads)")
     if primary_state_input:
         if stage != "tandem":
             raise TandemcError("--primary-state-input belongs to the tandem stage; add --stage tandem or drop it")
-        ckpt = with_primary_state_input(ckpt, primary_state_input, seed)
+        ckpt = with_primary_state_input(ckpt, primary_state_input, seed, primary_state_logits)
     if init_secondary_from_drafter:
         ckpt = initialise_secondary_from_drafter(ckpt)
     opts = TrainOptions(stage=stage, model=model_name, objective=objective, steps=steps, batch=batch,

@@ -117,6 +117,9 @@ class TandemConfig:
     # Variant (docs/training.md): hidden width of an MLP that feeds the primary's last-layer state before the block
     # into the secondary's input at every draft; 0 (default) is the paper's tandem.
     primary_state_input: int = 0
+    # With the variant: the MLP's hidden also feeds the secondary's logits (tandem_input.w_logits), past the
+    # secondary's narrow residual stream.
+    primary_state_logits: bool = False
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     router: RouterConfig | None = None
     drafter: DecoderConfig | None = None
@@ -153,6 +156,9 @@ class TandemConfig:
         if self.primary_state_input < 0:
             raise TandemcError(f"config field 'primary_state_input' must be >= 0 (0: off), got "
                                f"{self.primary_state_input}")
+        if self.primary_state_logits and not self.primary_state_input:
+            raise TandemcError("config field 'primary_state_logits' needs 'primary_state_input' > 0 (the MLP it "
+                               "reads); set both or neither")
         if self.gamma_train < 1:
             raise TandemcError(f"config field 'gamma_train' must be >= 1, got {self.gamma_train}")
         if self.dtype not in DTYPES:

@@ -142,10 +142,10 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
             tokens, positions = c[:, None], p[:, None]
         for t in range(gamma):
             with jax.named_scope(f"draft{t}"):  # names the graph's nodes, so profiles show each draft's cost
-                offset = (model.primary_state_input(params, cfg, state["primary_state"][:, None], tokens)
-                          if reads_primary_state(cfg, mode) else None)
+                offsets = (model.primary_state_input(params, cfg, state["primary_state"][:, None], tokens)
+                           if reads_primary_state(cfg, mode) else ())
                 logits, _, secondary_cache = model.decode_block(draft_params, draft_cfg, tokens, positions,
-                                                                secondary_cache, offset)
+                                                                secondary_cache, *offsets)
                 d, q = draft_token(logits[:, -1], sampling, u[:, t])
                 if mode == "adaptive":  # stop drafting at the first draft the router expects to be rejected
                     features = model.router_features(cfg.router, draft_params["embed"],

@@ -102,10 +102,11 @@ def layer(p, cfg: DecoderConfig, x, attend: Attend):
     return x + mlp(p, h), extra
 
 
-def decoder(p, cfg: DecoderConfig, tokens, attends: list[Attend], input_offset=None):
+def decoder(p, cfg: DecoderConfig, tokens, attends: list[Attend], input_offset=None, logit_offset=None):
     """Tokens [B, T] → (float32 logits [B, T, V], residual stream after each layer, per-layer attend extras).
 
-    `input_offset` [B, T, D], when given, is added to the token embeddings (the tandem's primary-state input)."""
+    `input_offset` [B, T, D] and `logit_offset` [B, T, V], when given, are added to the token embeddings and to the
+    logits (the primary-state-input variant)."""
     x = primitives.embed(p["embed"], tokens)
     if input_offset is not None:
         x = x + input_offset.astype(x.dtype)
@@ -116,6 +117,8 @@ def decoder(p, cfg: DecoderConfig, tokens, attends: list[Attend], input_offset=N
         extras.append(extra)
     head = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
     logits = linear(rms_norm(x, p.get("final_norm"), cfg.norm_eps), head)
+    if logit_offset is not None:
+        logits = logits + logit_offset.astype(logits.dtype)
     return logits.astype(jnp.float32), hiddens, extras
 
 
@@ -214,13 +217,14 @@ def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None 
         primary_hiddens = forward(params["primary"], cfg.primary, tokens)[1]
     attends = [tandem_block_attention(k, v, positions, block_starts, cfg.secondary.rope_theta)
                for k, v in tandem_kv(params, cfg, primary_hiddens, positions)]
-    offset = None
+    offsets = (None, None)
     if cfg.primary_state_input:  # each position reads the state at its block start - 1 (zero for the first block)
         before = jnp.maximum(block_starts - 1, 0)[..., None]
         last = jnp.take_along_axis(primary_hiddens[cfg.primary.n_layers - 1], before, axis=1)
-        offset = primary_state_input(params, cfg, primary_state_projection(params, cfg, last), tokens)
-        offset = offset * (block_starts > 0)[..., None]
-    return decoder(params["secondary"], cfg.secondary, tokens, attends, offset)[0]
+        after_first_block = (block_starts > 0)[..., None]
+        offsets = tuple(None if o is None else o * after_first_block
+                        for o in primary_state_input(params, cfg, primary_state_projection(params, cfg, last), tokens))
+    return decoder(params["secondary"], cfg.secondary, tokens, attends, *offsets)[0]
 
 
 def primary_state_projection(params: Params, cfg: TandemConfig, last_hidden):
@@ -234,12 +238,14 @@ def primary_state_projection(params: Params, cfg: TandemConfig, last_hidden):
 
 
 def primary_state_input(params: Params, cfg: TandemConfig, projected, tokens):
-    """The variant's extra secondary input [..., d_secondary]: silu([rms(h), e(token)] @ w_in + b_in) @ w_out, from
-    `projected` (`primary_state_projection` of h) and e, the secondary's embedding of the token being read."""
+    """The variant's extra secondary inputs: z = silu([rms(h), e(token)] @ w_in + b_in), from `projected`
+    (`primary_state_projection` of h) and e, the secondary's embedding of the token being read; returns
+    (z @ w_out [..., d_secondary] for the embedding, z @ w_logits [..., vocab] for the logits, or None where
+    `primary_state_logits` is off)."""
     p = params["tandem_input"]
     embedded = primitives.embed(params["secondary"]["embed"], tokens)
     z = jax.nn.silu(projected + linear(embedded, p["w_in"][cfg.primary.d_model:]))
-    return linear(z, p["w_out"])
+    return linear(z, p["w_out"]), (linear(z, p["w_logits"]) if cfg.primary_state_logits else None)
 
 
 def empty_cache(cfg: DecoderConfig, batch: int, length: int, dtype) -> Cache:
@@ -247,11 +253,11 @@ def empty_cache(cfg: DecoderConfig, batch: int, length: int, dtype) -> Cache:
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
 
 
-def decode_block(p, cfg: DecoderConfig, tokens, positions, cache: Cache, input_offset=None):
+def decode_block(p, cfg: DecoderConfig, tokens, positions, cache: Cache, input_offset=None, logit_offset=None):
     """Decoding forward of T tokens per row at contiguous positions: (logits, hiddens, updated cache)."""
     start = positions[:, 0]
     attends = [cached_attention(entry, start, cfg.rope_theta) for entry in cache]
-    return decoder(p, cfg, tokens, attends, input_offset)
+    return decoder(p, cfg, tokens, attends, input_offset, logit_offset)
 
 
 def write_tandem_kv(cache: Cache, kvs, start) -> Cache:

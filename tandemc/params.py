@@ -55,6 +55,8 @@ def checkpoint_shapes(cfg: TandemConfig) -> dict[str, Shape]:
         shapes["tandem_input.w_in"] = ((d_l[0] + d_s[0], "primary.d_model+secondary.d_model"), hidden)
         shapes["tandem_input.b_in"] = (hidden,)
         shapes["tandem_input.w_out"] = (hidden, d_s)
+        if cfg.primary_state_logits:
+            shapes["tandem_input.w_logits"] = (hidden, (cfg.secondary.vocab_size, "secondary.vocab_size"))
     if cfg.router:
         feats = (cfg.router.num_features(cfg.secondary.d_model), "1+router.top_k*(1+secondary.d_model)")
         hidden = (cfg.router.hidden, "router.hidden")

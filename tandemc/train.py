@@ -388,20 +388,22 @@ def initialise_secondary_from_drafter(ckpt: Checkpoint) -> Checkpoint:
 
 
 def _silenced(tandem_input: dict) -> dict:
-    """The variant's MLP with its output layer zero: it adds nothing until trained."""
-    return {**tandem_input, "w_out": np.zeros_like(tandem_input["w_out"])}
+    """The variant's MLP with its output layers zero: it adds nothing until trained."""
+    return {k: np.zeros_like(v) if k in ("w_out", "w_logits") else v for k, v in tandem_input.items()}
 
 
-def with_primary_state_input(ckpt: Checkpoint, width: int, seed: int = 0) -> Checkpoint:
-    """Switch on the primary-state-input variant: an MLP of hidden `width`, its output layer zero so that the
-    tandem starts exactly as it was and training decides what the primary's state adds."""
+def with_primary_state_input(ckpt: Checkpoint, width: int, seed: int = 0, logits: bool = False) -> Checkpoint:
+    """Switch on the primary-state-input variant: an MLP of hidden `width` (feeding the logits too with `logits`),
+    its output layers zero so that the tandem starts exactly as it was and training decides what the primary's
+    state adds."""
     cfg = ckpt.config
-    if cfg.primary_state_input == width:
+    if (cfg.primary_state_input, cfg.primary_state_logits) == (width, logits):
         return ckpt
     if cfg.primary_state_input:
-        raise TandemcError(f"this checkpoint already has primary_state_input {cfg.primary_state_input}; "
-                           f"drop --primary-state-input or pass {cfg.primary_state_input}")
-    cfg = dataclasses.replace(cfg, primary_state_input=width).validate()
+        raise TandemcError(f"this checkpoint already has primary_state_input {cfg.primary_state_input} "
+                           f"(primary_state_logits {str(cfg.primary_state_logits).lower()}); drop "
+                           "--primary-state-input or pass the same settings")
+    cfg = dataclasses.replace(cfg, primary_state_input=width, primary_state_logits=logits).validate()
     fresh = _silenced(init_params(cfg, seed, only="tandem_input.")["tandem_input"])
     return dataclasses.replace(ckpt, config=cfg, params={**ckpt.params, "tandem_input": fresh})
 

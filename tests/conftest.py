@@ -30,7 +30,8 @@ CONFIGS = {
                              drafter=decoder(6, 16, 1, 2, 1, 8)),
     "mqa-5to1": TandemConfig(decoder(7, 40, 2, 5, 1, 6), decoder(7, 20, 2, 5, 1, 4), gamma_train=3),
     "custom-map": TandemConfig(decoder(6, 32, 3, 6, 3, 6), decoder(6, 16, 2, 1, 1, 10, tie=True),
-                               layer_map=(0, 0), router=RouterConfig(top_k=3, hidden=8), primary_state_input=8),
+                               layer_map=(0, 0), router=RouterConfig(top_k=3, hidden=8), primary_state_input=8,
+                               primary_state_logits=True),
 }
 
 

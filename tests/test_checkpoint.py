@@ -167,6 +167,7 @@ def test_unknown_schema_version(ckpt):
     (lambda c: c["primary"].update(n_kv_heads=3), r"'primary.n_kv_heads' \(3\) must divide 'primary.n_heads' \(4\)"),
     (lambda c: c.update(layer_map=[5]), r"'layer_map\[0\]' is 5; it must name a primary layer in 0..1"),
     (lambda c: c.update(gamma_train=0), r"'gamma_train' must be >= 1"),
+    (lambda c: c.update(primary_state_logits=True), r"'primary_state_logits' needs 'primary_state_input' > 0"),
     (lambda c: c.update(dtype="int8"), r"'dtype' must be one of"),
     (lambda c: c["tokenizer"].update(type="sentencepiece"), r"'tokenizer.type' must be 'byte' or 'hf'"),
     (lambda c: c["primary"].update(tie_embeddings=1), r"'primary.tie_embeddings' must be true or false"),

@@ -53,12 +53,12 @@ def test_tandem_training_forward_matches_incremental(name, block):
     for start in range(0, t, block):
         end = min(start + block, t)
         for i in range(start, end):  # (c) secondary single-token steps inside the block
-            offset = None  # the variant's input: the primary's state before the block (none for the first)
+            offsets = ()  # the variant's inputs: from the primary's state before the block (none for the first)
             if cfg.primary_state_input and last_hidden is not None:
-                offset = model.primary_state_input(params, cfg, model.primary_state_projection(
+                offsets = model.primary_state_input(params, cfg, model.primary_state_projection(
                     params, cfg, last_hidden[:, None]), tokens[:, i:i + 1])
             logits, _, secondary_cache = decode_block(params["secondary"], cfg.secondary, tokens[:, i:i + 1],
-                                                      jnp.full((b, 1), i), secondary_cache, offset)
+                                                      jnp.full((b, 1), i), secondary_cache, *offsets)
             steps.append(logits)
         positions = jnp.broadcast_to(jnp.arange(start, end), (b, end - start))  # (b) primary block step
         _, hiddens, primary_cache = decode_block(params["primary"], cfg.primary, tokens[:, start:end],
