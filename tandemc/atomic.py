@@ -1,6 +1,6 @@
-"""Atomic directory output: build in a hidden sibling, then rename into place.
+"""Atomic output: build a directory (or a file) in a hidden sibling, then rename it into place.
 
-An interrupted write leaves at most a hidden temporary directory, never a half-written checkpoint or artifact.
+An interrupted write leaves at most a hidden temporary, never a half-written checkpoint, artifact or cache entry.
 """
 
 from __future__ import annotations
@@ -36,3 +36,18 @@ def atomic_directory(path: str | os.PathLike, force: bool = False):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """Yield a temporary path beside `path` that replaces `path` when the block succeeds (readers that still hold
+    the old file, memory-mapped or open, keep reading it unchanged)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tandemc import model, safetensors_io
-from tandemc.atomic import atomic_directory
+from tandemc.atomic import atomic_directory, atomic_file
 from tandemc.checkpoint import Checkpoint, save_checkpoint
 from tandemc.data import batch_at
 from tandemc.errors import TandemcError
@@ -147,7 +146,7 @@ class PrimaryOutputCache:
 
     Entries live under a fingerprint of everything they depend on (the primary's config and weights, the layers
     kept, the training tokens, seed, batch and sequence length), so a changed input never reads stale outputs. Each
-    entry is written atomically (a temporary file renamed into place)."""
+    entry is written atomically (`atomic_file`)."""
 
     def __init__(self, root: Path, primary, cfg, layers: tuple[int, ...], corpus_train: np.ndarray,
                  opts: TrainOptions):
@@ -161,9 +160,9 @@ class PrimaryOutputCache:
         digest.update(np.ascontiguousarray(corpus_train).tobytes())
         self.dir = Path(root) / digest.hexdigest()[:20]
         self.dir.mkdir(parents=True, exist_ok=True)
-        meta = self.dir / "made-for.json"
-        if not meta.is_file():
-            meta.write_text(json.dumps(described, indent=2))
+        if not (self.dir / "made-for.json").is_file():
+            with atomic_file(self.dir / "made-for.json") as tmp:
+                tmp.write_text(json.dumps(described, indent=2))
 
     def _file(self, index: int) -> Path:
         return self.dir / f"batch-{index:06d}.safetensors"
@@ -178,9 +177,8 @@ class PrimaryOutputCache:
     def put(self, index: int, outputs: dict) -> None:
         tensors = {"logits": np.asarray(outputs["logits"])}
         tensors.update({f"hiddens.{layer}": np.asarray(v) for layer, v in outputs["hiddens"].items()})
-        tmp = self._file(index).with_suffix(f".tmp-{os.getpid()}")
-        safetensors_io.write(tmp, tensors)
-        os.replace(tmp, self._file(index))
+        with atomic_file(self._file(index)) as tmp:
+            safetensors_io.write(tmp, tensors)
 
 
 def make_loss(cfg, opts: TrainOptions):
