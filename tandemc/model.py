@@ -133,23 +133,41 @@ def by_head(x):
     return jnp.swapaxes(x, 1, 2)
 
 
+QUERY_CHUNKS = 8
+
+
+def causal_attention(q, segments):
+    """`attention` of a whole training sequence whose masks hide every key at a later position than the query.
+
+    `segments` are (k [B, T, KV, hd], v, mask [B, T, T]) over the same T positions, their keys side by side. The
+    queries go in QUERY_CHUNKS chunks, each against the keys up to its own end only, so the hidden upper triangle is
+    never computed: the same result for ~56% of the work (the primary's training step is ~25% faster on CPU)."""
+    t = q.shape[1]
+    bounds = sorted({-(-t * i // QUERY_CHUNKS) for i in range(QUERY_CHUNKS + 1)})
+    outs = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        keys = by_head(jnp.concatenate([k[:, :hi] for k, _, _ in segments], axis=1))
+        values = by_head(jnp.concatenate([v[:, :hi] for _, v, _ in segments], axis=1))
+        mask = jnp.concatenate([m[:, lo:hi, :hi] for _, _, m in segments], axis=-1)
+        outs.append(attention(q[:, lo:hi], keys, values, mask))
+    return jnp.concatenate(outs, axis=1)
+
+
 def self_attention(positions, theta) -> Attend:
     def attend(q, k, v):
         q, k = rope(q, positions, theta), rope(k, positions, theta)
-        return attention(q, by_head(k), by_head(v), causal_mask(positions, positions)), None
+        return causal_attention(q, [(k, v, causal_mask(positions, positions))]), None
     return attend
 
 
 def tandem_block_attention(k_primary, v_primary, positions, start, theta) -> Attend:
-    """Query at position i sees primary-derived keys at positions < start[i] (its block's first position) and its
-    own keys at start[i]..i."""
+    """Query at position i sees primary-derived keys at positions < start[i] (its block's first position, ≤ i) and
+    its own keys at start[i]..i."""
     def attend(q, k, v):
         q, k = rope(q, positions, theta), rope(k, positions, theta)
         from_primary = positions[:, None, :] < start[:, :, None]
         own = (positions[:, None, :] >= start[:, :, None]) & causal_mask(positions, positions)
-        keys = by_head(jnp.concatenate([k_primary, k], axis=1))
-        values = by_head(jnp.concatenate([v_primary, v], axis=1))
-        return attention(q, keys, values, jnp.concatenate([from_primary, own], axis=-1)), None
+        return causal_attention(q, [(k_primary, v_primary, from_primary), (k, v, own)]), None
     return attend
 
 
