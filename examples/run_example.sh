@@ -14,7 +14,7 @@ ckpt=examples/tandem-stdlib  # trained by examples/train_example.sh; model card:
 out=examples/build
 
 "$tandemc" inspect "$ckpt"
-prompt="def fibonacci(n):"
+prompt="class Cache:"
 for target in tpu cpu gpu; do
   echo "--- export --target $target"
   "$tandemc" export "$ckpt" --target "$target" -o "$out/tandem-stdlib-$target" --block-length 4 \
