@@ -141,7 +141,8 @@ def causal_attention(q, segments):
 
     `segments` are (k [B, T, KV, hd], v, mask [B, T, T]) over the same T positions, their keys side by side. The
     queries go in QUERY_CHUNKS chunks, each against the keys up to its own end only, so the hidden upper triangle is
-    never computed: the same result for ~56% of the work (the primary's training step is ~25% faster on CPU)."""
+    never computed: the same result for ~56% of the work (the example primary's CPU training step: 3.95 s →
+    3.09 s)."""
     t = q.shape[1]
     bounds = sorted({-(-t * i // QUERY_CHUNKS) for i in range(QUERY_CHUNKS + 1)})
     outs = []
