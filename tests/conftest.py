@@ -78,6 +78,29 @@ def random_prompts(vocab, lengths, seed=0):
     return [rng.integers(0, vocab, n).tolist() for n in lengths]
 
 
+def tree_digest(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The `tiny` preset (seed 1) on disk, written once per test process by `tandemc init` and shared by every test
+    that only reads a checkpoint. Read-only: a test that changed it would fail here, at the end of the session."""
+    from click.testing import CliRunner
+
+    from tandemc.cli import cli
+
+    path = tmp_path_factory.mktemp("shared") / "tiny"
+    result = CliRunner().invoke(cli, ["init", str(path), "--preset", "tiny", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    before = tree_digest(path)
+    yield path
+    assert tree_digest(path) == before, "a test modified the shared tiny checkpoint"
+
+
 @pytest.fixture(autouse=True, scope="module")
 def release_compiled_programs():
     """Free each module's compiled XLA programs when it ends: hundreds of exported and jitted graphs accumulated

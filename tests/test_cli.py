@@ -18,11 +18,19 @@ def run(*args, ok=True):
     return result
 
 
+@pytest.fixture
+def tiny(tiny_checkpoint):
+    return tiny_checkpoint
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli") / "tiny"
-    run("init", path, "--preset", "tiny", "--seed", 1)
-    return path
+def tpu_export(tiny_checkpoint, tmp_path_factory):
+    """`tandemc export --target tpu --json` of the tiny checkpoint with two cache buckets, built once and read by
+    the tests that run, inspect and verify it: (artifact directory, the command's JSON output)."""
+    art = tmp_path_factory.mktemp("tpu") / "art"
+    out = json.loads(run("export", tiny_checkpoint, "--target", "tpu", "-o", art, "--batch", 2, "--max-seq-len",
+                         "48,96", "--prefill-chunk", 16, "--max-new-tokens", 12, "--platforms", "cpu", "--json").output)
+    return art, out
 
 
 def test_every_command_has_help():
@@ -87,6 +95,7 @@ def test_console_script_entry_point(tiny):
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
 
 
+@pytest.mark.slow
 def test_evaluate_reports_accuracies_and_acceptance(tiny, tmp_path):
     from tandemc.data import stdlib_root
 
@@ -101,10 +110,9 @@ def test_evaluate_reports_accuracies_and_acceptance(tiny, tmp_path):
     assert data["positions"] == 4 * 32
 
 
-def test_export_run_inspect_verify(tiny, tmp_path):
-    art = tmp_path / "art"
-    out = json.loads(run("export", tiny, "--target", "tpu", "-o", art, "--batch", 2, "--max-seq-len", "48,96",
-                         "--prefill-chunk", 16, "--max-new-tokens", 12, "--platforms", "cpu", "--json").output)
+@pytest.mark.slow
+def test_export_run_inspect_verify(tiny, tpu_export):
+    art, out = tpu_export
     assert out["verification"]["ok"] and out["graphs"] == sorted(
         f"{g}.s{s}" for g in ("generate", "prefill", "step") for s in (48, 96))
     # `run --json` has the shape of `generate --json`, and the same greedy tokens as the reference
@@ -121,11 +129,10 @@ def test_export_run_inspect_verify(tiny, tmp_path):
     assert again.exit_code == 2 and "already exists; pass --force" in again.output
 
 
-def test_verify_fails_on_a_different_checkpoint(tiny, tmp_path):
-    run("export", tiny, "--target", "tpu", "-o", tmp_path / "art", "--max-seq-len", 32, "--prefill-chunk", 8,
-        "--max-new-tokens", 8, "--platforms", "cpu", "--no-verify")
+@pytest.mark.slow
+def test_verify_fails_on_a_different_checkpoint(tpu_export, tmp_path):
     run("init", tmp_path / "other", "--preset", "tiny", "--seed", 2)
-    result = run("verify", tmp_path / "art", "--checkpoint", tmp_path / "other", "--prompts", 2, ok=False)
+    result = run("verify", tpu_export[0], "--checkpoint", tmp_path / "other", "--prompts", 2, ok=False)
     assert result.exit_code == 1 and result.output.startswith("MISMATCH:")
 
 
@@ -142,6 +149,7 @@ def test_export_refuses_bad_options_in_one_line(tiny, tmp_path, args, message):
     assert not (tmp_path / "art").exists()
 
 
+@pytest.mark.slow
 def test_cpu_artifact_and_the_dependency_light_consumer(tiny, tmp_path):
     """The ONNX artifact runs in `tandemc run` and in examples/onnxruntime_generate.py (onnxruntime + numpy only)
     with the reference's tokens, greedy and sampled."""

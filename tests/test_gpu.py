@@ -28,8 +28,8 @@ def tiny(name):
 
 
 @pytest.mark.parametrize("name, batch, gamma, passes", [
-    ("gqa-4to2", 4, 3, "O1"), ("mha-odd-heads", 1, 1, "O0"), ("gqa-4to2", 2, 2, "O1,quantize_int8"),
-    ("gqa-4to2", 1, 4, "O1,quantize_int4"),
+    pytest.param("gqa-4to2", 4, 3, "O1", marks=pytest.mark.slow), ("mha-odd-heads", 1, 1, "O0"),
+    pytest.param("gqa-4to2", 2, 2, "O1,quantize_int8", marks=pytest.mark.slow), ("gqa-4to2", 1, 4, "O1,quantize_int4"),
 ])
 def test_gpu_graphs_satisfy_the_profile_and_match_the_reference(name, batch, gamma, passes, tmp_path):
     """Greedy and fixed-seed sampled tokens identical to the reference (export's verification, in ONNX Runtime),
@@ -50,6 +50,7 @@ def test_gpu_graphs_satisfy_the_profile_and_match_the_reference(name, batch, gam
             assert dq and all(len(n.input) == 2 for n in dq)  # symmetric: no zero point
 
 
+@pytest.mark.slow
 def test_bundled_example_gpu_artifact_runs_in_onnx_runtime(tmp_path):
     ckpt = load_checkpoint(EXAMPLE)
     export(ckpt, "gpu", tmp_path / "a", ExportOptions(block_length=4, max_seq_len=(128,), batch=1,
@@ -135,17 +136,12 @@ def test_checker_names_each_violation(case, message):
     assert all(p.startswith("step.s64.onnx: ") for p in problems)
 
 
-def test_without_tensorrt_export_says_where_engines_come_from_and_build_engine_refuses(tmp_path):
+def test_without_tensorrt_export_says_where_engines_come_from_and_build_engine_refuses(tiny_checkpoint, tmp_path):
     if tensorrt.environment() is not None:
         pytest.skip("TensorRT and a GPU are present: engines are built at export")
-    from tandemc.checkpoint import save_checkpoint
-    from tandemc.config import preset
-
-    cfg = preset("tiny").validate()
-    save_checkpoint(tmp_path / "ckpt", cfg, init_params(cfg, 0))
     runner = CliRunner()
     out = tmp_path / "a"
-    result = runner.invoke(cli, ["export", str(tmp_path / "ckpt"), "--target", "gpu", "-o", str(out), "--max-seq-len",
+    result = runner.invoke(cli, ["export", str(tiny_checkpoint), "--target", "gpu", "-o", str(out), "--max-seq-len",
                                  "32", "--prefill-chunk", "8", "--max-new-tokens", "8", "--verify-prompts", "1"])
     assert result.exit_code == 0, result.output
     assert f"TensorRT engines will be built on the GPU host: tandemc build-engine {out}" in result.output

@@ -68,6 +68,7 @@ def test_rejects_unsupported_models(tmp_path):
         load_llama(path)
 
 
+@pytest.mark.slow
 def test_import_hf_builds_a_tandem_that_reproduces_both_models(tmp_path):
     from click.testing import CliRunner
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -9,7 +9,6 @@ from click.testing import CliRunner
 
 from tandemc.checkpoint import Checkpoint
 from tandemc.cli import cli
-from tandemc.config import preset
 from tandemc.errors import TandemcError
 from tandemc.export import export, make_program
 from tandemc.params import init_params
@@ -47,6 +46,7 @@ def test_each_exact_pass_rewrites_the_weights_and_keeps_the_logits(name):
     assert weight_names(after) != weight_names(before)  # the pass did something
 
 
+@pytest.mark.slow
 def test_o1_artifacts_are_token_identical_to_o0_and_make_fewer_matmuls(tmp_path):
     ckpt = tiny()
     prompts = [[5, 1, 3, 2] * 5, [4, 1, 2]]
@@ -62,6 +62,7 @@ def test_o1_artifacts_are_token_identical_to_o0_and_make_fewer_matmuls(tmp_path)
     assert matmuls["O1"] < matmuls["O0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, key, ratio, level", [
     ("quantize_int8", "q", 3.5, "1"), ("quantize_int4", "q", 6.0, "1"),
     ("quantize_int8:block=32:activations=int8", "qa", 32 / 9, "4"),
@@ -160,6 +161,7 @@ def test_quantized_matrix_roundtrip_error_is_within_half_a_step():
         assert np.all(np.abs(qm["q"] * step - w) <= step / 2 + 1e-7)
 
 
+@pytest.mark.slow
 def test_bad_pass_requests_are_refused(tmp_path):
     program = Program.make(tiny().config, tiny().params, ExportOptions(**OPTIONS))
     with pytest.raises(TandemcError, match="unknown pass 'fuse_everything'"):
@@ -181,23 +183,20 @@ def test_bad_pass_requests_are_refused(tmp_path):
     assert not (tmp_path / "mixed").exists() and not (tmp_path / "gpu").exists()
 
 
-def test_cli_lists_passes_and_exports_o2_that_verify_rebuilds(tmp_path):
-    from tandemc.checkpoint import save_checkpoint
-
+@pytest.mark.slow
+def test_cli_lists_passes_and_exports_o2_that_verify_rebuilds(tiny_checkpoint, tmp_path):
     runner = CliRunner()
     listed = json.loads(runner.invoke(cli, ["passes", "--json"]).output)
     assert [p["name"] for p in listed["passes"]] == list(REGISTRY) and listed["presets"]["O2"][-1] == "quantize_int8"
-    cfg = preset("tiny").validate()
-    save_checkpoint(tmp_path / "ckpt", cfg, init_params(cfg, 0))
     out = tmp_path / "art"
-    result = runner.invoke(cli, ["export", str(tmp_path / "ckpt"), "--target", "cpu", "-o", str(out), "-O2",
+    result = runner.invoke(cli, ["export", str(tiny_checkpoint), "--target", "cpu", "-o", str(out), "-O2",
                                  "--max-seq-len", "48", "--prefill-chunk", "16", "--max-new-tokens", "8",
                                  "--verify-prompts", "1", "--json"])
     assert result.exit_code == 0, result.output
     assert [p["name"] for p in json.loads(result.output)["passes"]] == PRESETS["O2"]
-    result = runner.invoke(cli, ["verify", str(out), "--checkpoint", str(tmp_path / "ckpt"), "--prompts", "1"])
+    result = runner.invoke(cli, ["verify", str(out), "--checkpoint", str(tiny_checkpoint), "--prompts", "1"])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(cli, ["export", str(tmp_path / "ckpt"), "--target", "cpu", "-o", str(tmp_path / "x"),
+    result = runner.invoke(cli, ["export", str(tiny_checkpoint), "--target", "cpu", "-o", str(tmp_path / "x"),
                                  "--passes", "fuse_qkv,nonsense"])
     assert result.exit_code == 2 and "unknown pass 'nonsense'" in result.output
     assert not (tmp_path / "x").exists()

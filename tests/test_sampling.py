@@ -51,7 +51,7 @@ def goodness_of_fit(samples, expected):
     return stats.chisquare(obs, exp).pvalue, impossible
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.8, 3, 0.9)])
+@pytest.mark.parametrize("temperature, top_k, top_p", [pytest.param(1.0, 0, 1.0, marks=pytest.mark.slow), (0.8, 3, 0.9)])
 def test_speed_sampling_matches_primary_distribution(temperature, top_k, top_p):
     cfg, params = make(CONFIGS["mha-odd-heads"], seed=4)
     prompt = [1, 3, 0]

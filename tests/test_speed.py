@@ -12,7 +12,7 @@ from tandemc.decoding import generate
 from tandemc.errors import TandemcError
 
 
-@pytest.mark.parametrize("batch, gammas", [(4, range(1, 9)), (1, (1, 3, 8))])
+@pytest.mark.parametrize("batch, gammas", [pytest.param(4, range(1, 9), marks=pytest.mark.slow), (1, (1, 3, 8))])
 def test_greedy_speed_equals_primary_greedy(tandem, batch, gammas):
     cfg, params = tandem
     vocab = cfg.primary.vocab_size

@@ -67,7 +67,7 @@ def test_tandem_stage_keeps_the_primary_bit_identical(tiny, corpus, objective):
         assert np.array_equal(before[name], after[name]) == frozen, name
 
 
-@pytest.mark.parametrize("logits", [False, True])
+@pytest.mark.parametrize("logits", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_primary_state_input_starts_silent_and_trains(tiny, corpus, logits):
     """Initialised from the drafter, the variant's MLP adds exactly nothing (to the input, and with
     --primary-state-logits to the logits); the tandem stage then trains it."""
@@ -104,6 +104,7 @@ def test_resumption_continues_from_the_saved_step(tiny, corpus, tmp_path):
         train(tiny, corpus.train, dataclasses.replace(opts, lr=1e-4), state, progress=False)
 
 
+@pytest.mark.slow
 def test_distinct_batches_rotate_and_reuse_the_primary_outputs(tiny, corpus, tmp_path):
     """--distinct-batches N trains on batches 1..N in rotation with the frozen primary's outputs computed once per
     batch: caching changes nothing (a run that fits in N steps is identical to one without it), and a run
@@ -125,6 +126,7 @@ def test_distinct_batches_rotate_and_reuse_the_primary_outputs(tiny, corpus, tmp
         np.testing.assert_allclose(flatten(resumed.params)[name], value, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_primary_cache_is_shared_between_runs_and_keyed_by_the_primary(tiny, corpus, tmp_path):
     """--primary-cache keeps the frozen primary's outputs on disk: a run of another stage over the same primary and
     batches reads them instead of recomputing (results unchanged), and a changed primary gets its own entries."""
@@ -161,6 +163,7 @@ def test_primary_cache_is_shared_between_runs_and_keyed_by_the_primary(tiny, cor
     assert len(list(cache.iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_router_learns_rejection_and_shortens_drafts(corpus):
     """A random secondary's drafts are almost always rejected; a trained router learns that and stops drafting."""
     cfg, params = make(dataclasses.replace(preset("tiny"), router=dataclasses.replace(preset("tiny").router,
@@ -215,6 +218,7 @@ print(json.dumps({"devices": jax.local_device_count(), "losses": [h[1] for h in 
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_over_8_devices_matches_one(tmp_path):
     data = tmp_path / "data.py"
     data.write_bytes((stdlib_root() / "textwrap.py").read_bytes())
@@ -228,6 +232,7 @@ def test_data_parallel_over_8_devices_matches_one(tmp_path):
     np.testing.assert_allclose(runs[8]["losses"], runs[1]["losses"], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_train_cli_writes_a_loadable_checkpoint(tmp_path, corpus):
     from click.testing import CliRunner
 
@@ -266,6 +271,7 @@ def test_train_cli_writes_a_loadable_checkpoint(tmp_path, corpus):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_fitted_projections_start_the_tandem_close_to_its_standalone_init(tiny, corpus):
     """Least-squares projections reproduce the secondary's own view of earlier tokens; random ones do not."""
     from tandemc import model
@@ -284,6 +290,7 @@ def test_fitted_projections_start_the_tandem_close_to_its_standalone_init(tiny, 
     np.testing.assert_array_equal(flatten(fitted.params)["primary.embed"], flatten(start.params)["primary.embed"])
 
 
+@pytest.mark.slow
 def test_router_stage_chooses_its_threshold_on_held_out_data(tmp_path):
     from click.testing import CliRunner
 
