@@ -82,9 +82,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(cfg, unflatten(flat), tokenizer, path)
 
 
-def save_checkpoint(path: str | Path, cfg: TandemConfig, params: dict[str, Any], *, tokenizer_file: Path | None = None,
-                    force: bool = False) -> Path:
-    """Validate, then write atomically. The same config and parameters always give the same bytes."""
+def save_checkpoint(path: str | Path, cfg: TandemConfig, params: dict[str, Any], *,
+                    tokenizer_file: Path | bytes | None = None, force: bool = False) -> Path:
+    """Validate, then write atomically. The same config and parameters always give the same bytes.
+    `tokenizer_file`: the tokenizer.json to store, as a path or its contents."""
     cfg.validate()
     flat = {name: np.asarray(value) for name, value in flatten(params).items()}
     check_tensors(checkpoint_shapes(cfg), {n: (safetensors_io.dtype_name(a), a.shape) for n, a in flat.items()},
@@ -95,6 +96,8 @@ def save_checkpoint(path: str | Path, cfg: TandemConfig, params: dict[str, Any],
     with atomic_directory(path, force) as tmp:
         (tmp / CONFIG_FILE).write_text(cfg.to_json())
         safetensors_io.write(tmp / WEIGHTS_FILE, flat, {"format": "tandemc", "schema_version": str(cfg.schema_version)})
-        if tokenizer_file is not None:
+        if isinstance(tokenizer_file, bytes):
+            (tmp / cfg.tokenizer.file).write_bytes(tokenizer_file)
+        elif tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / cfg.tokenizer.file)
     return Path(path)

@@ -351,6 +351,51 @@ def import_hf(primary_dir, secondary_dir, out, layer_map, gamma_train, dtype, se
           f"{list(cfg.layer_map)}; tokenizer {cfg.tokenizer.type})")
 
 
+@cli.command("import-gguf")
+@click.argument("gguf_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
+@click.option("--secondary-layers", default=2, show_default=True, help="Layers of the fresh tandem secondary.")
+@click.option("--secondary-d-model", default=128, show_default=True, help="Width of the fresh tandem secondary.")
+@click.option("--secondary-heads", default="2:1", show_default=True,
+              help="Query:KV heads of the fresh secondary (head_dim 64, d_ff 3x its width).")
+@click.option("--layer-map", help="Comma-separated primary layer per secondary layer [default: evenly spaced].")
+@click.option("--gamma-train", default=2, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed for the fresh secondary and tandem projections.")
+@click.option("--force", is_flag=True)
+@json_option
+def import_gguf(gguf_file, out, secondary_layers, secondary_d_model, secondary_heads, layer_map, gamma_train, dtype,
+                seed, force, as_json):
+    """A Llama-architecture GGUF file (llama.cpp's format) as the primary of a tandem checkpoint.
+
+    Weights are dequantized to DTYPE, the tokenizer becomes tokenizer.json and the chat template is kept. The
+    tandem secondary starts random (train it with `tandemc train --stage tandem`); `--mode primary` generates and
+    exports the imported model as it is.
+    """
+    import dataclasses
+
+    from tandemc.checkpoint import save_checkpoint
+    from tandemc.gguf import default_secondary, import_gguf as read_gguf, load_config
+
+    try:
+        mapping = tuple(int(x) for x in layer_map.split(",")) if layer_map else ()
+        q_heads, kv_heads = (int(x) for x in secondary_heads.split(":"))
+    except ValueError:
+        raise TandemcError("--layer-map takes comma-separated layer numbers and --secondary-heads Q:KV, got "
+                           f"{layer_map!r} and {secondary_heads!r}") from None
+    secondary = dataclasses.replace(default_secondary(load_config(gguf_file)), n_layers=secondary_layers,
+                                    d_model=secondary_d_model, n_heads=q_heads, n_kv_heads=kv_heads,
+                                    d_ff=3 * secondary_d_model)
+    cfg, params, tokenizer = read_gguf(gguf_file, secondary=secondary, layer_map=mapping, gamma_train=gamma_train,
+                                       dtype=dtype, seed=seed)
+    save_checkpoint(out, cfg, params, tokenizer_file=tokenizer, force=force)
+    counts = _parameter_counts(params)
+    _emit(as_json, {"path": str(out), "parameters": counts, "layer_map": list(cfg.layer_map),
+                    "primary": dataclasses.asdict(cfg.primary), "tokenizer": cfg.tokenizer.type},
+          f"wrote {out} ({', '.join(f'{k} {_human(v)}' for k, v in counts.items())} parameters; layer map "
+          f"{list(cfg.layer_map)}; tokenizer.json from the GGUF metadata)")
+
+
 @cli.command("export-hf")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--model", "model_name", type=click.Choice(["primary", "drafter"]), default="primary",

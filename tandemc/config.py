@@ -93,6 +93,7 @@ class TokenizerConfig:
     bos_token: str = ""
     eos_token: str = ""
     pad_token: str = ""
+    chat_template: str = ""  # Jinja, as the model's publisher wrote it (GGUF tokenizer.chat_template)
 
     def validate(self) -> None:
         if self.type not in ("byte", "hf"):

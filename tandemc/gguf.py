@@ -1,0 +1,256 @@
+"""Llama-architecture GGUF files (llama.cpp's format) as tandemc decoders, read with the `gguf` package.
+
+Every tensor type the `gguf` package dequantizes is read as float32. llama.cpp's converter permutes the rows of
+attn_q and attn_k (per head, from rotate-half pairs (i, i + d/2) to interleaved pairs (2i, 2i + 1)) for its RoPE
+kernel; `unpermute_rows` undoes that, giving back the rotate-half layout tandemc and Hugging Face use. GGUF
+matrices are [out, in] like Hugging Face's; tandemc stores [in, out]. The byte-level BPE tokenizer in the metadata
+becomes a Hugging Face `tokenizer.json` whose pre-tokenizer reproduces llama.cpp's for the file's `pre` type.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tandemc.config import DecoderConfig
+from tandemc.errors import TandemcError
+from tandemc.params import check_tensors, decoder_shapes, np_dtype, unflatten
+
+_LAYER_NAMES = {
+    "attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
+    "ffn_norm": "mlp_norm", "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down",
+}
+_GLOBAL_NAMES = {"token_embd": "embed", "output_norm": "final_norm", "output": "lm_head"}
+
+# GPT-2's pre-tokenizer regex, which `ByteLevel(use_regex=True)` applies; llama.cpp's pre types that use it.
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's token types (llama_token_type): 3 control, 4 user-defined.
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+@dataclass
+class GGUFModel:
+    config: DecoderConfig
+    params: dict  # tandemc decoder pytree
+    tokenizer_json: dict
+    bos_token: str  # "" where the file says not to add a BOS (tokenizer.ggml.add_bos_token false)
+    eos_token: str
+    pad_token: str
+    chat_template: str
+    name: str
+
+
+def _reader(path: Path):
+    try:
+        import gguf
+    except ImportError:
+        raise TandemcError("reading GGUF files needs the 'gguf' package (pip install 'tandemc[gguf]')") from None
+    if not path.is_file():
+        raise TandemcError(f"GGUF file {path} does not exist")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on bad files
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TandemcError(f"{path.name} is not a readable GGUF file ({detail}); check that the download "
+                           "completed") from None
+
+
+def _field(reader, key: str, default=None, *, required: bool = True):
+    field = reader.fields.get(key)
+    if field is None:
+        if required and default is None:
+            raise TandemcError(f"GGUF metadata key '{key}' is missing")
+        return default
+    try:
+        return field.contents()
+    except Exception:
+        raise TandemcError(f"GGUF metadata key '{key}' is unreadable") from None
+
+
+def read_config(reader, path: Path) -> DecoderConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise TandemcError(f"{path.name}: architecture {arch!r} is unsupported; tandemc imports Llama-architecture "
+                           "GGUF files")
+    if f"{arch}.rope.scaling.type" in reader.fields and _field(reader, f"{arch}.rope.scaling.type") not in ("none",):
+        raise TandemcError(f"{path.name}: RoPE scaling {_field(reader, f'{arch}.rope.scaling.type')!r} is unsupported")
+    d_model = int(_field(reader, "llama.embedding_length"))
+    n_heads = int(_field(reader, "llama.attention.head_count"))
+    head_dim = int(_field(reader, "llama.attention.key_length", d_model // max(n_heads, 1), required=False))
+    rot = int(_field(reader, "llama.rope.dimension_count", head_dim, required=False))
+    if rot != head_dim:
+        raise TandemcError(f"{path.name}: RoPE over {rot} of {head_dim} head dimensions is unsupported")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = int(_field(reader, "llama.vocab_size", len(tokens.data) if tokens else None))
+    names = {t.name for t in reader.tensors}
+    return DecoderConfig(
+        vocab_size=vocab, d_model=d_model, n_layers=int(_field(reader, "llama.block_count")), n_heads=n_heads,
+        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads, required=False)),
+        d_ff=int(_field(reader, "llama.feed_forward_length")), head_dim=head_dim,
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0, required=False)),
+        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5, required=False)),
+        tie_embeddings="output.weight" not in names,
+        max_seq_len=int(_field(reader, "llama.context_length", 2048, required=False)))
+
+
+def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation: [out, in] rows per head from (d/2, 2) back to (2, d/2) order."""
+    out, cols = w.shape
+    return w.reshape(n_heads, out // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(out, cols)
+
+
+def _our_name(name: str) -> str | None:
+    if not name.endswith(".weight"):
+        return None
+    stem = name[:-len(".weight")]
+    if stem in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[stem]
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def dequantized(tensor, path: Path) -> np.ndarray:
+    """A GGUF tensor as float32 in numpy (row-major, [out, in] for matrices) order."""
+    import gguf
+
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise TandemcError(f"{path.name}: tensor '{tensor.name}' has type {tensor.tensor_type.name}, which the gguf "
+                           "package cannot dequantize") from None
+    values = np.asarray(values, np.float32)
+    if values.size != int(np.prod(shape)):
+        raise TandemcError(f"{path.name}: tensor '{tensor.name}' holds {values.size} values, its header says "
+                           f"{list(shape)}")
+    return values.reshape(shape)
+
+
+def read_weights(reader, cfg: DecoderConfig, path: Path, dtype: str) -> dict:
+    target = np_dtype(dtype)
+    flat = {}
+    for tensor in reader.tensors:
+        ours = _our_name(tensor.name)
+        if ours is None:
+            raise TandemcError(f"{path.name}: unexpected tensor '{tensor.name}' in a Llama GGUF file")
+        value = dequantized(tensor, path)
+        if ours.endswith(".wq"):
+            value = unpermute_rows(value, cfg.n_heads)
+        elif ours.endswith(".wk"):
+            value = unpermute_rows(value, cfg.n_kv_heads)
+        if value.ndim == 2 and ours != "embed":
+            value = value.T
+        flat[ours] = np.ascontiguousarray(value).astype(target)
+    check_tensors(decoder_shapes(cfg, ""), {n: (dtype, a.shape) for n, a in flat.items()}, dtype, path.name)
+    return unflatten(flat)
+
+
+def _strings(reader, key: str) -> list[str]:
+    field = reader.fields[key]
+    return [bytes(field.parts[i]).decode("utf-8", errors="surrogateescape") for i in field.data]
+
+
+def tokenizer_json(reader, path: Path) -> dict:
+    """The file's byte-level BPE tokenizer as a Hugging Face `tokenizer.json` (vocab, merges, pre-tokenizer,
+    special tokens), tokenizing as llama.cpp does for the file's `tokenizer.ggml.pre`."""
+    model = _field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise TandemcError(f"{path.name}: tokenizer model {model!r} is unsupported; tandemc reads byte-level BPE "
+                           "('gpt2') GGUF tokenizers")
+    pre = _field(reader, "tokenizer.ggml.pre", "default", required=False)
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if pre in ("default", "gpt-2"):
+        pre_tokenizer = byte_level
+    elif pre in _DIGITS_THEN_GPT2:
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True}, byte_level]}
+    elif pre == "llama-bpe":
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+            {**byte_level, "use_regex": False}]}
+    else:
+        raise TandemcError(f"{path.name}: pre-tokenizer {pre!r} is unsupported; tandemc knows "
+                           f"{', '.join(('default', 'gpt-2', 'llama-bpe') + _DIGITS_THEN_GPT2)}")
+    tokens = _strings(reader, "tokenizer.ggml.tokens")
+    merges = _strings(reader, "tokenizer.ggml.merges")
+    types = [int(t) for t in _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens), required=False)]
+    added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": types[i] == _CONTROL}
+             for i in range(len(tokens)) if types[i] in (_CONTROL, _USER_DEFINED)]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": pre_tokenizer, "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {token: i for i, token in enumerate(tokens)}, "merges": merges},
+    }
+
+
+def _special(reader, tokens: list[str], key: str) -> str:
+    token_id = _field(reader, f"tokenizer.ggml.{key}_token_id", -1, required=False)
+    return tokens[int(token_id)] if 0 <= int(token_id) < len(tokens) else ""
+
+
+def load_config(path: str | Path) -> DecoderConfig:
+    """The model's DecoderConfig from the file's metadata alone (no tensor is read)."""
+    path = Path(path)
+    return read_config(_reader(path), path)
+
+
+def load_gguf(path: str | Path, dtype: str = "float32") -> GGUFModel:
+    """A Llama GGUF file → config, float parameters, tokenizer.json, special tokens and chat template."""
+    path = Path(path)
+    reader = _reader(path)
+    cfg = read_config(reader, path)
+    cfg.validate(path.name)
+    tok = tokenizer_json(reader, path)
+    tokens = [t for t, _ in sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    if len(tokens) != cfg.vocab_size:
+        raise TandemcError(f"{path.name}: the tokenizer has {len(tokens)} tokens, the model {cfg.vocab_size}")
+    params = read_weights(reader, cfg, path, dtype)
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", True, required=False))
+    return GGUFModel(cfg, params, tok, bos_token=_special(reader, tokens, "bos") if add_bos else "",
+                     eos_token=_special(reader, tokens, "eos"), pad_token=_special(reader, tokens, "padding"),
+                     chat_template=str(_field(reader, "tokenizer.chat_template", "", required=False)),
+                     name=str(_field(reader, "general.name", path.stem, required=False)))
+
+
+def import_gguf(path: str | Path, *, secondary: DecoderConfig | None = None, layer_map: tuple[int, ...] = (),
+                gamma_train: int = 2, dtype: str = "float32", seed: int = 0):
+    """A GGUF primary plus a freshly initialised tandem secondary → (TandemConfig, params, tokenizer.json bytes).
+
+    The secondary (default: `default_secondary`) and its tandem projections start random, ready for
+    `tandemc train --stage tandem`; primary mode decodes and exports the imported model as it is.
+    """
+    from tandemc.config import TandemConfig, TokenizerConfig
+    from tandemc.params import init_params
+
+    model = load_gguf(path, dtype)
+    primary = model.config
+    secondary = secondary or default_secondary(primary)
+    tokenizer = TokenizerConfig(type="hf", file="tokenizer.json", bos_token=model.bos_token,
+                                eos_token=model.eos_token, pad_token=model.pad_token,
+                                chat_template=model.chat_template)
+    cfg = TandemConfig(primary=primary, secondary=secondary, layer_map=layer_map, gamma_train=gamma_train,
+                       tokenizer=tokenizer, dtype=dtype).validate()
+    params = {"primary": model.params, **init_params(cfg, seed, only="secondary."),
+              **init_params(cfg, seed + 1, only="tandem.")}
+    data = (json.dumps(model.tokenizer_json, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    return cfg, params, data
+
+
+def default_secondary(primary: DecoderConfig) -> DecoderConfig:
+    """The secondary `import-gguf` adds when none is given: 2 layers, width 128, 2 query heads and 1 KV head of 64,
+    d_ff 384, the primary's vocabulary, RoPE and context; a few per cent of SmolLM2-135M's per-token cost, before
+    its embedding and LM head."""
+    return DecoderConfig(vocab_size=primary.vocab_size, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=384,
+                         head_dim=64, rope_theta=primary.rope_theta, norm_eps=primary.norm_eps, tie_embeddings=True,
+                         max_seq_len=primary.max_seq_len)
