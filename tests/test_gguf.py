@@ -137,9 +137,11 @@ PROMPTS = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"
            "Once upon a time, in a small village by the sea,", "SELECT name, COUNT(*) FROM users GROUP BY",
            "for (int i = 0; i < n; ++i) {\n    sum +="]
 
-# llama.cpp computes Q4_1 matmuls with the activations rounded to 8 bits (Q8_1); tandemc's reference computes
-# with the same weights dequantized to float32. Measured on PROMPTS: max |Δlogits| 0.37 on logits up to ~30.
-LLAMA_CPP_LOGIT_TOLERANCE = 1.0
+# llama.cpp computes Q4_1 (and the tied Q8_0 head) with the activations rounded to 8 bits per block of 32 (Q8_1);
+# tandemc's reference uses the same weights dequantized to float32, activations unrounded. Measured on PROMPTS
+# (logits up to ~40, standard deviation ~7): mean |Δlogits| 0.19-0.28 per prompt, max 1.76, argmax agreement
+# 0.92-1.00 per prompt. A wrong layout (RoPE pairs, a transposed matrix) moves the mean by whole units.
+LLAMA_CPP_MEAN_TOLERANCE, LLAMA_CPP_MAX_TOLERANCE = 0.35, 2.5
 
 
 @pytest.mark.slow
@@ -154,20 +156,25 @@ def test_logits_and_greedy_continuations_match_llama_cpp(smollm2, llama_cpp_smol
     batch = np.array([ids + [0] * (width - len(ids)) for ids in prompts])
     logits = np.asarray(jax.jit(model.forward, static_argnums=1)(params["primary"], smollm2.config.primary, batch)[0])
     ours = generate(params, smollm2.config, prompts, mode="primary", max_new_tokens=16, max_seq_len=160).tokens
-    worst, same = 0.0, 0
+    worst, mean, agree, same = 0.0, 0.0, [], 0
     for row, ids in enumerate(prompts):
         llm.reset()
         llm.eval(ids)
-        worst = max(worst, float(np.max(np.abs(logits[row, :len(ids)] - np.asarray(llm.scores[:len(ids)])))))
+        expected = np.asarray(llm.scores[:len(ids)])
+        diff = np.abs(logits[row, :len(ids)] - expected)
+        worst, mean = max(worst, float(diff.max())), max(mean, float(diff.mean()))
+        agree.append(float(np.mean(logits[row, :len(ids)].argmax(-1) == expected.argmax(-1))))
         theirs = []
         for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
             theirs.append(int(token))
             if len(theirs) == 16:
                 break
         same += ours[row] == theirs
-    print(f"SmolLM2-135M vs llama.cpp on {len(PROMPTS)} prompts: max |Δlogits| {worst:.3f}; greedy 16-token "
-          f"continuations identical on {same}/{len(PROMPTS)}")
-    assert worst <= LLAMA_CPP_LOGIT_TOLERANCE
+    print(f"SmolLM2-135M vs llama.cpp on {len(PROMPTS)} prompts: |Δlogits| max {worst:.3f}, worst prompt mean "
+          f"{mean:.3f}; argmax agreement {min(agree):.2f}-{max(agree):.2f}; greedy 16-token continuations identical "
+          f"on {same}/{len(PROMPTS)}")
+    assert mean <= LLAMA_CPP_MEAN_TOLERANCE and worst <= LLAMA_CPP_MAX_TOLERANCE
+    assert min(agree) >= 0.85
     assert same >= 0.75 * len(PROMPTS)
 
 
