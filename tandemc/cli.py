@@ -587,9 +587,11 @@ def build_engine(artifact, as_json):
 
 
 def _verify_line(r: dict) -> str:
+    from tandemc.verify import sampled_summary
+
     buckets = ", ".join(f"{b['cache_length']}" for b in r["buckets"])
     return (f"{r['prompts']} prompts per cache length ({buckets}): greedy identical {r['greedy_identical']}, "
-            f"generate graph identical {r['generate_graph_identical']}, sampled identical {r['sampled_identical']}, "
+            f"generate graph identical {r['generate_graph_identical']}, sampled {sampled_summary(r)}, "
             f"max |dlogits| {r['max_abs_logit_diff']:.2e} (tolerance {r['logit_tolerance']:.0e}"
             + (f", exceeded at {r['logit_rows_over_tolerance']} of {r['logit_rows']} positions)"
                if r.get("logit_rows_over_tolerance") else ")"))

@@ -31,7 +31,8 @@ import numpy as np
 from tandemc import model, primitives
 from tandemc.config import TandemConfig
 from tandemc.errors import TandemcError
-from tandemc.sampling import Sampling, draft_token, next_token, sample, token_distribution, uniforms
+from tandemc.sampling import (Sampling, decision_margin, draft_token, filter_margin, next_token, sample,
+                              sample_margin, token_distribution, uniforms)
 
 MODES = ("speed", "tandem", "adaptive", "primary", "vanilla")
 TANDEM_MODES = ("speed", "tandem", "adaptive")  # modes drafting with the tandem secondary
@@ -71,14 +72,15 @@ def reads_primary_state(cfg: TandemConfig, mode: str) -> bool:
 
 
 def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths, limit, u, sampling: Sampling,
-            eos_id):
+            eos_id, margins: bool = False):
     """Run one chunk of prompts through the primary and fill the drafter's cache.
 
     tokens [B, C] sit at positions start[b]..start[b]+C-1 of prompts whose full lengths are lengths[b]; a row whose
     last prompt token falls in this chunk picks its first token from the primary there (uniform u[:, 0]) and is
     ready to step, with limit[b] new tokens allowed (0 marks an unused row, done at once). Calling with chunks in
     order (start 0, C, 2C, ...) is the same as one call over the whole prompt; positions past a row's prompt get
-    scratch keys/values that decoding overwrites before any query can see them.
+    scratch keys/values that decoding overwrites before any query can see them. `margins` (the reference, for
+    `verify`): state["margin"] gets each row's first-token `decision_margin`.
     """
     b, t = tokens.shape
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
@@ -111,19 +113,24 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths,
         "done": pick((first == eos_id) | (generated >= limit), state["done"]),
         "primary": primary_cache, "secondary": secondary_cache,
     }
+    if margins:
+        new_state["margin"] = pick(decision_margin(primitives.take_rows(logits, last), sampling, u[:, 0]),
+                                   state["margin"])
     if reads_primary_state(cfg, mode):
         new_state["primary_state"] = pick(model.primary_state_projection(params, cfg, primitives.take_rows(
             hiddens[-1], last)), state["primary_state"])
     return new_state
 
 
-def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: Sampling, eos_id):
+def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: Sampling, eos_id,
+         margins: bool = False):
     """One draft-verify iteration. u [B, 2γ+1]: γ for drafting, γ for acceptance, 1 for the final token.
 
     Returns (new state, outputs): emitted [B, γ+1], n_emitted [B], accepted [B], drafted [B] and the primary's
     logits [B, γ+1, V] over the verified block; row b's new tokens are emitted[b, :n_emitted[b]]. Rows already
     done keep their state and emit nothing. In `adaptive` mode drafting stops at the first draft the router
-    predicts will be rejected (γ is then the maximum block length).
+    predicts will be rejected (γ is then the maximum block length). `margins` (the reference, for `verify`) adds
+    outputs["margin"] [B]: the smallest margin of the step's decisions that shaped its tokens (`step_margin`).
     """
     b = state["token"].shape[0]
     c, p, active = state["token"], state["pos"], ~state["done"]
@@ -131,7 +138,7 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
     draft_params = params[drafter_name(mode)] if draft_cfg else None
     secondary_cache = state["secondary"]
 
-    drafts, draft_probs = [], []
+    drafts, draft_probs, draft_margins, router_margins = [], [], [], []
     n_drafted = jnp.full((b,), gamma, jnp.int32)
     if gamma > 0:
         if mode == "vanilla":
@@ -147,11 +154,15 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
                 logits, _, secondary_cache = model.decode_block(draft_params, draft_cfg, tokens, positions,
                                                                 secondary_cache, *offsets)
                 d, q = draft_token(logits[:, -1], sampling, u[:, t])
+                if margins:
+                    draft_margins.append(decision_margin(logits[:, -1], sampling, u[:, t]))
                 if mode == "adaptive":  # stop drafting at the first draft the router expects to be rejected
                     features = model.router_features(cfg.router, draft_params["embed"],
                                                      jax.nn.softmax(logits[:, -1]))
-                    reject = model.router_reject_probability(params["router"], features) > cfg.router.threshold
+                    probability = model.router_reject_probability(params["router"], features)
+                    reject = probability > cfg.router.threshold
                     n_drafted = jnp.where((n_drafted == gamma) & reject, t, n_drafted)
+                    router_margins.append(jnp.abs(probability - cfg.router.threshold).reshape(b))
             drafts.append(d)
             draft_probs.append(q)
             tokens, positions = d[:, None], (p + t + 1)[:, None]
@@ -177,6 +188,9 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
         y = next_token(logits[:, 0], sampling, u[:, 0])
         emitted, new_prev = y[:, None], c
     n_emitted = a + 1
+    if margins:
+        margin = step_margin(logits, drafts, draft_probs, draft_margins, router_margins, n_drafted, a, u, sampling,
+                             accept_all=mode == "tandem")
     slots = jnp.arange(gamma + 1)
 
     if mode in TANDEM_MODES:
@@ -201,7 +215,50 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
     }
     outputs = {"emitted": emitted, "n_emitted": jnp.where(active, n_emitted, 0), "accepted": jnp.where(active, a, 0),
                "drafted": jnp.where(active, n_drafted, 0), "logits": logits}
+    if margins:
+        outputs["margin"] = jnp.where(active, margin, jnp.inf)
     return new_state, outputs
+
+
+def step_margin(logits, drafts, draft_probs, draft_margins, router_margins, n_drafted, a, u, sampling: Sampling, *,
+                accept_all: bool):
+    """The smallest margin [B] among the decisions that shaped a step's tokens: each draft up to the first
+    rejection (its sampling, and in adaptive mode the router's threshold), each acceptance test up to the first
+    rejection (|log(u·q(d)) − log p(d)|), the primary's top-k/top-p filters at those positions and the final
+    token's sampling. Margins are +inf under greedy decoding, whose decisions are argmaxes checked strictly."""
+    gamma = len(drafts)
+    b = a.shape[0]
+    if gamma == 0:  # primary mode: one token from the primary
+        return decision_margin(logits[:, 0], sampling, u[:, 0])
+    decisive = jnp.arange(gamma)[None, :] <= a[:, None]  # drafts up to and including the first rejected one
+    margin = jnp.min(jnp.where(decisive & (jnp.arange(gamma)[None, :] < n_drafted[:, None]),
+                               jnp.stack(draft_margins, axis=1), jnp.inf), axis=1)
+    if router_margins:  # the router decided at every draft up to the one where drafting stopped
+        routed = jnp.arange(gamma)[None, :] <= jnp.minimum(n_drafted, gamma - 1)[:, None]
+        margin = jnp.minimum(margin, jnp.min(jnp.where(routed, jnp.stack(router_margins, axis=1), jnp.inf), axis=1))
+
+    def sampled(logits, d, q, u, a, sampling):
+        target = token_distribution(logits, sampling)  # as accept_sampled computes it
+        p_d = primitives.take_along_last(target[:, :gamma], d[..., None])[..., 0]
+        q_d = primitives.take_along_last(q, d[..., None])[..., 0]
+        tests = jnp.abs(jnp.log(u[:, gamma:2 * gamma] * q_d) - jnp.log(p_d))
+        tests = jnp.min(jnp.where(decisive & (jnp.arange(gamma)[None, :] < n_drafted[:, None]) & (not accept_all),
+                                  tests, jnp.inf), axis=1)
+        filters = jnp.min(jnp.where(jnp.arange(gamma + 1)[None, :] <= a[:, None], filter_margin(logits, sampling),
+                                    jnp.inf), axis=1)
+        proposed = jnp.arange(gamma)[None, :] < n_drafted[:, None]
+        q_ext = jnp.concatenate([jnp.where(proposed[..., None], q, 0.0), jnp.zeros((b, 1, q.shape[-1]), q.dtype)],
+                                axis=1)
+        p_a, q_a = primitives.take_rows(target, a), primitives.take_rows(q_ext, a)
+        residual = jnp.maximum(p_a - q_a, 0.0)
+        mass = jnp.sum(residual, axis=-1, keepdims=True)
+        final = sample_margin(jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_a), u[:, 2 * gamma])
+        return jnp.minimum(jnp.minimum(tests, filters), final)
+
+    accepted = lax.cond(sampling.temperature > 0, sampled, lambda *args: jnp.full((b,), jnp.inf),
+                        logits.astype(jnp.float32), jnp.stack(drafts, axis=1), jnp.stack(draft_probs, axis=1), u, a,
+                        sampling)
+    return jnp.minimum(margin, accepted)
 
 
 def first_reject(accept):
@@ -268,10 +325,12 @@ class Generation:
     stats: dict = field(default_factory=dict)
     accepted: list[list[int]] = field(default_factory=list)  # per row, drafts accepted at each of its steps
     logits: list[np.ndarray] = field(default_factory=list)  # with record_logits: the step outputs' logits
+    # with record_margins (the reference): per row, the first token's decision margin, then each of its steps'
+    margins: list[list[float]] = field(default_factory=list)
 
 
-_prefill = jax.jit(prefill, static_argnames=("cfg", "mode"), donate_argnames=("state",))
-_step = jax.jit(step, static_argnames=("cfg", "mode", "gamma"), donate_argnames=("state",))
+_prefill = jax.jit(prefill, static_argnames=("cfg", "mode", "margins"), donate_argnames=("state",))
+_step = jax.jit(step, static_argnames=("cfg", "mode", "gamma", "margins"), donate_argnames=("state",))
 
 
 def check_mode(cfg: TandemConfig, mode: str, gamma: int) -> None:
@@ -308,8 +367,9 @@ def check_request(cfg: TandemConfig, mode: str, prompts, max_new_tokens: int, ga
 def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str = "speed",
              block_length: int | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = -1,
-             max_seq_len: int | None = None, record_logits: bool = False) -> Generation:
-    """Generate up to max_new_tokens per prompt (token id lists) with the chosen mode; see module docstring."""
+             max_seq_len: int | None = None, record_logits: bool = False, record_margins: bool = False) -> Generation:
+    """Generate up to max_new_tokens per prompt (token id lists) with the chosen mode; see module docstring.
+    `record_margins`: how close each sampling decision came to going another way (`Generation.margins`)."""
     check_mode(cfg, mode, 1)  # before the mode picks a cache length
     gamma = 0 if mode == "primary" else (cfg.gamma_train if block_length is None else block_length)
     if max_seq_len is None:
@@ -319,16 +379,20 @@ def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str =
     eos = np.int32(eos_id)
     # The verify block writes up to γ positions past the last committed token.
     state = init_state(cfg, mode, len(prompts), max_seq_len + gamma)
+    if record_margins:
+        state["margin"] = jnp.full((len(prompts),), jnp.inf)
 
     def prefill_call(state, tokens, start, lengths, limit, u):
-        return _prefill(params, cfg, mode, state, tokens, start, lengths, limit, u, sampling, eos)
+        return _prefill(params, cfg, mode, state, tokens, start, lengths, limit, u, sampling, eos,
+                        margins=record_margins)
 
     def step_call(state, u):
-        return _step(params, cfg, mode, gamma, state, u, sampling, eos)
+        return _step(params, cfg, mode, gamma, state, u, sampling, eos, margins=record_margins)
 
     return decode_loop(prefill_call, step_call, state, prompts, batch=len(prompts),
                        chunk=max(len(p) for p in prompts), gamma=gamma, max_new_tokens=max_new_tokens, seed=seed,
-                       eos_id=eos_id, greedy=temperature == 0, record_logits=record_logits)
+                       eos_id=eos_id, greedy=temperature == 0, record_logits=record_logits,
+                       record_margins=record_margins)
 
 
 def pad_prompts(prompts: list[list[int]], batch: int, width: int, max_new_tokens: int):
@@ -346,14 +410,15 @@ def pad_prompts(prompts: list[list[int]], batch: int, width: int, max_new_tokens
 
 def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, batch: int, chunk: int, gamma: int,
                 max_new_tokens: int, seed: int, eos_id: int, greedy: bool = False, record_logits: bool = False,
-                read=lambda state, name: np.asarray(state[name])) -> Generation:
+                record_margins: bool = False, read=lambda state, name: np.asarray(state[name])) -> Generation:
     """Drive prefill chunks, then steps until every row is done: the host loop every backend shares.
 
     `prefill_call(state, tokens [B, C], start [B], lengths [B], limit [B], u [B, 1])` and `step_call(state, u)`
     return the new state and, for a step, its outputs; `read(state, name)` gives a state field (`token`, `done`)
     as a host array. Up to `batch` prompts (see `pad_prompts`). Uniforms come from the documented stream (call 0 for
     every prefill chunk, call n for step n), so any backend draws the same tokens; `greedy` decoding reads none,
-    so it gets zeros.
+    so it gets zeros. `record_margins`: the state has a `margin` field and steps a `margin` output (the
+    reference's, `step(margins=True)`), collected into `Generation.margins`.
     """
     n = len(prompts)
     tokens, lengths, limit = pad_prompts(prompts, batch, -(-max(len(p) for p in prompts) // chunk) * chunk,
@@ -365,6 +430,7 @@ def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, bat
         state = prefill_call(state, tokens[:, start:start + chunk], np.full((batch,), start, np.int32), lengths,
                              limit, u0)
     out = [[int(t)] for t in read(state, "token")[:n]]
+    margins = [[float(m)] for m in read(state, "margin")[:n]] if record_margins else []
     stats = Stats()
     accepted_per_step: list[list[int]] = [[] for _ in prompts]
     logits: list[np.ndarray] = []
@@ -380,14 +446,17 @@ def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, bat
         stats.row_steps += int(active.sum())
         stats.drafted += int(np.asarray(outputs["drafted"]).sum())
         stats.accepted += int(accepted.sum())
+        step_margins = np.asarray(outputs["margin"]) if record_margins else None
         if record_logits:
             logits.append(np.where(active[:, None, None], np.asarray(outputs["logits"]), np.nan))
         for row in np.flatnonzero(active[:n]):
             out[row].extend(int(t) for t in emitted[row, :n_emitted[row]])
             accepted_per_step[row].append(int(accepted[row]))
+            if record_margins:
+                margins[row].append(float(step_margins[row]))
     tokens_out = [_truncate(row, max_new_tokens, eos_id) for row in out]
     stats.new_tokens = sum(len(r) for r in tokens_out)
-    return Generation(tokens_out, stats.as_dict(), accepted_per_step, logits)
+    return Generation(tokens_out, stats.as_dict(), accepted_per_step, logits, margins)
 
 
 def _truncate(row: list[int], limit: int, eos_id: int) -> list[int]:

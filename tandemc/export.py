@@ -126,7 +126,9 @@ def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOption
 
 
 def _summary(report: dict) -> str:
+    from tandemc.verify import sampled_summary
+
     return (f"greedy identical {report['greedy_identical']}, generate graph identical "
-            f"{report['generate_graph_identical']}, sampled identical {report['sampled_identical']}, max |Δlogits| "
+            f"{report['generate_graph_identical']}, sampled {sampled_summary(report)}, max |Δlogits| "
             f"{report['max_abs_logit_diff']:.2e} (tolerance {report['logit_tolerance']:.0e}; exceeded at "
             f"{report['logit_rows_over_tolerance']} of {report['logit_rows']} positions)")

@@ -90,6 +90,48 @@ def sample(probs, u):
     return jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
 
 
+def sample_margin(probs, u):
+    """How close `sample(probs, u)` came to picking another token: the distance of u·total from the nearest edge of
+    the chosen token's CDF interval, as a fraction of the total mass. Two correct compilers may pick differently
+    when this is within what their rounding moves the CDF; `verify` uses it to tell such near-ties from errors."""
+    cdf = jnp.cumsum(probs, axis=-1)
+    total = cdf[..., -1]
+    target = u * total
+    index = sample(probs, u)[..., None]
+    upper = primitives.take_along_last(cdf, index)[..., 0]
+    lower = upper - primitives.take_along_last(probs, index)[..., 0]
+    return jnp.abs(jnp.minimum(upper - target, target - lower)) / total
+
+
+def filter_margin(logits, s: Sampling):
+    """How close the top-k and top-p filters of `token_distribution` came to keeping another set of tokens: the
+    log-probability gap between the k-th and (k+1)-th tokens, and the distance of the nucleus mass from top_p at
+    its edge. Either within rounding of zero makes the kept set, and so every probability, compiler-dependent;
+    +inf where a filter is off."""
+    vocab = logits.shape[-1]
+    z = logits.astype(jnp.float32) / jnp.maximum(s.temperature, 1e-6)
+    ordered = primitives.sort_descending(z)
+    k = jnp.clip(s.top_k, 1, vocab - 1)
+    gap = (primitives.take_along_last(ordered, jnp.broadcast_to(k - 1, z.shape[:-1])[..., None])
+           - primitives.take_along_last(ordered, jnp.broadcast_to(k, z.shape[:-1])[..., None]))[..., 0]
+    top_k = jnp.where((s.top_k > 0) & (s.top_k < vocab), gap, jnp.inf)
+    in_top_k = (s.top_k <= 0) | (jnp.arange(vocab) < s.top_k)
+    ordered_probs = primitives.softmax(jnp.where(in_top_k, ordered, -jnp.inf))
+    mass_before = jnp.cumsum(ordered_probs, axis=-1) - ordered_probs
+    edge = jnp.min(jnp.where(in_top_k, jnp.abs(mass_before - s.top_p), jnp.inf), axis=-1)
+    return jnp.minimum(top_k, jnp.where(s.top_p < 1.0, edge, jnp.inf))
+
+
+def decision_margin(logits, s: Sampling, u):
+    """The margin of `next_token(logits, s, u)`: the smaller of `filter_margin` and `sample_margin`; +inf when
+    greedy (greedy decisions are argmaxes, checked strictly)."""
+    def sampled(x, s, u):
+        return jnp.minimum(filter_margin(x, s), sample_margin(_sampled(x, s), u))
+
+    return lax.cond(s.temperature > 0, sampled, lambda x, s, u: jnp.full(x.shape[:-1], jnp.inf), logits.astype(
+        jnp.float32), s, u)
+
+
 _MASK64 = (1 << 64) - 1
 
 

@@ -179,3 +179,73 @@ def test_uniform_stream_follows_its_documented_definition():
             assert got[r, w] == np.float32((h >> 40) / 2 ** 24)
     assert got.dtype == np.float32 and ((got >= 0) & (got < 1)).all()
     assert len(np.unique(uniforms(0, 0, 1000, 1))) > 990
+
+
+# --- decision margins: how verify tells a near-tie from a wrong artifact ----------------------------------------
+
+def test_sample_and_filter_margins_measure_the_distance_to_another_decision():
+    from tandemc.sampling import filter_margin, sample_margin
+
+    probs = jnp.asarray([[0.1, 0.2, 0.3, 0.4]] * 3)
+    u = jnp.asarray([0.29, 0.35, 0.9])  # CDF edges at 0.1, 0.3, 0.6, 1.0
+    np.testing.assert_allclose(np.asarray(sample_margin(probs, u)), [0.01, 0.05, 0.1], atol=1e-6)
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    # top-k 2: log-probability gap between the 2nd and 3rd tokens; top-p 0.79: the nucleus mass 0.8 is 0.01 away
+    np.testing.assert_allclose(np.asarray(filter_margin(logits, Sampling.make(1.0, 2, 1.0))), [np.log(2.0)], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(filter_margin(logits, Sampling.make(1.0, 0, 0.79))), [0.01], atol=1e-5)
+    assert np.isinf(np.asarray(filter_margin(logits, Sampling.make(1.0, 0, 1.0)))).all()
+
+
+def test_divergences_map_to_the_decision_that_produced_them():
+    from tandemc.verify import decision_of_token, sampled_divergence
+
+    accepted = [2, 0, 1]  # steps emit 3, 1 and 2 tokens after the prefill's first
+    assert [decision_of_token(i, accepted) for i in range(8)] == [0, 1, 1, 1, 2, 3, 3, 4]
+    margins = [0.5, 0.25, 1e-6, 0.125]
+    assert sampled_divergence([1, 2, 3], [1, 2, 3], accepted, margins) is None
+    assert sampled_divergence([1, 2, 3, 4, 9], [1, 2, 3, 4, 5], accepted, margins) == (4, 1e-6)
+    assert sampled_divergence([7], [1], accepted, margins) == (0, 0.5)
+
+
+def wide_vocab_tandem():
+    """Vocabulary 1000: sampled decisions near a CDF edge are common enough to observe."""
+    from conftest import decoder
+    from tandemc.config import TandemConfig
+
+    return make(TandemConfig(decoder(1000, 96, 2, 6, 2, 16, max_seq_len=64),
+                             decoder(1000, 32, 1, 2, 1, 16, max_seq_len=64)), seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["primary", "speed"])
+def test_sampled_divergences_from_rounding_sized_differences_are_near_ties(mode):
+    """Two decoders whose logits differ by ε (weights × (1 + 1e-4·noise)): every sampled row where they part ways does
+    so at a decision whose recorded margin is within what ε can move (2ε/T for a CDF or a filter edge, 4ε/T for an
+    acceptance test), which verify excuses. A decoder with the same weights that draws other uniforms (a wrong random
+    stream, as a broken lowering would) parts ways at decisions with ordinary margins, which verify reports."""
+    from conftest import random_prompts
+    from tandemc.verify import margin_tolerance, sampled_divergence
+
+    cfg, params = wide_vocab_tandem()
+    prompts = random_prompts(1000, [3, 5, 8, 2, 6, 4, 7, 1], seed=0)
+    tokens = np.array([p + [0] * (8 - len(p)) for p in prompts])
+    forward = jax.jit(model.forward, static_argnums=1)
+    rng = np.random.default_rng(1)
+    nearby = jax.tree.map(lambda x: x * (1 + 1e-4 * jnp.asarray(rng.standard_normal(x.shape), x.dtype)), params)
+    eps = float(np.max(np.abs(forward(nearby["primary"], cfg.primary, tokens)[0] -
+                              forward(params["primary"], cfg.primary, tokens)[0])))
+    margins = {"nearby": [], "other stream": []}
+    for seed in range(4):
+        kw = dict(mode=mode, block_length=3, max_new_tokens=24, temperature=0.8, top_k=50, top_p=0.95)
+        ref = generate(params, cfg, prompts, record_margins=True, seed=seed, **kw)
+        for name, got in (("nearby", generate(nearby, cfg, prompts, seed=seed, **kw)),
+                          ("other stream", generate(params, cfg, prompts, seed=seed + 100, **kw))):
+            for row in range(len(prompts)):
+                divergence = sampled_divergence(got.tokens[row], ref.tokens[row], ref.accepted[row], ref.margins[row])
+                if divergence:
+                    margins[name].append(divergence[1])
+    bound = 2 * 4 * eps / 0.8  # twice the bound: ε was measured on the prompts, not at every decision
+    assert margins["nearby"] and max(margins["nearby"]) <= bound, (margins["nearby"], bound)
+    # verify's limit for an artifact whose logits differ by 1e-5, as a CPU artifact's do
+    wrong, limit = margins["other stream"], margin_tolerance(1e-5, 0.8, 1000)
+    assert len(wrong) >= 24 and np.mean(np.array(wrong) > limit) > 0.75, (sorted(wrong), limit)
