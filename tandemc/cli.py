@@ -320,51 +320,67 @@ def _parse_range(text: str) -> list[int]:
     return values
 
 
+def assembly_options(seed_help: str):
+    """The options every import that assembles a tandem shares (import-hf, import-gguf)."""
+    def wrap(fn):
+        for option in reversed([
+            click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True),
+            click.option("--layer-map", help="Comma-separated primary layer per secondary layer [default: evenly "
+                         "spaced]."),
+            click.option("--gamma-train", default=2, show_default=True),
+            click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                         show_default=True),
+            click.option("--seed", default=0, show_default=True, help=seed_help),
+            click.option("--force", is_flag=True),
+            json_option,
+        ]):
+            fn = option(fn)
+        return fn
+    return wrap
+
+
+def _layer_map(text: str | None) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",")) if text else ()
+    except ValueError:
+        raise TandemcError(f"--layer-map must be comma-separated layer numbers, got {text!r}") from None
+
+
+def _write_tandem(out: Path, cfg, params, tokenizer, force: bool, as_json: bool, extra: dict) -> None:
+    """Save an assembled tandem and report it."""
+    from tandemc.checkpoint import save_checkpoint
+
+    save_checkpoint(out, cfg, params, tokenizer_file=tokenizer, force=force)
+    counts = _parameter_counts(params)
+    _emit(as_json, {"path": str(out), "parameters": counts, "layer_map": list(cfg.layer_map),
+                    "tokenizer": cfg.tokenizer.type, **extra},
+          f"wrote {out} ({', '.join(f'{k} {_human(v)}' for k, v in counts.items())} parameters; layer map "
+          f"{list(cfg.layer_map)}; tokenizer {cfg.tokenizer.type})")
+
+
 @cli.command("import-hf")
 @click.option("--primary", "primary_dir", type=click.Path(path_type=Path), required=True,
               help="Hugging Face Llama directory of the primary.")
 @click.option("--secondary", "secondary_dir", type=click.Path(path_type=Path), required=True,
               help="Hugging Face Llama directory of the secondary (also the standalone drafter).")
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
-@click.option("--layer-map", help="Comma-separated primary layer per secondary layer [default: evenly spaced].")
-@click.option("--gamma-train", default=2, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Seed for the fresh tandem projections.")
-@click.option("--force", is_flag=True)
-@json_option
+@assembly_options("Seed for the fresh tandem projections.")
 def import_hf(primary_dir, secondary_dir, out, layer_map, gamma_train, dtype, seed, force, as_json):
     """Build a tandem checkpoint from two Llama-family models that share a tokenizer."""
-    from tandemc.checkpoint import save_checkpoint
     from tandemc.hf import import_tandem
 
-    try:
-        mapping = tuple(int(x) for x in layer_map.split(",")) if layer_map else ()
-    except ValueError:
-        raise TandemcError(f"--layer-map must be comma-separated layer numbers, got {layer_map!r}") from None
-    cfg, params, tokenizer_file = import_tandem(primary_dir, secondary_dir, layer_map=mapping,
+    cfg, params, tokenizer_file = import_tandem(primary_dir, secondary_dir, layer_map=_layer_map(layer_map),
                                                 gamma_train=gamma_train, dtype=dtype, seed=seed)
-    save_checkpoint(out, cfg, params, tokenizer_file=tokenizer_file, force=force)
-    counts = _parameter_counts(params)
-    _emit(as_json, {"path": str(out), "parameters": counts, "layer_map": list(cfg.layer_map),
-                    "tokenizer": cfg.tokenizer.type},
-          f"wrote {out} ({', '.join(f'{k} {_human(v)}' for k, v in counts.items())} parameters; layer map "
-          f"{list(cfg.layer_map)}; tokenizer {cfg.tokenizer.type})")
+    _write_tandem(out, cfg, params, tokenizer_file, force, as_json, {})
 
 
 @cli.command("import-gguf")
 @click.argument("gguf_file", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
 @click.option("--secondary-layers", default=2, show_default=True, help="Layers of the fresh tandem secondary.")
 @click.option("--secondary-d-model", default=128, show_default=True, help="Width of the fresh tandem secondary.")
 @click.option("--secondary-heads", default="2:1", show_default=True,
               help="Query:KV heads of the fresh secondary (head_dim 64, d_ff 3x its width).")
-@click.option("--layer-map", help="Comma-separated primary layer per secondary layer [default: evenly spaced].")
-@click.option("--gamma-train", default=2, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Seed for the fresh secondary and tandem projections.")
-@click.option("--force", is_flag=True)
-@json_option
-def import_gguf(gguf_file, out, secondary_layers, secondary_d_model, secondary_heads, layer_map, gamma_train, dtype,
+@assembly_options("Seed for the fresh secondary and tandem projections.")
+def import_gguf(gguf_file, secondary_layers, secondary_d_model, secondary_heads, out, layer_map, gamma_train, dtype,
                 seed, force, as_json):
     """A Llama-architecture GGUF file (llama.cpp's format) as the primary of a tandem checkpoint.
 
@@ -374,26 +390,18 @@ def import_gguf(gguf_file, out, secondary_layers, secondary_d_model, secondary_h
     """
     import dataclasses
 
-    from tandemc.checkpoint import save_checkpoint
     from tandemc.gguf import default_secondary, import_gguf as read_gguf, load_config
 
     try:
-        mapping = tuple(int(x) for x in layer_map.split(",")) if layer_map else ()
         q_heads, kv_heads = (int(x) for x in secondary_heads.split(":"))
     except ValueError:
-        raise TandemcError("--layer-map takes comma-separated layer numbers and --secondary-heads Q:KV, got "
-                           f"{layer_map!r} and {secondary_heads!r}") from None
+        raise TandemcError(f"--secondary-heads takes Q:KV head counts, got {secondary_heads!r}") from None
     secondary = dataclasses.replace(default_secondary(load_config(gguf_file)), n_layers=secondary_layers,
                                     d_model=secondary_d_model, n_heads=q_heads, n_kv_heads=kv_heads,
                                     d_ff=3 * secondary_d_model)
-    cfg, params, tokenizer = read_gguf(gguf_file, secondary=secondary, layer_map=mapping, gamma_train=gamma_train,
-                                       dtype=dtype, seed=seed)
-    save_checkpoint(out, cfg, params, tokenizer_file=tokenizer, force=force)
-    counts = _parameter_counts(params)
-    _emit(as_json, {"path": str(out), "parameters": counts, "layer_map": list(cfg.layer_map),
-                    "primary": dataclasses.asdict(cfg.primary), "tokenizer": cfg.tokenizer.type},
-          f"wrote {out} ({', '.join(f'{k} {_human(v)}' for k, v in counts.items())} parameters; layer map "
-          f"{list(cfg.layer_map)}; tokenizer.json from the GGUF metadata)")
+    cfg, params, tokenizer = read_gguf(gguf_file, secondary=secondary, layer_map=_layer_map(layer_map),
+                                       gamma_train=gamma_train, dtype=dtype, seed=seed)
+    _write_tandem(out, cfg, params, tokenizer, force, as_json, {"primary": dataclasses.asdict(cfg.primary)})
 
 
 @cli.command("export-hf")
