@@ -140,9 +140,10 @@ def inspect(path, as_json):
 @sampling_options
 @click.option("--max-seq-len", type=int, help="Cache length [default: the models' max_seq_len].")
 @click.option("--stats", is_flag=True, help="Print decoding statistics to stderr.")
+@click.option("--chat", is_flag=True, help="Send the prompt as a user turn through the model's chat template.")
 @json_option
 def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature, top_k, top_p, seed, max_seq_len,
-             stats, as_json):
+             stats, chat, as_json):
     """Generate text with the JAX reference decoder."""
     import jax
 
@@ -154,8 +155,9 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
     ckpt = load_checkpoint(checkpoint)
     params = jax.tree.map(jax.numpy.asarray, ckpt.params)
     tok = ckpt.tokenizer
+    ids = _prompt_ids(prompt, chat, ckpt.config, tok)
     start = time.perf_counter()
-    result = run(params, ckpt.config, [tok.encode(prompt)], mode=mode, block_length=block_length,
+    result = run(params, ckpt.config, [ids], mode=mode, block_length=block_length,
                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                  eos_id=tok.eos_id, max_seq_len=max_seq_len)
     seconds = time.perf_counter() - start
@@ -426,6 +428,16 @@ def export_hf(checkpoint, model_name, out, force, as_json):
           f"wrote {out} ({model_name}, {_human(cfg.num_parameters())} parameters, LlamaForCausalLM)")
 
 
+def _prompt_ids(text: str, chat: bool, cfg, tokenizer) -> list[int]:
+    """The prompt's token ids; with `chat`, as one user turn through the model's chat template (the template adds
+    any BOS it wants, so none is prepended)."""
+    if not chat:
+        return tokenizer.encode(text)
+    from tandemc.tokenizer import render_chat
+
+    return tokenizer.encode(render_chat(cfg.tokenizer.chat_template, text, tokenizer), add_bos=False)
+
+
 def _format_stats(s: dict, compiled: bool = True) -> str:
     return (f"steps {s['steps']}  new tokens {s['new_tokens']}  drafted {s['drafted']}  accepted {s['accepted']}  "
             f"mean accepted/step {s['mean_accepted_per_step']:.2f}  acceptance {s['acceptance_rate']:.1%}  "
@@ -518,13 +530,16 @@ def list_passes(as_json):
 @click.option("--profile", type=click.Path(file_okay=False, path_type=Path),
               help="Write ONNX Runtime's profiler trace of each graph to this folder and print where the time went "
               "(by scope: draft0.., verify, tandem_kv; and by operator) to stderr.")
+@click.option("--chat", is_flag=True, help="Send the prompt as a user turn through the model's chat template.")
 @json_option
 def run(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, generate_graph, backend, stats, threads,
-        profile, as_json):
+        profile, chat, as_json):
     """Generate text with a compiled artifact."""
     from tandemc.runtime import load
 
     loaded = load(artifact, backend, threads=threads, profile=profile)
+    if chat:
+        prompts = [_prompt_ids(p, True, loaded.config, loaded.tokenizer) for p in prompts]
     result = loaded.generate(list(prompts), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, seed=seed, use_generate_graph=generate_graph)
     if profile is not None:

@@ -20,6 +20,11 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
+    def token(self, token_id: int) -> str:
+        """The special tokens' names as `tandemc export-hf` writes them; a byte's character otherwise."""
+        names = {self.bos_id: "<bos>", self.eos_id: "<eos>", self.pad_id: "<pad>"}
+        return names.get(token_id, chr(token_id) if 0 <= token_id < 256 else "")
+
 
 class HFTokenizer:
     """A `tokenizer.json`; special tokens are named in the checkpoint config (empty name: none)."""
@@ -56,6 +61,10 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    def token(self, token_id: int) -> str:
+        """The token's text ("" for -1, no such token)."""
+        return (self._tok.id_to_token(token_id) or "") if token_id >= 0 else ""
+
 
 def load_tokenizer(cfg: TokenizerConfig, directory: Path | None):
     if cfg.type == "byte":
@@ -63,3 +72,29 @@ def load_tokenizer(cfg: TokenizerConfig, directory: Path | None):
     if directory is None:
         raise TandemcError("a Hugging Face tokenizer needs the checkpoint directory")
     return HFTokenizer(directory / cfg.file, cfg)
+
+
+def render_chat(template: str, user_text: str, tokenizer) -> str:
+    """One user turn through the model's chat template, ready for the assistant's reply (as Hugging Face's
+    `apply_chat_template(..., add_generation_prompt=True, tokenize=False)` renders it). The template comes from a
+    checkpoint or artifact, so it runs in Jinja's immutable sandbox."""
+    if not template:
+        raise TandemcError("this model has no chat template; drop --chat and write the prompt in full")
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise TandemcError("--chat renders the model's Jinja chat template: pip install jinja2") from None
+
+    def raise_exception(message):
+        raise TandemcError(f"the chat template refused the conversation: {message}")
+
+    special = {name: tokenizer.token(getattr(tokenizer, f"{name}_id")) for name in ("bos", "eos", "pad")}
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(
+            messages=[{"role": "user", "content": user_text}], add_generation_prompt=True,
+            bos_token=special["bos"], eos_token=special["eos"], pad_token=special["pad"])
+    except TemplateError as e:
+        raise TandemcError(f"the model's chat template does not render: {str(e).splitlines()[0]}") from None

@@ -74,6 +74,7 @@ def test_generate_sampling_and_stats(tiny):
     (["generate", "{tiny}", "--prompt", "x", "-n", "999"], "exceeds the cache length 256"),
     (["generate", "{tiny}/nope", "--prompt", "x"], "does not exist"),
     (["generate", "{tiny}", "--prompt", "x", "-t", "-1"], "--temperature >= 0"),
+    (["generate", "{tiny}", "--prompt", "x", "--chat"], "this model has no chat template"),
     (["init", "{tiny}", "--preset", "tiny"], "already exists; pass --force"),
     (["init", "{tiny}2", "--preset", "huge"], "unknown preset 'huge'"),
     (["init", "{tiny}3"], "exactly one of --preset NAME or --config FILE"),

@@ -2,6 +2,7 @@
 refused with one line."""
 
 import importlib.util
+import json
 import shutil
 import struct
 from pathlib import Path
@@ -87,6 +88,24 @@ def test_logits_match_transformers_reading_the_same_gguf(smollm2, transformers_s
     print(f"SmolLM2-135M vs transformers, {len(ids)} tokens: max |Δlogits| / max |logits| = {relative:.2e}")
     assert relative <= 1e-4
     assert np.array_equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_chat_prompts_render_as_transformers_renders_the_template(smollm2, transformers_smollm2):
+    """`--chat`: the kept template renders a user turn exactly as transformers' apply_chat_template does, and the
+    instruct model answers it."""
+    from tandemc.tokenizer import render_chat
+
+    _, reference = transformers_smollm2
+    for text in ("What is 2 + 2?", "Write a haiku about the sea.\nKeep it short.", "Ünïcode ✓ and {{ braces }}"):
+        ours = render_chat(smollm2.config.tokenizer.chat_template, text, smollm2.tokenizer)
+        assert ours == reference.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                     tokenize=False)
+    result = CliRunner().invoke(cli, ["generate", str(smollm2.path), "--prompt", "What is the capital of France?",
+                                      "--chat", "--mode", "primary", "-n", "16", "--max-seq-len", "128", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in json.loads(result.output)["text"]
 
 
 def varied_strings(count: int) -> list[str]:
