@@ -392,15 +392,14 @@ def import_gguf(gguf_file, secondary_layers, secondary_d_model, secondary_heads,
     """
     import dataclasses
 
-    from tandemc.gguf import default_secondary, import_gguf as read_gguf, load_config
+    from tandemc.gguf import import_gguf as read_gguf
 
     try:
         q_heads, kv_heads = (int(x) for x in secondary_heads.split(":"))
     except ValueError:
         raise TandemcError(f"--secondary-heads takes Q:KV head counts, got {secondary_heads!r}") from None
-    secondary = dataclasses.replace(default_secondary(load_config(gguf_file)), n_layers=secondary_layers,
-                                    d_model=secondary_d_model, n_heads=q_heads, n_kv_heads=kv_heads,
-                                    d_ff=3 * secondary_d_model)
+    secondary = {"n_layers": secondary_layers, "d_model": secondary_d_model, "n_heads": q_heads,
+                 "n_kv_heads": kv_heads, "d_ff": 3 * secondary_d_model}
     cfg, params, tokenizer = read_gguf(gguf_file, secondary=secondary, layer_map=_layer_map(layer_map),
                                        gamma_train=gamma_train, dtype=dtype, seed=seed)
     _write_tandem(out, cfg, params, tokenizer, force, as_json, {"primary": dataclasses.asdict(cfg.primary)})

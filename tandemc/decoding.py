@@ -230,29 +230,22 @@ def step_margin(logits, drafts, draft_probs, draft_margins, router_margins, n_dr
     b = a.shape[0]
     if gamma == 0:  # primary mode: one token from the primary
         return decision_margin(logits[:, 0], sampling, u[:, 0])
-    decisive = jnp.arange(gamma)[None, :] <= a[:, None]  # drafts up to and including the first rejected one
-    margin = jnp.min(jnp.where(decisive & (jnp.arange(gamma)[None, :] < n_drafted[:, None]),
-                               jnp.stack(draft_margins, axis=1), jnp.inf), axis=1)
+    proposed = jnp.arange(gamma)[None, :] < n_drafted[:, None]
+    # drafts up to and including the first rejected one
+    decisive = (jnp.arange(gamma)[None, :] <= a[:, None]) & proposed
+    margin = jnp.min(jnp.where(decisive, jnp.stack(draft_margins, axis=1), jnp.inf), axis=1)
     if router_margins:  # the router decided at every draft up to the one where drafting stopped
         routed = jnp.arange(gamma)[None, :] <= jnp.minimum(n_drafted, gamma - 1)[:, None]
         margin = jnp.minimum(margin, jnp.min(jnp.where(routed, jnp.stack(router_margins, axis=1), jnp.inf), axis=1))
 
     def sampled(logits, d, q, u, a, sampling):
         target = token_distribution(logits, sampling)  # as accept_sampled computes it
-        p_d = primitives.take_along_last(target[:, :gamma], d[..., None])[..., 0]
-        q_d = primitives.take_along_last(q, d[..., None])[..., 0]
+        p_d, q_d = draft_probabilities(target, q, d)
         tests = jnp.abs(jnp.log(u[:, gamma:2 * gamma] * q_d) - jnp.log(p_d))
-        tests = jnp.min(jnp.where(decisive & (jnp.arange(gamma)[None, :] < n_drafted[:, None]) & (not accept_all),
-                                  tests, jnp.inf), axis=1)
+        tests = jnp.min(jnp.where(decisive & (not accept_all), tests, jnp.inf), axis=1)
         filters = jnp.min(jnp.where(jnp.arange(gamma + 1)[None, :] <= a[:, None], filter_margin(logits, sampling),
                                     jnp.inf), axis=1)
-        proposed = jnp.arange(gamma)[None, :] < n_drafted[:, None]
-        q_ext = jnp.concatenate([jnp.where(proposed[..., None], q, 0.0), jnp.zeros((b, 1, q.shape[-1]), q.dtype)],
-                                axis=1)
-        p_a, q_a = primitives.take_rows(target, a), primitives.take_rows(q_ext, a)
-        residual = jnp.maximum(p_a - q_a, 0.0)
-        mass = jnp.sum(residual, axis=-1, keepdims=True)
-        final = sample_margin(jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_a), u[:, 2 * gamma])
+        final = sample_margin(final_distribution(target, q, proposed, a), u[:, 2 * gamma])
         return jnp.minimum(jnp.minimum(tests, filters), final)
 
     accepted = lax.cond(sampling.temperature > 0, sampled, lambda *args: jnp.full((b,), jnp.inf),
@@ -282,18 +275,31 @@ def accept_greedy(logits, d, q, proposed, u, sampling: Sampling, *, accept_all: 
 def accept_sampled(logits, d, q, proposed, u, sampling: Sampling, *, accept_all: bool):
     """Leviathan et al. rejection sampling over the block: accept d_t when u·q(d_t) < p(d_t); at the first
     rejection draw from norm(max(0, p − q)), after all accepted from p (the bonus token)."""
-    b, gamma = d.shape
+    gamma = d.shape[1]
     target = token_distribution(logits, sampling)  # [B, γ+1, V]; target[:, j] predicts position p+j+1
-    p_d = primitives.take_along_last(target[:, :gamma], d[..., None])[..., 0]
-    q_d = primitives.take_along_last(q, d[..., None])[..., 0]
+    p_d, q_d = draft_probabilities(target, q, d)
     accept = jnp.ones_like(proposed) if accept_all else (u[:, gamma:2 * gamma] * q_d < p_d) & proposed
     a = first_reject(accept)
-    # Drafts never proposed contribute no q: after an early stop the final token comes from p itself.
+    return a, sample(final_distribution(target, q, proposed, a), u[:, 2 * gamma])
+
+
+def draft_probabilities(target, q, d):
+    """p(d_t) and q(d_t) [B, γ]: each draft's probability under the primary's and the drafter's distributions."""
+    gamma = d.shape[1]
+    return (primitives.take_along_last(target[:, :gamma], d[..., None])[..., 0],
+            primitives.take_along_last(q, d[..., None])[..., 0])
+
+
+def final_distribution(target, q, proposed, a):
+    """The distribution the step's last token is drawn from [B, V]: norm(max(0, p − q)) at the first rejection,
+    p itself after all proposed drafts were accepted. Drafts never proposed contribute no q: after an early stop
+    the final token comes from p."""
+    b = a.shape[0]
     q_ext = jnp.concatenate([jnp.where(proposed[..., None], q, 0.0), jnp.zeros((b, 1, q.shape[-1]), q.dtype)], axis=1)
     p_a, q_a = primitives.take_rows(target, a), primitives.take_rows(q_ext, a)
     residual = jnp.maximum(p_a - q_a, 0.0)
     mass = jnp.sum(residual, axis=-1, keepdims=True)
-    return a, sample(jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_a), u[:, 2 * gamma])
+    return jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_a)
 
 
 @dataclass
