@@ -65,7 +65,7 @@ def parse(spec: str) -> list[tuple[str, dict]]:
 
     Options after a colon: `block=N` (quantization block, 0 = per channel), `models=primary+secondary` (which
     models a quantization pass touches), `keep=embed+lm_head` (matrices left in float), `activations=int8`
-    (quantize the matmuls' inputs at run time too).
+    (quantize the matmuls' inputs at run time too), `scheme=asymmetric` (a minimum per block as well as a scale).
     """
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):

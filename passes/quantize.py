@@ -1,4 +1,5 @@
-"""Weight-only symmetric quantization: integers q and float scales with w ≈ q · scale.
+"""Weight quantization: integers q and float scales with w ≈ q · scale (symmetric), or w ≈ q · scale + offset
+(`scheme=asymmetric`: the block's minimum and maximum map to the integer range's ends).
 
 Scales are per output column and per block of `block` input rows (block 0: the whole column, i.e. per output
 channel). Targets lower a quantized matmul natively from the same integers (tandemc.primitives.dequant_matmul:
@@ -8,9 +9,17 @@ StableHLO convert + multiply; ONNX DequantizeLinear feeding MatMul), so every ta
 (tandemc.primitives.int8_activation_matmul; leaves {"qa", "scale"}): integer dot products, the numerics of ONNX
 Runtime's fast MatMulNBits kernels (accuracy level 4). Its float-activation kernels for 8-bit weights dequantize
 the whole matrix every call, slower than float32 on CPUs; with int8 activations an int8 artifact beats float.
+
+Asymmetric blocks are the layout of llama.cpp's Q4_1 (w = d·q + m, q in 0..15, blocks of 32): stored as signed
+q − 8 with offset m + 8·d, a quantized matrix stays a symmetric one (the same kernels: MatMulNBits, TensorRT's
+DequantizeLinear) plus a small float matmul of x's block sums by the offsets (tandemc.model.linear). Re-quantizing a
+Q4_1 file's dequantized weights this way gives back its integers exactly wherever every block spans 0..15, as
+llama.cpp's Q4_1 quantizer makes it (tandemc/gguf.py checks it for --keep-quantized).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -22,23 +31,38 @@ from tandemc.primitives import quant_block
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
 MODELS = ("primary", "secondary", "drafter", "tandem")
 ACTIVATIONS = ("float", "int8")
+SCHEMES = ("symmetric", "asymmetric")
 KERNEL_BLOCKS = (16, 32, 64, 128, 256)  # the blocks ONNX Runtime's MatMulNBits kernels take
 
 
-def quantize_matrix(w: np.ndarray, bits: int, block: int, key: str = "q") -> dict[str, np.ndarray]:
-    """w [K, N] → {key: int8 (bits 8) or int4 (bits 4) [K, N] in ±(2^(bits-1) - 1),
-    "scale": float32 [ceil(K/block), N]} (the last block may be shorter)."""
+def quantize_matrix(w: np.ndarray, bits: int, block: int, key: str = "q",
+                    scheme: str = "symmetric") -> dict[str, np.ndarray]:
+    """w [K, N] → {key: int8 (bits 8) or int4 (bits 4) [K, N], "scale": float32 [ceil(K/block), N]} (the last
+    block may be shorter). Symmetric: q in ±(2^(bits-1) - 1), scale max|w|/qmax. Asymmetric: q + 2^(bits-1) in
+    0..2^bits - 1 spans each block's min..max, and "offset" [blocks, N] = min + 2^(bits-1)·scale."""
     k, n = w.shape
     block = block_for(k, block)
     blocks = -(-k // block)
-    qmax = 2 ** (bits - 1) - 1
     padded = np.zeros((blocks * block, n), np.float32)
     padded[:k] = w
+    if k % block:  # the short last block's padding repeats its first row, so it does not widen min..max
+        padded[k:] = w[(blocks - 1) * block]
     padded = padded.reshape(blocks, block, n)
-    scale = np.max(np.abs(padded), axis=1) / qmax
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.rint(padded / scale[:, None, :]), -qmax, qmax).astype(np.int8).reshape(-1, n)[:k]
-    return {key: q if bits == 8 else q.astype(np_dtype("int4")), "scale": scale}
+    if scheme == "asymmetric":
+        half = 2 ** (bits - 1)
+        low = np.min(padded, axis=1)
+        scale = (np.max(padded, axis=1) - low) / (2 * half - 1)
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = np.clip(np.rint((padded - low[:, None, :]) / scale[:, None, :]), 0, 2 * half - 1) - half
+        extra = {"offset": (low + half * scale).astype(np.float32)}
+    else:
+        qmax = 2 ** (bits - 1) - 1
+        scale = np.max(np.abs(padded), axis=1) / qmax
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = np.clip(np.rint(padded / scale[:, None, :]), -qmax, qmax)
+        extra = {}
+    q = q.astype(np.int8).reshape(-1, n)[:k]
+    return {key: q if bits == 8 else q.astype(np_dtype("int4")), "scale": scale, **extra}
 
 
 def block_for(rows: int, block: int) -> int:
@@ -63,6 +87,16 @@ def kinds(params) -> set[str]:
     return set()
 
 
+def with_float_activations(params):
+    """The same integers and scales with the activations left in float: each {"qa", ...} as {"q", ...}. The
+    yardstick for what int8 activations change (tandemc.verify)."""
+    if isinstance(params, dict):
+        return {("q" if k == "qa" else k): with_float_activations(v) for k, v in params.items()}
+    if isinstance(params, list):
+        return [with_float_activations(v) for v in params]
+    return params
+
+
 def _nbytes(tree) -> int:
     if isinstance(tree, dict):
         return sum(_nbytes(v) for v in tree.values())
@@ -73,9 +107,11 @@ def _nbytes(tree) -> int:
 
 def quantize(config: TandemConfig, params: dict, bits: int = 8, block: int | str = 0,
              models: str = "primary+secondary+drafter+tandem", keep: str = "embed+lm_head",
-             activations: str = "float"):
-    """Quantize the matrices of the chosen models; `keep` names matrices left in float (the embedding table is a
-    lookup, never quantized); `activations` float (weight-only) or int8 (see the module docstring)."""
+             activations: str = "float", scheme: str = "symmetric"):
+    """Quantize the float matrices of the chosen models (matrices a previous pass quantized stay as they are);
+    `keep` names matrices left in float: the embedding table is a lookup, never quantized, and a tied LM head
+    that is not kept becomes a quantized copy of the table (the lookup stays float); `activations` float
+    (weight-only) or int8, `scheme` symmetric or asymmetric (see the module docstring)."""
     if config.dtype != "float32":
         raise TandemcError(f"quantization starts from float32 weights; export with --dtype float32 (got "
                            f"{config.dtype})")
@@ -88,9 +124,12 @@ def quantize(config: TandemConfig, params: dict, bits: int = 8, block: int | str
     if activations == "int8" and block not in KERNEL_BLOCKS:
         raise TandemcError(f"activations=int8 needs block={'|'.join(map(str, KERNEL_BLOCKS))} (the int8 kernels' "
                            f"blocks), got block={block}")
+    if scheme not in SCHEMES:
+        raise TandemcError(f"quantization option scheme={scheme!r}: use one of {', '.join(SCHEMES)}")
     kept = set(str(keep).split("+"))
     key = "qa" if activations == "int8" else "q"
-    params, details = dict(params), {"bits": bits, "block": block, "activations": activations, "models": {}}
+    params, details = dict(params), {"bits": bits, "block": block, "activations": activations, "scheme": scheme,
+                                   "models": {}}
 
     def q(w):
         if not (isinstance(w, np.ndarray) and w.ndim == 2):
@@ -98,7 +137,7 @@ def quantize(config: TandemConfig, params: dict, bits: int = 8, block: int | str
         if key == "qa" and block_for(w.shape[0], block) not in KERNEL_BLOCKS:
             raise TandemcError(f"activations=int8: a matrix of {w.shape[0]} input rows has no block of 16..{block} "
                                f"rows that divides it; quantize it weight-only or keep it")
-        return quantize_matrix(w, bits, block, key)
+        return quantize_matrix(w, bits, block, key, scheme)
 
     for name in chosen:
         if name not in params:
@@ -109,6 +148,10 @@ def quantize(config: TandemConfig, params: dict, bits: int = 8, block: int | str
                             for proj in params[name]]
         else:
             p = dict(params[name])
+            if "lm_head" not in kept and getattr(config, name).tie_embeddings:
+                p["lm_head"] = np.ascontiguousarray(p["embed"].T)
+                config = dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name),
+                                                                                   tie_embeddings=False)})
             p["layers"] = [{k: (q(v) if k in MATRICES and k not in kept else v) for k, v in layer.items()}
                            for layer in p["layers"]]
             if "lm_head" in p and "lm_head" not in kept:

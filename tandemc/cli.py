@@ -357,7 +357,8 @@ def _write_tandem(out: Path, cfg, params, tokenizer, force: bool, as_json: bool,
     _emit(as_json, {"path": str(out), "parameters": counts, "layer_map": list(cfg.layer_map),
                     "tokenizer": cfg.tokenizer.type, **extra},
           f"wrote {out} ({', '.join(f'{k} {_human(v)}' for k, v in counts.items())} parameters; layer map "
-          f"{list(cfg.layer_map)}; tokenizer {cfg.tokenizer.type})")
+          f"{list(cfg.layer_map)}; tokenizer {cfg.tokenizer.type}"
+          + (f"; export passes {cfg.export_passes}" if cfg.export_passes else "") + ")")
 
 
 @cli.command("import-hf")
@@ -381,9 +382,12 @@ def import_hf(primary_dir, secondary_dir, out, layer_map, gamma_train, dtype, se
 @click.option("--secondary-d-model", default=128, show_default=True, help="Width of the fresh tandem secondary.")
 @click.option("--secondary-heads", default="2:1", show_default=True,
               help="Query:KV heads of the fresh secondary (head_dim 64, d_ff 3x its width).")
+@click.option("--keep-quantized", is_flag=True,
+              help="Export with the file's own integers and block scales (Q4_1, Q8_0): records the passes that "
+              "reproduce them as the checkpoint's default export passes.")
 @assembly_options("Seed for the fresh secondary and tandem projections.")
-def import_gguf(gguf_file, secondary_layers, secondary_d_model, secondary_heads, out, layer_map, gamma_train, dtype,
-                seed, force, as_json):
+def import_gguf(gguf_file, secondary_layers, secondary_d_model, secondary_heads, keep_quantized, out, layer_map,
+                gamma_train, dtype, seed, force, as_json):
     """A Llama-architecture GGUF file (llama.cpp's format) as the primary of a tandem checkpoint.
 
     Weights are dequantized to DTYPE, the tokenizer becomes tokenizer.json and the chat template is kept. The
@@ -401,8 +405,9 @@ def import_gguf(gguf_file, secondary_layers, secondary_d_model, secondary_heads,
     secondary = {"n_layers": secondary_layers, "d_model": secondary_d_model, "n_heads": q_heads,
                  "n_kv_heads": kv_heads, "d_ff": 3 * secondary_d_model}
     cfg, params, tokenizer = read_gguf(gguf_file, secondary=secondary, layer_map=_layer_map(layer_map),
-                                       gamma_train=gamma_train, dtype=dtype, seed=seed)
-    _write_tandem(out, cfg, params, tokenizer, force, as_json, {"primary": dataclasses.asdict(cfg.primary)})
+                                       gamma_train=gamma_train, dtype=dtype, seed=seed, keep_quantized=keep_quantized)
+    _write_tandem(out, cfg, params, tokenizer, force, as_json, {"primary": dataclasses.asdict(cfg.primary),
+                                                                 "export_passes": cfg.export_passes or "O1"})
 
 
 @cli.command("export-hf")
@@ -463,9 +468,9 @@ def _format_stats(s: dict, compiled: bool = True) -> str:
               "MLP width over MODEL).")
 @click.option("--savedmodel", is_flag=True, help="tpu target: also write a TensorFlow SavedModel wrapping the same "
               "StableHLO, for TF Serving (needs tandemc[tf]).")
-@click.option("-O", "opt_level", type=click.Choice(["0", "1", "2", "3"]), default="1", show_default=True,
+@click.option("-O", "opt_level", type=click.Choice(["0", "1", "2", "3"]), default=None,
               help="Pass preset: 0 none, 1 exact fusions, 2 fusions + int8 weights, 3 fusions + int8 weights and "
-              "activations (cpu, tpu) (`tandemc passes`).")
+              "activations (cpu, tpu) (`tandemc passes`) [default: the checkpoint's export_passes, else 1].")
 @click.option("--passes", "pass_list", default=None,
               help="Comma-separated passes instead of -O, e.g. fuse_qkv,quantize_int4:block=64:models=primary.")
 @click.option("--no-verify", is_flag=True, help="Skip the check against the reference before writing.")
@@ -487,7 +492,8 @@ def export(checkpoint, target, out, mode, block_length, max_seq_len, batch, pref
     ckpt = load_checkpoint(checkpoint)
     manifest = run(ckpt, target, out, options, platforms=[p for p in platforms.split(",") if p] or None,
                    force=force, verify=not no_verify, verify_prompts=verify_prompts, savedmodel=savedmodel,
-                   passes=pass_list if pass_list is not None else f"O{opt_level}")
+                   passes=pass_list if pass_list is not None else f"O{opt_level}" if opt_level is not None else
+                   ckpt.config.export_passes or "O1")
     seconds = time.perf_counter() - start
     check = manifest.get("verification")
     if target == "gpu" and not manifest["tensorrt"]["engines"]:
@@ -499,7 +505,7 @@ def export(checkpoint, target, out, mode, block_length, max_seq_len, batch, pref
                     "passes": manifest["passes"], "verification": check, "seconds": round(seconds, 2)},
           f"wrote {out}: {target}, {len(manifest['graphs'])} graphs, passes "
           f"{','.join(p['name'] for p in manifest['passes']) or 'none'}, "
-          + (f"verified ({_verify_line(check)})" if check else "not verified") + f" ({seconds:.0f}s)")
+          + (f"verified ({_verify_summary(check)})" if check else "not verified") + f" ({seconds:.0f}s)")
 
 
 @cli.command("passes")
@@ -575,7 +581,7 @@ def verify(artifact, checkpoint, prompts, backend, as_json):
 
     loaded = load(artifact, backend)
     report = run(loaded, program_for_artifact(load_checkpoint(checkpoint), loaded.manifest), prompts=prompts)
-    _emit(as_json, report, ("OK: " if report["ok"] else "MISMATCH: ") + _verify_line(report))
+    _emit(as_json, report, ("OK: " if report["ok"] else "MISMATCH: ") + _verify_summary(report))
     if not report["ok"]:
         sys.exit(1)
 
@@ -608,15 +614,10 @@ def build_engine(artifact, as_json):
     _emit(as_json, info, f"built {len(info['engines'])} engines with TensorRT {info['version']} for {info['gpu']}")
 
 
-def _verify_line(r: dict) -> str:
-    from tandemc.verify import sampled_summary
+def _verify_summary(report: dict) -> str:
+    from tandemc.verify import summary
 
-    buckets = ", ".join(f"{b['cache_length']}" for b in r["buckets"])
-    return (f"{r['prompts']} prompts per cache length ({buckets}): greedy identical {r['greedy_identical']}, "
-            f"generate graph identical {r['generate_graph_identical']}, sampled {sampled_summary(r)}, "
-            f"max |dlogits| {r['max_abs_logit_diff']:.2e} (tolerance {r['logit_tolerance']:.0e}"
-            + (f", exceeded at {r['logit_rows_over_tolerance']} of {r['logit_rows']} positions)"
-               if r.get("logit_rows_over_tolerance") else ")"))
+    return summary(report)
 
 
 def _inspect_artifact(path: Path, as_json: bool) -> None:
@@ -646,7 +647,7 @@ def _inspect_artifact(path: Path, as_json: bool) -> None:
         lines.append(f"  tensorrt: {len(trt['engines'])} engines built with TensorRT {trt['version']} for {trt['gpu']}"
                      if trt["engines"] else "  tensorrt: no engines yet (tandemc build-engine on the GPU host)")
     check = m.get("verification")
-    lines.append("  verification: " + (_verify_line(check) if check else "not run"))
+    lines.append("  verification: " + (_verify_summary(check) if check else "not run"))
     _emit(as_json, data, "\n".join(lines))
 
 

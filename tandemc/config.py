@@ -125,6 +125,9 @@ class TandemConfig:
     router: RouterConfig | None = None
     drafter: DecoderConfig | None = None
     dtype: str = "float32"
+    # The passes `export` runs when given neither -O nor --passes ("" = -O1); import-gguf --keep-quantized sets the
+    # ones that give the artifact the GGUF file's own integers.
+    export_passes: str = ""
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):

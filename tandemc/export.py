@@ -80,7 +80,7 @@ def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOption
     builds TensorRT engines too where TensorRT and a GPU are present (`build_engines`), else leaves that to
     `tandemc build-engine` on the GPU host."""
     from tandemc.runtime import load
-    from tandemc.verify import verify as run_verify
+    from tandemc.verify import summary, verify as run_verify
 
     if target not in artifact.TARGETS:
         raise TandemcError(f"unknown target {target!r}; choose one of {', '.join(artifact.TARGETS)}")
@@ -114,7 +114,7 @@ def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOption
                                                                              prompts=verify_prompts)
                 report = {**tf_report, "ok": report["ok"] and tf_report["ok"]}
             if not report["ok"]:
-                raise TandemcError(f"verification failed, nothing written: {_summary(report)}; rerun with "
+                raise TandemcError(f"verification failed, nothing written: {summary(report)}; rerun with "
                                    "--no-verify to keep the artifact for inspection")
             manifest = artifact.write_manifest(tmp, manifest)
         if target == "gpu" and build_engines:
@@ -123,12 +123,3 @@ def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOption
             if tensorrt.environment() is not None:
                 manifest = tensorrt.build_engines(tmp)
     return manifest
-
-
-def _summary(report: dict) -> str:
-    from tandemc.verify import sampled_summary
-
-    return (f"greedy identical {report['greedy_identical']}, generate graph identical "
-            f"{report['generate_graph_identical']}, sampled {sampled_summary(report)}, max |Δlogits| "
-            f"{report['max_abs_logit_diff']:.2e} (tolerance {report['logit_tolerance']:.0e}; exceeded at "
-            f"{report['logit_rows_over_tolerance']} of {report['logit_rows']} positions)")

@@ -43,6 +43,7 @@ class GGUFModel:
     pad_token: str
     chat_template: str
     name: str
+    export_passes: str = ""
 
 
 def _reader(path: Path):
@@ -199,10 +200,60 @@ def _special(reader, tokens: list[str], key: str) -> str:
     return tokens[int(token_id)] if 0 <= int(token_id) < len(tokens) else ""
 
 
-def load_gguf(path: str | Path, dtype: str = "float32") -> GGUFModel:
-    """A Llama GGUF file → config, float parameters, tokenizer.json, special tokens and chat template."""
+# GGUF block types whose integers tandemc's quantization passes reproduce exactly from the dequantized weights,
+# where every block spans its type's integer range as llama.cpp's reference quantizers make it: the pass that does,
+# and how to read a block's integers (block bytes → [blocks, 32] ints) to check the span.
+_KEEPABLE = {
+    "Q4_1": ("quantize_int4:scheme=asymmetric:block=32", 20,
+             lambda b: np.concatenate([b[:, 4:] & 15, b[:, 4:] >> 4], axis=1), (0, 15)),
+    "Q8_0": ("quantize_int8:block=32", 34, lambda b: np.abs(b[:, 2:].copy().view(np.int8).astype(np.int16)),
+             (None, 127)),
+}
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def kept_quantization_passes(reader, path: Path) -> str:
+    """The export passes that give an artifact the file's own integers and block scales (import-gguf
+    --keep-quantized): one for the layer matrices, one for the LM head (the token table when tied), each with int8
+    activations as llama.cpp computes Q4_1 and Q8_0 dot products. Refused with the reason where a type has no exact
+    counterpart, the layer matrices mix types, or a block does not span its integer range (the re-quantization
+    would then not give back its integers)."""
+    layer_types, head_type = set(), None
+    for tensor in reader.tensors:
+        ours, kind = _our_name(tensor.name), tensor.tensor_type.name
+        if ours is None or ours in ("final_norm",) or ours.endswith("norm"):
+            continue
+        if kind not in _KEEPABLE and kind not in _FLOAT_TYPES:
+            raise TandemcError(f"{path.name}: tensor '{tensor.name}' is {kind}; --keep-quantized keeps "
+                               f"{', '.join(_KEEPABLE)} (and float) tensors only: import without it")
+        if kind in _KEEPABLE:
+            _, block_bytes, integers, (low, high) = _KEEPABLE[kind]
+            q = integers(np.asarray(tensor.data, np.uint8).reshape(-1, block_bytes))
+            if (low is not None and np.any(q.min(axis=1) != low)) or np.any(q.max(axis=1) != high):
+                raise TandemcError(f"{path.name}: tensor '{tensor.name}' has {kind} blocks that do not span "
+                                   "their integer range, so re-quantizing would not give back its integers: "
+                                   "import without --keep-quantized")
+        if ours in ("embed", "lm_head"):
+            head_type = kind if ours == "lm_head" or head_type is None else head_type
+        else:
+            layer_types.add(kind)
+    if len(layer_types) > 1:
+        raise TandemcError(f"{path.name}: the layer matrices mix {', '.join(sorted(layer_types))}; "
+                           "--keep-quantized needs one type for all of them: import without it")
+    passes = ["O1"]
+    if layer_types and (kind := layer_types.pop()) in _KEEPABLE:
+        passes.append(f"{_KEEPABLE[kind][0]}:models=primary:activations=int8")
+    if head_type in _KEEPABLE:
+        passes.append(f"{_KEEPABLE[head_type][0]}:models=primary:keep=embed:activations=int8")
+    return ",".join(passes)
+
+
+def load_gguf(path: str | Path, dtype: str = "float32", keep_quantized: bool = False) -> GGUFModel:
+    """A Llama GGUF file → config, float parameters, tokenizer.json, special tokens and chat template; with
+    `keep_quantized`, the export passes that keep its integers."""
     path = Path(path)
     reader = _reader(path)
+    export_passes = kept_quantization_passes(reader, path) if keep_quantized else ""
     cfg = read_config(reader, path)
     cfg.validate(path.name)
     tok = tokenizer_json(reader, path)
@@ -214,28 +265,32 @@ def load_gguf(path: str | Path, dtype: str = "float32") -> GGUFModel:
     return GGUFModel(cfg, params, tok, bos_token=_special(reader, tokens, "bos") if add_bos else "",
                      eos_token=_special(reader, tokens, "eos"), pad_token=_special(reader, tokens, "padding"),
                      chat_template=str(_field(reader, "tokenizer.chat_template", "", required=False)),
-                     name=str(_field(reader, "general.name", path.stem, required=False)))
+                     name=str(_field(reader, "general.name", path.stem, required=False)),
+                     export_passes=export_passes)
 
 
 def import_gguf(path: str | Path, *, secondary: dict | None = None, layer_map: tuple[int, ...] = (),
-                gamma_train: int = 2, dtype: str = "float32", seed: int = 0):
+                gamma_train: int = 2, dtype: str = "float32", seed: int = 0, keep_quantized: bool = False):
     """A GGUF primary plus a freshly initialised tandem secondary → (TandemConfig, params, tokenizer.json bytes).
 
     The secondary is `default_secondary` with the DecoderConfig fields in `secondary` replaced; it and its tandem
     projections start random, ready for `tandemc train --stage tandem`; primary mode decodes and exports the
     imported model as it is. The file is parsed once (the gguf package's reader takes ~4 s on SmolLM2-135M).
+    `keep_quantized`: the config's export_passes become `kept_quantization_passes`.
     """
     from tandemc.config import TandemConfig, TokenizerConfig
     from tandemc.params import init_params
 
-    model = load_gguf(path, dtype)
+    if keep_quantized and dtype != "float32":
+        raise TandemcError("--keep-quantized quantizes from float32 weights; drop --dtype or --keep-quantized")
+    model = load_gguf(path, dtype, keep_quantized)
     primary = model.config
     secondary = replace(default_secondary(primary), **(secondary or {}))
     tokenizer = TokenizerConfig(type="hf", file="tokenizer.json", bos_token=model.bos_token,
                                 eos_token=model.eos_token, pad_token=model.pad_token,
                                 chat_template=model.chat_template)
     cfg = TandemConfig(primary=primary, secondary=secondary, layer_map=layer_map, gamma_train=gamma_train,
-                       tokenizer=tokenizer, dtype=dtype).validate()
+                       tokenizer=tokenizer, dtype=dtype, export_passes=model.export_passes).validate()
     params = {"primary": model.params, **init_params(cfg, seed, only="secondary."),
               **init_params(cfg, seed + 1, only="tandem.")}
     data = (json.dumps(model.tokenizer_json, ensure_ascii=False, separators=(",", ":")) + "\n").encode()

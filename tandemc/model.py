@@ -38,12 +38,17 @@ Attend = Callable  # (q [B,T,H,hd], k [B,T,KV,hd], v [B,T,KV,hd]) -> (out [B,T,H
 
 def linear(x, w):
     """x @ w for a float matrix or a quantized one (see passes/quantize.py): {"q", "scale"} weight-only,
-    {"qa", "scale"} with the activations quantized to int8 at run time as well."""
-    if isinstance(w, dict):
-        if "qa" in w:
-            return primitives.int8_activation_matmul(x, w["qa"], w["scale"])
-        return primitives.dequant_matmul(x, w["q"], w["scale"])
-    return x @ w
+    {"qa", "scale"} with the activations quantized to int8 at run time as well, either with an "offset" per block
+    (asymmetric: w = q·scale + offset), which adds the block sums of x times the offsets."""
+    if not isinstance(w, dict):
+        return x @ w
+    if "qa" in w:
+        y = primitives.int8_activation_matmul(x, w["qa"], w["scale"])
+    else:
+        y = primitives.dequant_matmul(x, w["q"], w["scale"])
+    if "offset" in w:
+        y = y + (primitives.block_sums(x, w["offset"].shape[0]) @ w["offset"].astype(x.dtype)).astype(y.dtype)
+    return y
 
 
 def columns(w, start: int):

@@ -1,7 +1,7 @@
 """Small named operations: one JAX definition, and a native operator per target where one exists.
 
 Each is a jitted function whose name (`tandemc.<op>`) survives in the traced jaxpr, so a target's lowering can map it
-to a native operator (ONNX Gather, GatherElements, GatherND, ScatterND, TopK) instead of decoding XLA's general
+to a native operator (ONNX Gather, GatherElements, GatherND, ScatterND) instead of decoding XLA's general
 gather/scatter; anything that does not recognise the name inlines the JAX body, which stays the reference.
 """
 
@@ -31,6 +31,16 @@ def _padded_rows(a, blocks: int):
     k = a.shape[0]
     block = quant_block(k, blocks)
     return jnp.pad(a, [(0, blocks * block - k)] + [(0, 0)] * (a.ndim - 1)).reshape(blocks, block, *a.shape[1:])
+
+
+def block_sums(x, blocks: int):
+    """x [..., K] → [..., blocks] in float32: sums of x over the blocks of a quantized matrix's input rows."""
+    k = x.shape[-1]
+    block = quant_block(k, blocks)
+    x = x.astype(jnp.float32)
+    if blocks * block > k:  # a short last block
+        x = jnp.concatenate([x, jnp.zeros(x.shape[:-1] + (blocks * block - k,), x.dtype)], axis=-1)
+    return jnp.sum(x.reshape(*x.shape[:-1], blocks, block), axis=-1)
 
 
 @primitive
@@ -80,12 +90,6 @@ def write_block(buffer, block, start):
     """buffer [B, S, ...] with block [B, T, ...] written at rows' offsets start [B] (in range by construction)."""
     zeros = (0,) * (buffer.ndim - 2)
     return jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, x.astype(c.dtype), (s, *zeros)))(buffer, block, start)
-
-
-@primitive
-def sort_descending(x):
-    """Values along the last axis, largest first."""
-    return -jnp.sort(-x, axis=-1)
 
 
 @primitive

@@ -392,25 +392,16 @@ def _argmax(b, eqn, ins):
     return [b.cast(b.op1(op, [x], axis=axis, keepdims=0, select_last_index=0), eqn.params["index_dtype"])]
 
 
-@rule("cumsum")
-def _cumsum(b, eqn, ins):
-    return [b.op1("CumSum", [ins[0], b.const(np.asarray(eqn.params["axis"], np.int64))],
-                  reverse=int(eqn.params["reverse"]))]
-
-
-@rule("sort")
-def _sort(b, eqn, ins):
-    if len(ins) != 1:
-        raise TandemcError("the ONNX lowering sorts single operands only")
-    axis = eqn.params["dimension"]
-    k = b.i64([aval(eqn.invars[0]).shape[axis]])
-    return [b.op("TopK", [ins[0], k], n_out=2, axis=axis, largest=0, sorted=1)[0]]
-
-
 @rule("top_k")
 def _top_k(b, eqn, ins):
     values, indices = b.op("TopK", [ins[0], b.i64([eqn.params["k"]])], n_out=2, axis=-1, largest=1, sorted=1)
     return [values, b.cast(indices, aval(eqn.outvars[1]).dtype)]
+
+
+@rule("cumsum")
+def _cumsum(b, eqn, ins):
+    return [b.op1("CumSum", [ins[0], b.const(np.asarray(eqn.params["axis"], np.int64))],
+                  reverse=int(eqn.params["reverse"]))]
 
 
 @rule("dot_general")
@@ -698,12 +689,6 @@ def _int8_activation_matmul(b, eqn, ins):
         raise TandemcError("int8 activations follow ONNX Runtime's CPU kernels (MatMulNBits, accuracy level 4); for "
                            "the gpu target quantize weights only (activations=float)")
     return _dequant_matmul(b, eqn, ins)
-
-
-@named("sort_descending")
-def _sort_descending(b, eqn, ins):
-    x = aval(eqn.invars[0])
-    return [b.op("TopK", [ins[0], b.i64([x.shape[-1]])], n_out=2, axis=-1, largest=1, sorted=1)[0]]
 
 
 # --- graphs → models ------------------------------------------------------------------------------------------

@@ -197,6 +197,52 @@ def test_logits_and_greedy_continuations_match_llama_cpp(smollm2, llama_cpp_smol
     assert same >= 0.75 * len(PROMPTS)
 
 
+@pytest.mark.slow
+@needs_smollm2
+def test_keep_quantized_gives_the_artifact_the_files_own_integers(tmp_path):
+    """import-gguf --keep-quantized records export passes whose int4 (Q4_1 layer matrices) and int8 (Q8_0 token
+    table, as the tied LM head) integers are the file's, element for element, and whose scales are its block scales
+    (float16 in the file, float32 here: equal)."""
+    from tandemc.checkpoint import load_checkpoint
+    from tandemc.gguf import unpermute_rows
+    from tandemc.passes import parse
+    from tandemc.passes.quantize import quantize
+
+    out = tmp_path / "ckpt"
+    result = CliRunner().invoke(cli, ["import-gguf", str(SMOLLM2), "-o", str(out), "--keep-quantized"])
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(out)
+    specs = parse(ckpt.config.export_passes)
+    assert [name for name, _ in specs] == ["O1", "quantize_int4", "quantize_int8"]
+    cfg, params = ckpt.config, ckpt.params
+    for name, options in specs[1:]:  # O1's fusions concatenate output columns, leaving every block as it is
+        cfg, params, _ = quantize(cfg, params, bits=int(name[-1]), **options)
+    primary = params["primary"]
+    assert not cfg.primary.tie_embeddings and isinstance(primary["embed"], np.ndarray)
+
+    tensors = {t.name: t for t in gguf.GGUFReader(str(SMOLLM2)).tensors}
+
+    def blocks(name, size):
+        return np.asarray(tensors[name].data, np.uint8).reshape(-1, size)
+
+    for layer, (ours, theirs, heads) in [(0, ("wq", "attn_q", 9)), (17, ("wk", "attn_k", 3)),
+                                         (29, ("w_down", "ffn_down", 0))]:
+        raw = blocks(f"blk.{layer}.{theirs}.weight", 20)  # Q4_1: d, m (float16), 16 bytes of nibbles
+        rows = tensors[f"blk.{layer}.{theirs}.weight"].shape[1]
+        ints = np.concatenate([raw[:, 4:] & 15, raw[:, 4:] >> 4], axis=1).reshape(rows, -1)
+        scales = raw[:, :2].copy().view(np.float16).astype(np.float32).reshape(rows, -1)
+        if heads:
+            ints, scales = unpermute_rows(ints, heads), unpermute_rows(scales, heads)
+        got = primary["layers"][layer][ours]
+        np.testing.assert_array_equal(np.asarray(got["qa"], np.int8) + 8, ints.T)
+        np.testing.assert_allclose(got["scale"], scales.T, rtol=2e-7)
+    raw = blocks("token_embd.weight", 34)  # Q8_0: d (float16), 32 int8
+    ints = raw[:, 2:].copy().view(np.int8).reshape(cfg.primary.vocab_size, -1)
+    np.testing.assert_array_equal(np.asarray(primary["lm_head"]["qa"]), ints.T)
+    np.testing.assert_array_equal(primary["lm_head"]["scale"],
+                                  raw[:, :2].copy().view(np.float16).astype(np.float32).reshape(ints.shape[0], -1).T)
+
+
 # --- bad files: one line each -----------------------------------------------------------------------------------
 
 def write_gguf(path: Path, arch: str = "llama", tensors: dict | None = None, **metadata) -> Path:
@@ -212,7 +258,10 @@ def write_gguf(path: Path, arch: str = "llama", tensors: dict | None = None, **m
     writer.add_token_list([f"t{i}" for i in range(4)])
     writer.add_token_merges(["t 0"])
     for name, value in (tensors or {"token_embd.weight": np.zeros((4, 8), np.float32)}).items():
-        writer.add_tensor(name, value)
+        if isinstance(value, tuple):  # (block bytes [rows, bytes per row], quantization type)
+            writer.add_tensor(name, value[0], raw_dtype=value[1])
+        else:
+            writer.add_tensor(name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -228,10 +277,19 @@ def write_gguf(path: Path, arch: str = "llama", tensors: dict | None = None, **m
     ("tokenizer", "tokenizer model 'llama' is unsupported"),
     ("unknown-tensor", "unexpected tensor 'blk.0.attn_qkv.weight'"),
     ("missing-tensor", "missing tensor"),
+    ("keep-type", "is Q4_0; --keep-quantized keeps Q4_1, Q8_0 (and float) tensors only"),
+    ("keep-span", "has Q8_0 blocks that do not span their integer range"),
 ])
 def test_bad_gguf_files_are_refused_in_one_line(case, message, tmp_path):
     path = tmp_path / "model.gguf"
-    if case == "not-gguf":
+    flags = ["--keep-quantized"] if case.startswith("keep-") else []
+    if case == "keep-type":  # one Q4_0 block: float16 scale, 16 bytes of nibbles
+        block = np.frombuffer(np.float16(0.5).tobytes() + bytes(range(16)), np.uint8)[None]
+        write_gguf(path, tensors={"token_embd.weight": (block, gguf.GGMLQuantizationType.Q4_0)})
+    elif case == "keep-span":  # one Q8_0 block whose integers stop at 100 (a reference quantizer reaches 127)
+        block = np.frombuffer(np.float16(0.5).tobytes() + (np.arange(32, dtype=np.int8) * 3).tobytes(), np.uint8)[None]
+        write_gguf(path, tensors={"token_embd.weight": (block, gguf.GGMLQuantizationType.Q8_0)})
+    elif case == "not-gguf":
         path.write_bytes(b"PK\x03\x04 not a gguf file at all")
     elif case == "truncated":
         data = write_gguf(tmp_path / "full.gguf").read_bytes()
@@ -244,7 +302,7 @@ def test_bad_gguf_files_are_refused_in_one_line(case, message, tmp_path):
         write_gguf(path, tensors={"blk.0.attn_qkv.weight": np.zeros((16, 8), np.float32)})
     elif case == "missing-tensor":
         write_gguf(path)
-    result = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(tmp_path / "out")])
+    result = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(tmp_path / "out"), *flags])
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
         result.output)

@@ -161,6 +161,50 @@ def test_quantized_matrix_roundtrip_error_is_within_half_a_step():
         assert np.all(np.abs(qm["q"] * step - w) <= step / 2 + 1e-7)
 
 
+def test_asymmetric_blocks_reproduce_q4_1_weights_exactly():
+    """llama.cpp's Q4_1 (w = d·u + m, u in 0..15, float16 d and m, every block spanning 0..15) dequantized and
+    re-quantized asymmetrically: the same integers (q = u − 8) and scales; other weights within half a step."""
+    from tandemc.passes.quantize import quantize_matrix
+
+    rng = np.random.default_rng(0)
+    u = rng.integers(0, 16, (96, 40))
+    u[0::32], u[1::32] = 0, 15
+    d = (rng.random((3, 40)) * 0.01 + 1e-3).astype(np.float16).astype(np.float32)
+    m = (-rng.random((3, 40)) * 0.05).astype(np.float16).astype(np.float32)
+    w = (np.repeat(d, 32, axis=0) * u + np.repeat(m, 32, axis=0)).astype(np.float32)
+    got = quantize_matrix(w, 4, 32, scheme="asymmetric")
+    np.testing.assert_array_equal(np.asarray(got["q"], np.int8) + 8, u)
+    np.testing.assert_array_equal(got["scale"], d)
+    np.testing.assert_allclose(got["offset"], m + 8 * d, rtol=1e-7)
+    w = rng.normal(size=(688, 24)).astype(np.float32) + 3  # off-centre weights; 21 blocks of 32 and one of 16
+    got = quantize_matrix(w, 4, 32, scheme="asymmetric")
+    assert got["scale"].shape == got["offset"].shape == (22, 24)
+    step = np.repeat(got["scale"], 32, axis=0)[:688]
+    rebuilt = np.asarray(got["q"], np.float32) * step + np.repeat(got["offset"], 32, axis=0)[:688]
+    assert np.all(np.abs(rebuilt - w) <= step / 2 + 1e-6)
+    assert np.asarray(got["q"], np.int8).min() == -8 and np.asarray(got["q"], np.int8).max() == 7
+
+
+def test_asymmetric_int4_and_a_quantized_tied_head_run_on_every_target(tmp_path):
+    """int4 asymmetric layers plus an int8 LM head quantized from a tied embedding table (which stays a float
+    lookup), weight-only so the gpu target takes it: every target verified, and all give the same tokens."""
+    ckpt = tiny()
+    assert ckpt.config.primary.tie_embeddings
+    spec = "O1,quantize_int4:scheme=asymmetric,quantize_int8:block=32:keep=embed"
+    program = make_program(ckpt, ExportOptions(**OPTIONS), spec)
+    primary = program.params["primary"]
+    assert not program.config.primary.tie_embeddings and primary["embed"].dtype == np.float32
+    assert set(primary["lm_head"]) == {"q", "scale"} and primary["lm_head"]["q"].dtype == np.int8
+    assert set(primary["layers"][0]["wqkv"]) == {"q", "scale", "offset"}
+    tokens = []
+    for target in ("cpu", "tpu", "gpu"):
+        manifest = export(ckpt, target, tmp_path / target, ExportOptions(**OPTIONS), passes=spec, verify_prompts=2)
+        assert manifest["verification"]["ok"] and manifest["verification"]["greedy_identical"]
+        tokens.append(load(tmp_path / target, backend="onnxruntime" if target == "gpu" else None)
+                      .run_steps([[5, 1, 3, 2] * 4, [4, 1]], 12).tokens)
+    assert tokens[0] == tokens[1] == tokens[2]
+
+
 @pytest.mark.slow
 def test_bad_pass_requests_are_refused(tmp_path):
     program = Program.make(tiny().config, tiny().params, ExportOptions(**OPTIONS))
@@ -174,6 +218,8 @@ def test_bad_pass_requests_are_refused(tmp_path):
         run_passes(program, "quantize_int8:activations=int8")  # per channel: no int8 kernel takes it
     with pytest.raises(TandemcError, match="activations='fp16'"):
         run_passes(program, "quantize_int8:activations=fp16")
+    with pytest.raises(TandemcError, match="scheme='zero'"):
+        run_passes(program, "quantize_int4:scheme=zero")
     mixed = run_passes(program, "quantize_int4:models=primary,quantize_int8:block=32:activations=int8:models=drafter")
     with pytest.raises(TandemcError, match="mixes weight-only and int8-activation"):
         export(tiny(), "cpu", tmp_path / "mixed", ExportOptions(**OPTIONS), passes=[

@@ -197,10 +197,14 @@ def test_sample_and_filter_margins_measure_the_distance_to_another_decision():
 
 
 def test_divergences_map_to_the_decision_that_produced_them():
-    from tandemc.verify import decision_of_token, sampled_divergence
+    from tandemc.verify import decision_of_token, sampled_divergence, token_position, top_two_gap
 
     accepted = [2, 0, 1]  # steps emit 3, 1 and 2 tokens after the prefill's first
     assert [decision_of_token(i, accepted) for i in range(8)] == [0, 1, 1, 1, 2, 3, 3, 4]
+    # greedy: a token is the argmax of its call's primary logit row at its place among the call's tokens
+    assert [token_position(i, accepted) for i in range(7)] == [(0, 0), (1, 0), (1, 1), (1, 2), (2, 0), (3, 0),
+                                                               (3, 1)]
+    assert top_two_gap(np.array([0.5, 3.0, 2.75, -1.0])) == 0.25
     margins = [0.5, 0.25, 1e-6, 0.125]
     assert sampled_divergence([1, 2, 3], [1, 2, 3], accepted, margins) is None
     assert sampled_divergence([1, 2, 3, 4, 9], [1, 2, 3, 4, 5], accepted, margins) == (4, 1e-6)
