@@ -129,6 +129,7 @@ def main():
     llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=2, n_threads_batch=2, verbose=False)
 
     def llama_cpp(prompt, new):
+        llm.reset()  # else generate() reuses the cached prompt and times no prefill
         out = []
         for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
             out.append(int(token))

@@ -6,10 +6,13 @@ position up to a row's first differing token (after it the two decode different 
 
 Where activations are quantized to int8 at run time, exact agreement is not to be had: rounding an activation
 turns a last-bit difference between two compilers into a whole quantization step, and on a deep model those steps
-add up (SmolLM2-135M: ~0.7 of a logit range of ~36). The honest yardstick is the quantization's own size: the same
-reference with float activations. The logits tolerance becomes twice that distance (`activation_noise`), and a
-greedy token may differ where the reference's top-two logit gap at that decision is within the tolerance (a
-greedy near-tie, reported); anything else still fails.
+add up (SmolLM2-135M: ~0.7 of a logit range of ~36). The honest yardstick is the quantization's own size: the
+distance of the same reference computed with float activations (`activation_noise`: per logit row, max |Δ|; its
+mean and largest). The artifact's rows must then be within twice the largest and on average within twice the mean
+(a lowering that computes something else lands far outside: its distance is the size of the logits), and a greedy
+token may differ where the reference's top-two logit gap at that decision is within twice the largest (a greedy
+near-tie, reported with its gap). Two int8 computations of a 30-layer model are two draws of that noise: their
+mean distance is ~1.3× each one's distance from float activations (SmolLM2-135M: 1.08 against 0.82).
 
 A sampled decision (an inverse-CDF draw, a top-k/top-p edge, an acceptance test u·q < p) whose margin is below what
 the logits tolerance can move goes either way on two correct backends; at a vocabulary of tens of thousands such
@@ -83,7 +86,8 @@ def summary(report: dict) -> str:
                    f"{max(t['gap'] for t in ties):.2e})")
     noise = report.get("activation_noise")
     tolerance = f"tolerance {report['logit_tolerance']:.0e}" if noise is None else (
-        f"tolerance {report['logit_tolerance']:.2e}: twice the int8 activations' own {noise:.2e}")
+        f"mean per position {report['mean_row_logit_diff']:.2e}; int8 activations' own distance from float: max "
+        f"{noise['max']:.2e}, mean {noise['mean']:.2e}; allowed twice each")
     over = report.get("logit_rows_over_tolerance")
     return (f"{report['prompts']} prompts per cache length ({buckets}): greedy identical {greedy}, generate graph "
             f"identical {report['generate_graph_identical']}, sampled {sampled_summary(report)}, max |dlogits| "
@@ -151,7 +155,7 @@ def verify(artifact, program: Program, prompts: int = 4, seeds: tuple[int, ...] 
     generate_ok = True
     sampled_rows, sampled_identical, divergences = 0, 0, []
     greedy_rows, greedy_divergences = 0, []
-    noise, diffs = 0.0, []  # diffs: per compared logit row, its max |Δ|
+    noise, diffs = [], []  # per compared logit row, its max |Δ|: int8 vs float activations, artifact vs reference
     checked = []
     below = 0
     for seq_len in opts.max_seq_len:
@@ -172,7 +176,7 @@ def verify(artifact, program: Program, prompts: int = 4, seeds: tuple[int, ...] 
             got = artifact.run_steps(batch, max_new, eos_id=eos, record_logits=True)
             if quantized_activations:
                 alt = reference(batch, weights=float_activations, record_logits=True)
-                noise = max([noise] + logit_diffs(alt, ref))
+                noise += logit_diffs(alt, ref)
             diffs += logit_diffs(got, ref)
             for row, (got_row, ref_row) in enumerate(zip(got.tokens, ref.tokens)):
                 greedy_rows += 1
@@ -196,8 +200,12 @@ def verify(artifact, program: Program, prompts: int = 4, seeds: tuple[int, ...] 
                     divergences.append({"cache_length": seq_len, "seed": seed, "row": first + row,
                                         "token": divergence[0], "margin": divergence[1]})
     tolerance = LOGIT_TOLERANCE[program.config.dtype]
+    mean_diff = float(np.mean(diffs)) if diffs else 0.0
+    mean_ok, noise_mean = True, 0.0
     if quantized_activations:
-        tolerance = max(tolerance, 2 * noise)
+        noise_mean = float(np.mean(noise)) if noise else 0.0
+        tolerance = max(tolerance, 2 * max(noise, default=0.0))
+        mean_ok = mean_diff <= max(LOGIT_TOLERANCE[program.config.dtype], 2 * noise_mean)
     max_diff = max(diffs, default=0.0)
     rows_over = sum(d > tolerance for d in diffs)
     greedy_near_ties = [d for d in greedy_divergences if quantized_activations and d["gap"] <= tolerance]
@@ -218,7 +226,8 @@ def verify(artifact, program: Program, prompts: int = 4, seeds: tuple[int, ...] 
         "sampled_margin_tolerance": margin_limit, "sampled_near_ties": near_ties,
         "sampled_mismatches": sampled_mismatches,
         "max_abs_logit_diff": max_diff, "logit_tolerance": tolerance,
-        "activation_noise": noise if quantized_activations else None,
+        "mean_row_logit_diff": mean_diff,
+        "activation_noise": {"mean": noise_mean, "max": max(noise, default=0.0)} if quantized_activations else None,
         "logit_rows": len(diffs), "logit_rows_over_tolerance": rows_over,
-        "ok": bool(greedy_ok and generate_ok and sampled_ok and not rows_over),
+        "ok": bool(greedy_ok and generate_ok and sampled_ok and not rows_over and mean_ok),
     }

@@ -205,6 +205,23 @@ def test_asymmetric_int4_and_a_quantized_tied_head_run_on_every_target(tmp_path)
     assert tokens[0] == tokens[1] == tokens[2]
 
 
+def test_export_runs_the_checkpoints_own_passes_unless_told_otherwise(tiny_checkpoint, tmp_path):
+    """A checkpoint's `export_passes` (import-gguf --keep-quantized sets them) are export's default; -O or --passes
+    replace them."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "export_passes": "O1,quantize_int8:block=32"}))
+    for flags, expected in [([], "quantize_int8"), (["-O1"], "fuse_gate_up"), (["--passes", "fuse_qkv"], "fuse_qkv")]:
+        out = tmp_path / f"a{len(flags)}"
+        result = CliRunner().invoke(cli, ["export", str(ckpt), "--target", "cpu", "-o", str(out), "--no-verify",
+                                          "--max-seq-len", "128", "--json", *flags])
+        assert result.exit_code == 0, result.output
+        assert [p["name"] for p in json.loads(result.output)["passes"]][-1] == expected
+
+
 @pytest.mark.slow
 def test_bad_pass_requests_are_refused(tmp_path):
     program = Program.make(tiny().config, tiny().params, ExportOptions(**OPTIONS))
