@@ -1,7 +1,7 @@
 """Small named operations: one JAX definition, and a native operator per target where one exists.
 
 Each is a jitted function whose name (`tandemc.<op>`) survives in the traced jaxpr, so a target's lowering can map it
-to a native operator (ONNX Gather, GatherElements, GatherND, ScatterND) instead of decoding XLA's general
+to a native operator (ONNX Gather, GatherElements, GatherND, ScatterND, TopK) instead of decoding XLA's general
 gather/scatter; anything that does not recognise the name inlines the JAX body, which stays the reference.
 """
 
@@ -90,6 +90,12 @@ def write_block(buffer, block, start):
     """buffer [B, S, ...] with block [B, T, ...] written at rows' offsets start [B] (in range by construction)."""
     zeros = (0,) * (buffer.ndim - 2)
     return jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, x.astype(c.dtype), (s, *zeros)))(buffer, block, start)
+
+
+@primitive
+def sort_descending(x):
+    """Values along the last axis, largest first."""
+    return -jnp.sort(-x, axis=-1)
 
 
 @primitive

@@ -69,56 +69,17 @@ def _greedy(logits, s: Sampling):
 
 
 def _sampled(logits, s: Sampling):
-    """Temperature, then top-k (keep logits ≥ the k-th largest), then top-p (keep a token while the probability of
-    the tokens strictly more likely than it is below top_p), renormalised. Thresholds come from bisection on the
-    logit value, not from sorting the vocabulary: no sort or TopK in the graphs (TensorRT's TopK stops at K = 3840;
-    vocabularies are 32k-256k), and each filter runs only where it is on."""
     vocab = logits.shape[-1]
     z = logits / jnp.maximum(s.temperature, 1e-6)
-    kth = lax.cond((s.top_k > 0) & (s.top_k < vocab), _kth_largest, _no_threshold, z, s.top_k)
-    z = jnp.where(z >= kth, z, -jnp.inf)
-    edge = lax.cond(s.top_p < 1.0, _nucleus_edge, _no_threshold, z, s.top_p)
-    return primitives.softmax(jnp.where(z >= edge, z, -jnp.inf))
-
-
-# Halvings of the row's logit range in the threshold searches: a threshold is exact unless another logit lies within
-# range·2^-32 of it, far inside the rounding that `verify` allows for (a near-tie by `filter_margin`).
-_SEARCH_STEPS = 32
-
-
-def _bounds(z):
-    """The smallest and largest logits above -inf (masked tokens)."""
-    finite = z > -jnp.inf
-    hi = jnp.max(jnp.where(finite, z, -jnp.inf), axis=-1, keepdims=True)
-    return jnp.min(jnp.where(finite, z, hi), axis=-1, keepdims=True), hi
-
-
-def _no_threshold(z, _):
-    return jnp.full(z.shape[:-1] + (1,), -jnp.inf, z.dtype)
-
-
-def _kth_largest(z, k):
-    """[..., 1]: the k-th largest of z [..., V] (ties counted), 1 ≤ k < V. Bisection keeps count(z ≥ lo) ≥ k with
-    the answer in [lo, hi]; it is then the smallest logit ≥ lo."""
-    lo, hi = _bounds(z)
-    for _ in range(_SEARCH_STEPS):  # unrolled: TensorRT takes no loops in prefill/step graphs
-        mid = lo + (hi - lo) * 0.5
-        enough = jnp.sum((z >= mid).astype(jnp.int32), axis=-1, keepdims=True) >= k
-        lo, hi = jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-    return jnp.min(jnp.where(z >= lo, z, jnp.inf), axis=-1, keepdims=True)
-
-
-def _nucleus_edge(z, top_p):
-    """[..., 1]: the smallest logit v of z [..., V] whose more likely tokens (logit > v) hold less than top_p of the
-    probability. That mass falls as v rises; bisection keeps it below top_p at hi with the answer in [lo, hi]; it
-    is then the largest logit ≤ hi."""
-    probs = primitives.softmax(z)
-    lo, hi = _bounds(z)
-    for _ in range(_SEARCH_STEPS):
-        mid = lo + (hi - lo) * 0.5
-        small = jnp.sum(jnp.where(z > mid, probs, 0.0), axis=-1, keepdims=True) < top_p
-        lo, hi = jnp.where(small, lo, mid), jnp.where(small, mid, hi)
-    return jnp.max(jnp.where(z <= hi, z, -jnp.inf), axis=-1, keepdims=True)
+    ordered = primitives.sort_descending(z)
+    rank = jnp.arange(vocab)
+    in_top_k = (s.top_k <= 0) | (rank < s.top_k)
+    ordered_probs = primitives.softmax(jnp.where(in_top_k, ordered, -jnp.inf))
+    mass_before = jnp.cumsum(ordered_probs, axis=-1) - ordered_probs
+    keep = in_top_k & ((s.top_p >= 1.0) | (mass_before < s.top_p))
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
+    threshold = primitives.take_along_last(ordered, n_keep - 1)
+    return primitives.softmax(jnp.where(z >= threshold, z, -jnp.inf))
 
 
 def sample(probs, u):
@@ -149,7 +110,7 @@ def filter_margin(logits, s: Sampling):
     +inf where a filter is off."""
     vocab = logits.shape[-1]
     z = logits.astype(jnp.float32) / jnp.maximum(s.temperature, 1e-6)
-    ordered = -jnp.sort(-z, axis=-1)
+    ordered = primitives.sort_descending(z)
     k = jnp.clip(s.top_k, 1, vocab - 1)
     gap = (primitives.take_along_last(ordered, jnp.broadcast_to(k - 1, z.shape[:-1])[..., None])
            - primitives.take_along_last(ordered, jnp.broadcast_to(k, z.shape[:-1])[..., None]))[..., 0]

@@ -691,6 +691,12 @@ def _int8_activation_matmul(b, eqn, ins):
     return _dequant_matmul(b, eqn, ins)
 
 
+@named("sort_descending")
+def _sort_descending(b, eqn, ins):
+    x = aval(eqn.invars[0])
+    return [b.op("TopK", [ins[0], b.i64([x.shape[-1]])], n_out=2, axis=-1, largest=1, sorted=1)[0]]
+
+
 # --- graphs → models ------------------------------------------------------------------------------------------
 
 def value_info(name: str, shape, dtype) -> onnx.ValueInfoProto:
