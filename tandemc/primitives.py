@@ -99,6 +99,23 @@ def sort_descending(x):
 
 
 @primitive
+def filter_threshold(z, top_k, top_p):
+    """[..., 1]: the smallest logit that top-k then top-p keep of z [..., V]. Top-k keeps the logits ≥ the k-th
+    largest (ties kept; k ≤ 0 is off); top-p then keeps a token while the renormalised probability of the tokens
+    ranked before it is below top_p (≥ 1 is off). Computed by sorting; targets without a sort of the vocabulary
+    lower it by bisection (targets/onnx.py, gpu profile)."""
+    vocab = z.shape[-1]
+    ordered = sort_descending(z)
+    rank = jnp.arange(vocab)
+    in_top_k = (top_k <= 0) | (rank < top_k)
+    ordered_probs = softmax(jnp.where(in_top_k, ordered, -jnp.inf))
+    mass_before = jnp.cumsum(ordered_probs, axis=-1) - ordered_probs
+    keep = in_top_k & ((top_p >= 1.0) | (mass_before < top_p))
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
+    return take_along_last(ordered, n_keep - 1)
+
+
+@primitive
 def rms_norm(x, weight, eps):
     """x · rsqrt(mean(x²) + eps) · weight over the last axis, computed in float32."""
     x32 = x.astype(jnp.float32)

@@ -69,17 +69,8 @@ def _greedy(logits, s: Sampling):
 
 
 def _sampled(logits, s: Sampling):
-    vocab = logits.shape[-1]
     z = logits / jnp.maximum(s.temperature, 1e-6)
-    ordered = primitives.sort_descending(z)
-    rank = jnp.arange(vocab)
-    in_top_k = (s.top_k <= 0) | (rank < s.top_k)
-    ordered_probs = primitives.softmax(jnp.where(in_top_k, ordered, -jnp.inf))
-    mass_before = jnp.cumsum(ordered_probs, axis=-1) - ordered_probs
-    keep = in_top_k & ((s.top_p >= 1.0) | (mass_before < s.top_p))
-    n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
-    threshold = primitives.take_along_last(ordered, n_keep - 1)
-    return primitives.softmax(jnp.where(z >= threshold, z, -jnp.inf))
+    return primitives.softmax(jnp.where(z >= primitives.filter_threshold(z, s.top_k, s.top_p), z, -jnp.inf))
 
 
 def sample(probs, u):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import onnx
 from jax.extend import core
@@ -19,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tandemc.errors import TandemcError
 from tandemc.passes import quantize
-from tandemc.primitives import PREFIX, quant_block
+from tandemc.primitives import PREFIX, quant_block, softmax
 from tandemc.trace import Graph
 
 OPSET = 23
@@ -695,6 +696,68 @@ def _int8_activation_matmul(b, eqn, ins):
 def _sort_descending(b, eqn, ins):
     x = aval(eqn.invars[0])
     return [b.op("TopK", [ins[0], b.i64([x.shape[-1]])], n_out=2, axis=-1, largest=1, sorted=1)[0]]
+
+
+@named("filter_threshold")
+def _filter_threshold(b, eqn, ins):
+    """The cpu profile sorts the vocabulary (TopK); TensorRT's TopK stops at K = 3840 and vocabularies are
+    32k-256k, so the gpu profile finds the thresholds by bisection instead."""
+    if b.profile != "gpu":
+        return _inline(b, eqn, ins)
+    closed = jax.make_jaxpr(threshold_by_bisection)(*(jax.ShapeDtypeStruct(aval(v).shape, aval(v).dtype)
+                                                      for v in eqn.invars))
+    return lower_jaxpr(b, closed.jaxpr, closed.consts, ins)
+
+
+# Halvings of the row's logit range: a bisected threshold is exact unless another logit lies within range·2^-32 of
+# it, far inside the rounding that `verify` allows a sampled decision (a near-tie by sampling.filter_margin).
+BISECTION_STEPS = 32
+
+
+def threshold_by_bisection(z, top_k, top_p):
+    """primitives.filter_threshold without sorting: per filter, 32 unrolled halvings of [min, max] of the logits
+    (one count or one masked sum each; loop-free, as TensorRT wants prefill/step graphs), behind a conditional that
+    runs it only where the filter is on."""
+    vocab = z.shape[-1]
+    kth = jax.lax.cond((top_k > 0) & (top_k < vocab), _kth_largest, _no_threshold, z, top_k)
+    z = jnp.where(z >= kth, z, -jnp.inf)
+    edge = jax.lax.cond(top_p < 1.0, _nucleus_edge, _no_threshold, z, top_p)
+    return jnp.maximum(kth, edge)
+
+
+def _bounds(z):
+    """The smallest and largest logits above -inf (masked tokens)."""
+    finite = z > -jnp.inf
+    hi = jnp.max(jnp.where(finite, z, -jnp.inf), axis=-1, keepdims=True)
+    return jnp.min(jnp.where(finite, z, hi), axis=-1, keepdims=True), hi
+
+
+def _no_threshold(z, _):
+    return jnp.full(z.shape[:-1] + (1,), -jnp.inf, z.dtype)
+
+
+def _kth_largest(z, k):
+    """The k-th largest of z (ties counted), 1 ≤ k < V. Bisection keeps count(z ≥ lo) ≥ k with the answer in
+    [lo, hi]; it is then the smallest logit ≥ lo."""
+    lo, hi = _bounds(z)
+    for _ in range(BISECTION_STEPS):
+        mid = lo + (hi - lo) * 0.5
+        enough = jnp.sum((z >= mid).astype(jnp.int32), axis=-1, keepdims=True) >= k
+        lo, hi = jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+    return jnp.min(jnp.where(z >= lo, z, jnp.inf), axis=-1, keepdims=True)
+
+
+def _nucleus_edge(z, top_p):
+    """The smallest logit v whose more likely tokens (logit > v) hold less than top_p of the probability. That mass
+    falls as v rises; bisection keeps it below top_p at hi with the answer in [lo, hi]; it is then the largest
+    logit ≤ hi."""
+    probs = softmax(z)
+    lo, hi = _bounds(z)
+    for _ in range(BISECTION_STEPS):
+        mid = lo + (hi - lo) * 0.5
+        small = jnp.sum(jnp.where(z > mid, probs, 0.0), axis=-1, keepdims=True) < top_p
+        lo, hi = jnp.where(small, lo, mid), jnp.where(small, mid, hi)
+    return jnp.max(jnp.where(z <= hi, z, -jnp.inf), axis=-1, keepdims=True)
 
 
 # --- graphs → models ------------------------------------------------------------------------------------------

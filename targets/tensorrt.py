@@ -57,8 +57,8 @@ def _restrictions(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) 
             return "K must be a constant (initializer)"
         k = _value(constants[node.input[1]])
         if k is not None and int(k.reshape(-1)[0]) > TOPK_MAX_K:
-            return (f"K = {int(k.reshape(-1)[0])} exceeds TensorRT's {TOPK_MAX_K} (top-p over a vocabulary that "
-                    "large needs another sampler)")
+            return (f"K = {int(k.reshape(-1)[0])} exceeds TensorRT's {TOPK_MAX_K} (the gpu profile's sampler "
+                    "does not sort: a graph that sorts a vocabulary this large cannot run in TensorRT)")
     if node.op_type in ("DequantizeLinear", "QuantizeLinear") and len(node.input) > 2 and node.input[2]:
         zero = _value(constants[node.input[2]]) if node.input[2] in constants else None
         if node.input[2] not in constants or (zero is not None and np.any(zero != 0)):

@@ -246,10 +246,11 @@ def test_keep_quantized_gives_the_artifact_the_files_own_integers(tmp_path):
 @pytest.mark.slow
 @needs_smollm2
 def test_imported_model_exports_and_verifies_for_every_target(tmp_path):
-    """SmolLM2's first two layers, with its real vocabulary, tokenizer and GQA heads, through the cpu and tpu
-    targets, verified: cpu with the file's own integers (the --keep-quantized passes with float activations, so the
-    check is exact: the int8-activation form is measured in benchmarks/) and in float32, tpu in float32. The gpu
-    target refuses the 49152-token vocabulary (its sampler's TopK exceeds TensorRT's 3840)."""
+    """SmolLM2's first two layers, with its real vocabulary (49152: no TopK sampler fits TensorRT), tokenizer and
+    GQA heads, through every target, verified: cpu with the file's own integers (the --keep-quantized passes with
+    float activations, so the check is exact: the int8-activation form is measured in benchmarks/), tpu and gpu in
+    float32 and with the file's integers (TensorRT takes the asymmetric blocks as symmetric ones plus the offsets'
+    matmul)."""
     import dataclasses
 
     from tandemc.checkpoint import Checkpoint, load_checkpoint
@@ -266,7 +267,7 @@ def test_imported_model_exports_and_verifies_for_every_target(tmp_path):
     ckpt = Checkpoint(cfg, params, full.tokenizer, full.path)
     options = ExportOptions(mode="primary", max_seq_len=(64,), prefill_chunk=16, max_new_tokens=16)
     kept = cfg.export_passes.replace(":activations=int8", "")
-    for target, passes in [("cpu", kept), ("tpu", "O1")]:
+    for target, passes in [("cpu", kept), ("tpu", "O1"), ("gpu", "O1"), ("gpu", kept)]:
         out = tmp_path / f"{target}-{len(passes)}"
         report = export(ckpt, target, out, options, passes=passes, verify_prompts=2)["verification"]
         assert report["ok"] and report["greedy_identical"] and report["max_abs_logit_diff"] <= 1e-3, (target, report)

@@ -253,3 +253,21 @@ def test_sampled_divergences_from_rounding_sized_differences_are_near_ties(mode)
     # verify's limit for an artifact whose logits differ by 1e-5, as a CPU artifact's do
     wrong, limit = margins["other stream"], margin_tolerance(1e-5, 0.8, 1000)
     assert len(wrong) >= 24 and np.mean(np.array(wrong) > limit) > 0.75, (sorted(wrong), limit)
+
+
+def test_gpu_bisection_thresholds_keep_the_tokens_the_sort_keeps():
+    """The gpu profile's loop-free thresholds (no sort of the vocabulary) keep exactly the reference's tokens on
+    SmolLM2-sized rows, for top-k, top-p, both and neither, including ties at the k-th logit."""
+    from tandemc.primitives import filter_threshold
+    from tandemc.targets.onnx import threshold_by_bisection
+
+    rng = np.random.default_rng(7)
+    z = (rng.normal(size=(4, 49152)) * 3).astype(np.float32)
+    z[1, :10] = z[1].max() + 1.0  # ten tied leaders
+    z = jnp.asarray(z)
+    bisect = jax.jit(threshold_by_bisection)
+    for k, p in [(0, 1.0), (5, 1.0), (10, 1.0), (0, 0.9), (50, 0.8), (1, 0.5), (0, 0.01), (49151, 1.0),
+                 (100000, 0.95)]:
+        args = (z, np.int32(k), np.float32(p))
+        kept_sort, kept_bisect = np.asarray(z >= filter_threshold(*args)), np.asarray(z >= bisect(*args))
+        assert np.array_equal(kept_sort, kept_bisect), (k, p, kept_sort.sum(-1), kept_bisect.sum(-1))
