@@ -18,7 +18,7 @@ from tandemc import safetensors_io
 from tandemc.atomic import atomic_directory
 from tandemc.config import TandemConfig
 from tandemc.errors import TandemcError
-from tandemc.params import check_tensors, checkpoint_shapes, flatten, unflatten
+from tandemc.params import check_draft_vocab, check_tensors, checkpoint_shapes, flatten, unflatten
 from tandemc.tokenizer import load_tokenizer
 
 CONFIG_FILE = "config.json"
@@ -79,7 +79,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if tokenizer.vocab_size > cfg.primary.vocab_size:
         raise TandemcError(f"the tokenizer has {tokenizer.vocab_size} tokens but config field 'primary.vocab_size' "
                            f"is {cfg.primary.vocab_size}")
-    return Checkpoint(cfg, unflatten(flat), tokenizer, path)
+    params = unflatten(flat)
+    check_draft_vocab(params, WEIGHTS_FILE)
+    return Checkpoint(cfg, params, tokenizer, path)
 
 
 def save_checkpoint(path: str | Path, cfg: TandemConfig, params: dict[str, Any], *,
@@ -91,6 +93,7 @@ def save_checkpoint(path: str | Path, cfg: TandemConfig, params: dict[str, Any],
     check_tensors(checkpoint_shapes(cfg), {n: (safetensors_io.dtype_name(a), a.shape) for n, a in flat.items()},
                   cfg.dtype, "parameters")
     check_finite(flat, "parameters")
+    check_draft_vocab(params, "parameters")
     if cfg.tokenizer.type == "hf" and tokenizer_file is None:
         raise TandemcError("config uses a Hugging Face tokenizer; pass its tokenizer.json")
     with atomic_directory(path, force) as tmp:

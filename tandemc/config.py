@@ -125,6 +125,10 @@ class TandemConfig:
     router: RouterConfig | None = None
     drafter: DecoderConfig | None = None
     dtype: str = "float32"
+    # Draft vocabulary (docs/training.md): with N > 0 the drafters (secondary and drafter) propose only the N
+    # primary tokens listed in the tensor draft_vocab.tokens; their own vocabulary is those N plus one id (N) for
+    # every other token, which they read but never propose. 0: they share the primary's vocabulary.
+    draft_vocab: int = 0
     # The passes `export` runs when given neither -O nor --passes ("" = -O1); import-gguf --keep-quantized sets the
     # ones that give the artifact the GGUF file's own integers.
     export_passes: str = ""
@@ -146,10 +150,16 @@ class TandemConfig:
         for name, cfg in models:
             if name == "drafter":
                 cfg.validate("drafter")
-            if cfg.vocab_size != self.primary.vocab_size:
+            if self.draft_vocab and cfg.vocab_size != self.draft_vocab + 1:
+                raise TandemcError(f"config field '{name}.vocab_size' ({cfg.vocab_size}) must be draft_vocab + 1 "
+                                   f"({self.draft_vocab + 1}): the draft tokens and one id for all others")
+            if not self.draft_vocab and cfg.vocab_size != self.primary.vocab_size:
                 raise TandemcError(f"config field '{name}.vocab_size' ({cfg.vocab_size}) differs from "
                                    f"'primary.vocab_size' ({self.primary.vocab_size}); the models must share "
-                                   "one vocabulary")
+                                   "one vocabulary (or set draft_vocab)")
+        if not 0 <= self.draft_vocab < self.primary.vocab_size:
+            raise TandemcError(f"config field 'draft_vocab' must be in 0..{self.primary.vocab_size - 1} (0: off), "
+                               f"got {self.draft_vocab}")
         if len(self.layer_map) != self.secondary.n_layers:
             raise TandemcError(f"config field 'layer_map' has {len(self.layer_map)} entries; it needs one per "
                                f"secondary layer ({self.secondary.n_layers})")
@@ -169,7 +179,7 @@ class TandemConfig:
             raise TandemcError(f"config field 'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.tokenizer.validate()
         if self.router:
-            self.router.validate(self.primary.vocab_size)
+            self.router.validate(self.secondary.vocab_size)
         return self
 
     def to_dict(self) -> dict:

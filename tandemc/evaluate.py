@@ -21,17 +21,20 @@ from tandemc.decoding import generate
 def _batch_metrics(params, cfg: TandemConfig, tokens, block: int):
     x, y = tokens[:, :-1], tokens[:, 1:]
     primary_logits, hiddens = model.forward(params["primary"], cfg.primary, x)
-    primary_probs = jax.nn.softmax(primary_logits)
+    primary_probs = model.draft_space(params, jax.nn.softmax(primary_logits))  # over the drafters' ids
     primary_choice = jnp.argmax(primary_logits, -1)
     models = {"tandem": model.tandem_forward(params, cfg, x, block, primary_hiddens=hiddens)}
     if cfg.drafter is not None:
-        models["standalone"] = model.forward(params["drafter"], cfg.drafter, x)[0]
+        models["standalone"] = model.forward(params["drafter"], cfg.drafter, model.draft_ids(params, x))[0]
     out = {"primary_correct": jnp.sum(primary_choice == y)}
     for name, logits in models.items():
-        choice = jnp.argmax(logits, -1)
+        proposal = model.proposable(params, logits)  # what a draft would be
+        choice = jnp.argmax(proposal, -1)
+        if "draft_vocab" in params:
+            choice = params["draft_vocab"]["tokens"][choice]
         out[f"{name}_correct"] = jnp.sum(choice == y)
         out[f"{name}_agree"] = jnp.sum(choice == primary_choice)
-        out[f"{name}_tv"] = jnp.sum(0.5 * jnp.sum(jnp.abs(jax.nn.softmax(logits) - primary_probs), -1))
+        out[f"{name}_tv"] = jnp.sum(0.5 * jnp.sum(jnp.abs(jax.nn.softmax(proposal) - primary_probs), -1))
     return out
 
 

@@ -127,6 +127,32 @@ def decoder(p, cfg: DecoderConfig, tokens, attends: list[Attend], input_offset=N
     return logits.astype(jnp.float32), hiddens, extras
 
 
+# --- the draft vocabulary (config.draft_vocab) ----------------------------------------------------------------
+
+def draft_ids(params: Params, tokens):
+    """Primary token ids → the drafters' ids: the same without a draft vocabulary; with one, each token's position
+    in it, or N (the one id of all other tokens)."""
+    vocab = params.get("draft_vocab")
+    return tokens if vocab is None else primitives.embed(vocab["index"], tokens)
+
+
+def proposable(params: Params, logits):
+    """A drafter's logits with the id of the tokens outside the draft vocabulary masked: it is never proposed."""
+    if "draft_vocab" not in params:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < logits.shape[-1] - 1, logits, -jnp.inf)
+
+
+def draft_space(params: Params, probs):
+    """The primary's distributions [..., V] over the drafters' ids [..., N+1]: the draft tokens' probabilities and
+    the rest's total in the last id; unchanged without a draft vocabulary."""
+    vocab = params.get("draft_vocab")
+    if vocab is None:
+        return probs
+    kept = jnp.take(probs, vocab["tokens"], axis=-1)
+    return jnp.concatenate([kept, jnp.maximum(1.0 - jnp.sum(kept, axis=-1, keepdims=True), 0.0)], axis=-1)
+
+
 # --- where keys and values come from -------------------------------------------------------------------------
 
 def causal_mask(query_pos, key_pos):
@@ -193,7 +219,8 @@ def sequence_positions(tokens):
 
 
 def forward(p, cfg: DecoderConfig, tokens):
-    """Training forward of a plain decoder (the primary, the drafter): logits and per-layer residual streams."""
+    """Training forward of a plain decoder (the primary, the drafter: give it `draft_ids`): logits and per-layer
+    residual streams."""
     positions = sequence_positions(tokens)
     logits, hiddens, _ = decoder(p, cfg, tokens, [self_attention(positions, cfg.rope_theta)] * cfg.n_layers)
     return logits, hiddens
@@ -248,7 +275,7 @@ def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None 
         after_first_block = (block_starts > 0)[..., None]
         offsets = tuple(None if o is None else o * after_first_block
                         for o in primary_state_input(params, cfg, primary_state_projection(params, cfg, last), tokens))
-    return decoder(params["secondary"], cfg.secondary, tokens, attends, *offsets)[0]
+    return decoder(params["secondary"], cfg.secondary, draft_ids(params, tokens), attends, *offsets)[0]
 
 
 def primary_state_projection(params: Params, cfg: TandemConfig, last_hidden):
@@ -267,7 +294,7 @@ def primary_state_input(params: Params, cfg: TandemConfig, projected, tokens):
     (z @ w_out [..., d_secondary] for the embedding, z @ w_logits [..., vocab] for the logits, or None where
     `primary_state_logits` is off)."""
     p = params["tandem_input"]
-    embedded = primitives.embed(params["secondary"]["embed"], tokens)
+    embedded = primitives.embed(params["secondary"]["embed"], draft_ids(params, tokens))
     z = jax.nn.silu(projected + linear(embedded, p["w_in"][cfg.primary.d_model:]))
     return linear(z, p["w_out"]), (linear(z, p["w_logits"]) if cfg.primary_state_logits else None)
 

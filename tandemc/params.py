@@ -64,7 +64,35 @@ def checkpoint_shapes(cfg: TandemConfig) -> dict[str, Shape]:
                        "router.w2": (hidden, (1, "1")), "router.b2": ((1, "1"),)})
     if cfg.drafter:
         shapes.update(decoder_shapes(cfg.drafter, "drafter"))
+    if cfg.draft_vocab:
+        shapes["draft_vocab.tokens"] = ((cfg.draft_vocab, "draft_vocab"),)
+        shapes["draft_vocab.index"] = ((cfg.primary.vocab_size, "primary.vocab_size"),)
     return shapes
+
+
+INTEGER_TENSORS = ("draft_vocab.tokens", "draft_vocab.index")  # int32 whatever the config's dtype
+
+
+def draft_vocab(tokens, vocab_size: int) -> dict[str, np.ndarray]:
+    """The draft vocabulary's tensors for the primary ids `tokens` (kept in ascending order): `tokens` [N], each
+    draft id's primary id, and `index` [vocab_size], each primary id's draft id (N for the tokens outside)."""
+    tokens = np.unique(np.asarray(tokens, np.int64))
+    if tokens.size == 0 or tokens[0] < 0 or tokens[-1] >= vocab_size:
+        raise TandemcError(f"a draft vocabulary needs token ids in 0..{vocab_size - 1}")
+    index = np.full(vocab_size, tokens.size, np.int32)
+    index[tokens] = np.arange(tokens.size, dtype=np.int32)
+    return {"tokens": tokens.astype(np.int32), "index": index}
+
+
+def check_draft_vocab(params: dict, source: str) -> None:
+    """The two tensors describe the same set: ascending distinct ids, and an index that inverts them."""
+    dv = params.get("draft_vocab")
+    if dv is None:
+        return
+    tokens, index = np.asarray(dv["tokens"]), np.asarray(dv["index"])
+    if not np.array_equal(draft_vocab(tokens, index.size)["index"], index) or np.any(np.diff(tokens) <= 0):
+        raise TandemcError(f"{source}: draft_vocab.tokens must list distinct ascending primary ids and "
+                           "draft_vocab.index must map each of them to its position (and every other id to N)")
 
 
 def sizes(shape: Shape) -> tuple[int, ...]:
@@ -84,13 +112,14 @@ def check_tensors(expected: dict[str, Shape], tensors: dict[str, tuple[str, tupl
         raise TandemcError(f"{source}: unexpected tensor '{extra[0]}'{more} that the config does not describe")
     for name, shape in expected.items():
         actual_dtype, actual = tensors[name]
+        wanted = "int32" if name in INTEGER_TENSORS else dtype
         if tuple(actual) != sizes(shape):
             labels = ", ".join(label for _, label in shape)
             raise TandemcError(f"{source}: tensor '{name}' has shape {tuple(actual)} but the config implies "
                                f"{sizes(shape)} = ({labels})")
-        if actual_dtype != dtype:
-            raise TandemcError(f"{source}: tensor '{name}' has dtype {actual_dtype} but config field 'dtype' is "
-                               f"{dtype}")
+        if actual_dtype != wanted:
+            raise TandemcError(f"{source}: tensor '{name}' has dtype {actual_dtype} but "
+                               + (f"config field 'dtype' is {dtype}" if wanted == dtype else "it must be int32"))
 
 
 def init_params(cfg: TandemConfig, seed: int = 0, only: str = "") -> dict[str, Any]:
@@ -100,7 +129,7 @@ def init_params(cfg: TandemConfig, seed: int = 0, only: str = "") -> dict[str, A
     dtype = np_dtype(cfg.dtype)
     flat = {}
     for name, shape in checkpoint_shapes(cfg).items():
-        if not name.startswith(only):
+        if not name.startswith(only) or name in INTEGER_TENSORS:
             continue
         dims = sizes(shape)
         leaf = name.rsplit(".", 1)[1]
@@ -116,6 +145,9 @@ def init_params(cfg: TandemConfig, seed: int = 0, only: str = "") -> dict[str, A
                 std /= np.sqrt(2.0 * _layers_of(cfg, name))
             value = rng.standard_normal(dims, np.float32) * np.float32(std)
         flat[name] = value.astype(dtype)
+    if cfg.draft_vocab and "draft_vocab.".startswith(only[:len("draft_vocab.")]):  # the first N ids until chosen
+        flat.update({f"draft_vocab.{k}": v for k, v in draft_vocab(np.arange(cfg.draft_vocab),
+                                                                    cfg.primary.vocab_size).items()})
     return unflatten(flat)
 
 

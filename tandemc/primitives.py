@@ -86,6 +86,12 @@ def take_rows(x, index):
 
 
 @primitive
+def take_columns(x, index):
+    """x [..., N] at the columns index [M] → [..., M]."""
+    return jnp.take(x, index, axis=-1)
+
+
+@primitive
 def write_block(buffer, block, start):
     """buffer [B, S, ...] with block [B, T, ...] written at rows' offsets start [B] (in range by construction)."""
     zeros = (0,) * (buffer.ndim - 2)

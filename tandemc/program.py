@@ -96,9 +96,11 @@ class Program:
 
 
 def cast_params(params: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """Every weight in `dtype` (checkpoints hold one dtype throughout, docs/checkpoint.md)."""
+    """Every weight in `dtype` (checkpoints hold one dtype throughout, docs/checkpoint.md); integer tensors (the
+    draft vocabulary) stay as they are."""
     target = np_dtype(dtype)
-    return jax.tree.map(lambda a: np.asarray(a).astype(target), params)
+    return jax.tree.map(lambda a: np.asarray(a) if np.issubdtype(np.asarray(a).dtype, np.integer)
+                        else np.asarray(a).astype(target), params)
 
 
 def program_for_artifact(ckpt, manifest: dict) -> Program:

@@ -52,16 +52,26 @@ def next_token(logits, s: Sampling, u):
                     lambda x, s, u: jnp.argmax(x, axis=-1).astype(jnp.int32), logits.astype(jnp.float32), s, u)
 
 
-def draft_token(logits, s: Sampling, u):
+def draft_token(logits, s: Sampling, u, vocab=None):
     """A draft: (token, the distribution it was drawn from). Greedy returns the argmax and zeros in place of the
-    one-hot, which greedy verification never reads (decoding.accept_greedy), so greedy graphs skip both."""
-    return lax.cond(s.temperature > 0, lambda x, s, u: _sampled_draft(_sampled(x, s), u),
-                    lambda x, s, u: (jnp.argmax(x, axis=-1).astype(jnp.int32), jnp.zeros_like(x)),
-                    logits.astype(jnp.float32), s, u)
+    one-hot, which greedy verification never reads (decoding.accept_greedy), so greedy graphs skip both.
 
+    `vocab`, a draft vocabulary (params["draft_vocab"]), maps the drafter's ids back to the primary's: the token
+    becomes tokens[id] and the distribution is spread over the primary's vocabulary (index's ids, the last one
+    masked by the caller, `model.proposable`)."""
+    width = logits.shape[-1] if vocab is None else vocab["index"].shape[0]
 
-def _sampled_draft(q, u):
-    return sample(q, u), q
+    def token(d):
+        return d if vocab is None else primitives.embed(vocab["tokens"], d)
+
+    def sampled(x, s, u):
+        q = _sampled(x, s)
+        return token(sample(q, u)), (q if vocab is None else primitives.take_columns(q, vocab["index"]))
+
+    def greedy(x, s, u):
+        return token(jnp.argmax(x, axis=-1).astype(jnp.int32)), jnp.zeros(x.shape[:-1] + (width,), jnp.float32)
+
+    return lax.cond(s.temperature > 0, sampled, greedy, logits.astype(jnp.float32), s, u)
 
 
 def _greedy(logits, s: Sampling):

@@ -83,8 +83,8 @@ def specs_of(tree: Any, prefix: str = "") -> list[TensorSpec]:
 
 def mode_params(params: dict[str, Any], mode: str) -> dict[str, Any]:
     """Only the weights a mode's graphs read."""
-    tandem = ["primary", "secondary", "tandem", "tandem_input"]  # tandem_input: only with the variant
-    names = {"primary": ["primary"], "vanilla": ["primary", "drafter"],
+    tandem = ["primary", "secondary", "tandem", "tandem_input", "draft_vocab"]  # the last two where present
+    names = {"primary": ["primary"], "vanilla": ["primary", "drafter", "draft_vocab"],
              "adaptive": tandem + ["router"]}.get(mode, tandem)
     return {name: params[name] for name in names if name in params}
 

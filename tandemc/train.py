@@ -108,18 +108,38 @@ def _nll(logits, targets):
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
-def objective_loss(logits, targets, teacher_logits, objective: str):
-    """Mean loss and accuracy; `distil` mixes in cross-entropy against the teacher's distribution."""
+def objective_loss(logits, targets, teacher, objective: str):
+    """Mean loss and accuracy; `distil` mixes in cross-entropy against the teacher's distribution, given as its
+    top tokens in the student's ids (`teacher_in_student_ids`)."""
     ce = jnp.mean(_nll(logits, targets))
     accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
     if objective == "ce":
         return ce, accuracy
-    soft = -jnp.mean(jnp.sum(jax.nn.softmax(teacher_logits) * jax.nn.log_softmax(logits), axis=-1))
+    probs, ids = teacher
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), ids, axis=-1)
+    soft = -jnp.mean(jnp.sum(probs * logp, axis=-1))
     return (1 - DISTIL_WEIGHT) * ce + DISTIL_WEIGHT * soft, accuracy
 
 
-def total_variation(p_logits, q_logits):
-    return 0.5 * jnp.sum(jnp.abs(jax.nn.softmax(p_logits) - jax.nn.softmax(q_logits)), axis=-1)
+def teacher_in_student_ids(params, teacher) -> tuple:
+    """The primary's kept top tokens as (probabilities renormalised over them, the drafters' ids of them): with a
+    draft vocabulary several tokens may share the id of all others, and sums over ids add them up."""
+    return jax.nn.softmax(teacher["top_logits"], axis=-1), model.draft_ids(params, teacher["top_ids"])
+
+
+def dense(probs, ids, width: int):
+    """[..., width] distributions from (probabilities, ids) pairs [..., k]."""
+    flat_p, flat_i = probs.reshape(-1, probs.shape[-1]), ids.reshape(-1, ids.shape[-1])
+    out = jax.vmap(lambda i, v: jnp.zeros((width,), jnp.float32).at[i].add(v))(flat_i, flat_p)
+    return out.reshape(*probs.shape[:-1], width)
+
+
+def rejection_probability(params, student_logits, teacher):
+    """Total variation between what the drafter proposes from (its logits, masked by `model.proposable`) and the
+    primary's distribution in the drafter's ids: the probability that a sampled draft is rejected."""
+    q = jax.nn.softmax(model.proposable(params, student_logits), axis=-1)
+    p = dense(*teacher_in_student_ids(params, teacher), q.shape[-1])
+    return 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
 
 
 def router_inputs(params, cfg, x, block=None, teacher=None):
@@ -128,16 +148,27 @@ def router_inputs(params, cfg, x, block=None, teacher=None):
     if teacher is None:
         teacher = primary_outputs(params["primary"], cfg, x, model.primary_layers_read(cfg))
     secondary_logits = model.tandem_forward(params, cfg, x, block, primary_hiddens=teacher["hiddens"])
-    features = model.router_features(cfg.router, params["secondary"]["embed"], jax.nn.softmax(secondary_logits))
-    return features, total_variation(secondary_logits, teacher["logits"])
+    features = model.router_features(cfg.router, params["secondary"]["embed"],
+                                     jax.nn.softmax(model.proposable(params, secondary_logits)))
+    return features, rejection_probability(params, secondary_logits, teacher)
+
+
+def teacher_top_k(vocab_size: int) -> int:
+    """How many of the primary's most likely tokens a stage keeps per position: all of a small vocabulary (the
+    byte-level example: exact distillation), the top 64 of a real one (the rest, typically < 1% of the mass, is
+    dropped and the kept part renormalised), so that 49152 logits per position never leave the forward."""
+    return vocab_size if vocab_size <= 1024 else 64
 
 
 def primary_outputs(primary, cfg, x, layers: tuple[int, ...]) -> dict:
-    """What a stage reads from the frozen primary for inputs x: its logits, and its residual streams at `layers`
-    ({layer: [B, T, d]}; the tandem and router stages need those the secondary reads); the other layers are dropped
-    so that a cache of these outputs holds only what training needs."""
+    """What a stage reads from the frozen primary for inputs x: its `teacher_top_k` most likely tokens per position
+    (`top_logits`, `top_ids`), and its residual streams at `layers` in bfloat16 ({layer: [B, T, d]}; the tandem
+    and router stages need those the secondary reads); the other layers are dropped so that a cache of these
+    outputs holds only what training needs."""
     logits, hiddens = jax.lax.stop_gradient(model.forward(primary, cfg.primary, x))
-    return {"logits": logits, "hiddens": {layer: hiddens[layer] for layer in layers}}
+    top_logits, top_ids = jax.lax.top_k(logits, teacher_top_k(cfg.primary.vocab_size))
+    return {"top_logits": top_logits, "top_ids": top_ids.astype(jnp.int32),
+            "hiddens": {layer: hiddens[layer].astype(jnp.bfloat16) for layer in layers}}
 
 
 class PrimaryOutputCache:
@@ -171,11 +202,11 @@ class PrimaryOutputCache:
         if not self._file(index).is_file():
             return None
         tensors = safetensors_io.read(self._file(index))
-        return {"logits": tensors["logits"], "hiddens": {int(k.split(".")[1]): v for k, v in tensors.items()
-                                                         if k.startswith("hiddens.")}}
+        return {"top_logits": tensors["top_logits"], "top_ids": tensors["top_ids"],
+                "hiddens": {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("hiddens.")}}
 
     def put(self, index: int, outputs: dict) -> None:
-        tensors = {"logits": np.asarray(outputs["logits"])}
+        tensors = {"top_logits": np.asarray(outputs["top_logits"]), "top_ids": np.asarray(outputs["top_ids"])}
         tensors.update({f"hiddens.{layer}": np.asarray(v) for layer, v in outputs["hiddens"].items()})
         with atomic_file(self._file(index)) as tmp:
             safetensors_io.write(tmp, tensors)
@@ -189,12 +220,15 @@ def make_loss(cfg, opts: TrainOptions):
     def loss(trained, frozen, tokens, teacher):
         params = {**frozen, **trained}
         x, y = tokens[:, :-1], tokens[:, 1:]
-        if opts.stage == "pretrain":
-            logits, _ = model.forward(params[opts.model], getattr(cfg, opts.model), x)
-            return objective_loss(logits, y, None if teacher is None else teacher["logits"], opts.objective)
+        soft = None if teacher is None or opts.objective == "ce" else teacher_in_student_ids(params, teacher)
+        if opts.stage == "pretrain" and opts.model == "primary":
+            return objective_loss(model.forward(params["primary"], cfg.primary, x)[0], y, None, "ce")
+        if opts.stage == "pretrain":  # a drafter reads and predicts its own ids
+            logits, _ = model.forward(params[opts.model], getattr(cfg, opts.model), model.draft_ids(params, x))
+            return objective_loss(logits, model.draft_ids(params, y), soft, opts.objective)
         if opts.stage == "tandem":
             logits = model.tandem_forward(params, cfg, x, block, primary_hiddens=teacher["hiddens"])
-            return objective_loss(logits, y, teacher["logits"], opts.objective)
+            return objective_loss(logits, model.draft_ids(params, y), soft, opts.objective)
         features, target = jax.lax.stop_gradient(router_inputs(params, cfg, x, block, teacher))
         predicted = model.router_reject_probability(params["router"], features)
         bce = -jnp.mean(target * jnp.log(predicted + 1e-7) + (1 - target) * jnp.log(1 - predicted + 1e-7))
@@ -420,8 +454,8 @@ def fit_projections(ckpt: Checkpoint, tokens: np.ndarray, ridge: float = 1e-3) -
     cfg = ckpt.config
     params = jax.tree.map(jnp.asarray, ckpt.params)
     primary_hiddens = _forward(params["primary"], cfg.primary, tokens)[1]
-    secondary = params["secondary"]
-    stream = [secondary["embed"][tokens]] + _forward(secondary, cfg.secondary, tokens)[1]
+    secondary, ids = params["secondary"], model.draft_ids(params, tokens)
+    stream = [secondary["embed"][ids]] + _forward(secondary, cfg.secondary, ids)[1]
     fitted = []
     for j, source in enumerate(cfg.layer_map):
         x = model.rms_norm(primary_hiddens[source], None, cfg.primary.norm_eps).reshape(-1, cfg.primary.d_model)

@@ -510,6 +510,11 @@ def _take_along_last(b, eqn, ins):
     return [b.op1("GatherElements", ins, axis=aval(eqn.invars[0]).ndim - 1)]
 
 
+@named("take_columns")
+def _take_columns(b, eqn, ins):
+    return [b.op1("Gather", ins, axis=-1)]
+
+
 @named("take_rows")
 def _take_rows(b, eqn, ins):
     index = b.op1("Unsqueeze", [b.cast(ins[1], np.int64), b.i64([1])])

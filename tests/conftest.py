@@ -51,6 +51,9 @@ CONFIGS = {
     "custom-map": TandemConfig(decoder(6, 32, 3, 6, 3, 6), decoder(6, 16, 2, 1, 1, 10, tie=True),
                                layer_map=(0, 0), router=RouterConfig(top_k=3, hidden=8), primary_state_input=8,
                                primary_state_logits=True),
+    # The drafters propose only 5 of the primary's 9 tokens (ids 0..4 until chosen) and read the rest as one id.
+    "draft-vocab": TandemConfig(decoder(9, 32, 2, 4, 2, 8, tie=True), decoder(6, 16, 2, 2, 1, 8, tie=True),
+                                drafter=decoder(6, 16, 1, 2, 1, 8), draft_vocab=5, primary_state_input=8),
 }
 
 

@@ -57,7 +57,8 @@ def test_tandem_training_forward_matches_incremental(name, block):
             if cfg.primary_state_input and last_hidden is not None:
                 offsets = model.primary_state_input(params, cfg, model.primary_state_projection(
                     params, cfg, last_hidden[:, None]), tokens[:, i:i + 1])
-            logits, _, secondary_cache = decode_block(params["secondary"], cfg.secondary, tokens[:, i:i + 1],
+            logits, _, secondary_cache = decode_block(params["secondary"], cfg.secondary,
+                                                      model.draft_ids(params, tokens[:, i:i + 1]),
                                                       jnp.full((b, 1), i), secondary_cache, *offsets)
             steps.append(logits)
         positions = jnp.broadcast_to(jnp.arange(start, end), (b, end - start))  # (b) primary block step

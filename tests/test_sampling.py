@@ -72,12 +72,16 @@ def test_speed_sampling_matches_primary_distribution(temperature, top_k, top_p):
     assert goodness_of_fit(tandem.tokens, expected)[0] < ALPHA
 
 
-def test_vanilla_sampling_matches_primary_distribution():
-    cfg, params = make(CONFIGS["gqa-4to2"], seed=2)
-    prompt = [2, 2, 5, 1]
+@pytest.mark.parametrize("name, prompt, mode", [("gqa-4to2", [2, 2, 5, 1], "vanilla"),
+                                                ("draft-vocab", [7, 2, 8], "vanilla"), ("draft-vocab", [7, 2, 8], "speed")])
+def test_drafted_sampling_matches_primary_distribution(name, prompt, mode):
+    """Exact whoever drafts, including drafters that propose only part of the vocabulary (draft-vocab: 5 of 9
+    tokens; the prompt's 7 and 8 are outside it): a draft only proposes, the primary's distribution decides."""
+    cfg, params = make(CONFIGS[name], seed=2)
     expected = primary_sequence_distribution(params, cfg, prompt, Sampling.make(1.0))
-    out = generate(params, cfg, [prompt] * SAMPLES, mode="vanilla", block_length=3, max_new_tokens=NEW,
+    out = generate(params, cfg, [prompt] * SAMPLES, mode=mode, block_length=3, max_new_tokens=NEW,
                    temperature=1.0, seed=5)
+    assert 0.05 < out.stats["acceptance_rate"] < 0.95
     p_value, impossible = goodness_of_fit(out.tokens, expected)
     assert impossible == 0 and p_value > ALPHA
 
