@@ -385,9 +385,20 @@ def import_hf(primary_dir, secondary_dir, out, layer_map, gamma_train, dtype, se
 @click.option("--keep-quantized", is_flag=True,
               help="Export with the file's own integers and block scales (Q4_1, Q8_0): records the passes that "
               "reproduce them as the checkpoint's default export passes.")
+@click.option("--draft-vocab", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Let the drafters propose only the N most frequent tokens of --draft-data (0: all tokens): "
+              "their LM heads and embeddings shrink to N+1 rows; outputs stay exactly the primary's.")
+@click.option("--draft-data", default="stdlib", show_default=True,
+              help="Text file, directory or 'stdlib' whose training split's token counts choose the draft "
+              "vocabulary.")
+@click.option("--drafter", "with_drafter", is_flag=True,
+              help="Add a standalone drafter shaped like the secondary (vanilla SPEED, the baseline).")
+@click.option("--attach", "bundle", type=click.Path(path_type=Path, file_okay=False),
+              help="A drafter bundle (`tandemc detach`) trained with this file's weights: its secondary, "
+              "router, drafter and draft vocabulary instead of fresh ones (the sizing flags above are ignored).")
 @assembly_options("Seed for the fresh secondary and tandem projections.")
-def import_gguf(gguf_file, secondary_layers, secondary_d_model, secondary_heads, keep_quantized, out, layer_map,
-                gamma_train, dtype, seed, force, as_json):
+def import_gguf(gguf_file, secondary_layers, secondary_d_model, secondary_heads, keep_quantized, draft_vocab,
+                draft_data, with_drafter, bundle, out, layer_map, gamma_train, dtype, seed, force, as_json):
     """A Llama-architecture GGUF file (llama.cpp's format) as the primary of a tandem checkpoint.
 
     Weights are dequantized to DTYPE, the tokenizer becomes tokenizer.json and the chat template is kept. The
@@ -405,9 +416,39 @@ def import_gguf(gguf_file, secondary_layers, secondary_d_model, secondary_heads,
     secondary = {"n_layers": secondary_layers, "d_model": secondary_d_model, "n_heads": q_heads,
                  "n_kv_heads": kv_heads, "d_ff": 3 * secondary_d_model}
     cfg, params, tokenizer = read_gguf(gguf_file, secondary=secondary, layer_map=_layer_map(layer_map),
-                                       gamma_train=gamma_train, dtype=dtype, seed=seed, keep_quantized=keep_quantized)
+                                       gamma_train=gamma_train, dtype=dtype, seed=seed, keep_quantized=keep_quantized,
+                                       draft_vocab=0 if bundle else draft_vocab, draft_data=draft_data,
+                                       drafter=with_drafter and not bundle)
+    if bundle:
+        from tandemc.bundle import attach
+
+        cfg, params = attach(cfg, params, bundle)
     _write_tandem(out, cfg, params, tokenizer, force, as_json, {"primary": dataclasses.asdict(cfg.primary),
                                                                  "export_passes": cfg.export_passes or "O1"})
+
+
+@cli.command("detach")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
+              help="How the bundle stores floating-point tensors.")
+@click.option("--force", is_flag=True)
+@json_option
+def detach(checkpoint, out, dtype, force, as_json):
+    """Write a tandem checkpoint without its primary: a drafter bundle to ship beside a primary users get elsewhere.
+
+    The bundle keeps the SHA-256 of every primary tensor; `tandemc import-gguf FILE --attach BUNDLE` puts it back
+    together and refuses any other primary.
+    """
+    from tandemc.bundle import write_bundle
+    from tandemc.checkpoint import load_checkpoint
+
+    if out.resolve() == Path(checkpoint).resolve():
+        raise TandemcError("the bundle would replace its checkpoint; choose another -o")
+    write_bundle(load_checkpoint(checkpoint), out, dtype, force)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    _emit(as_json, {"path": str(out), "bytes": size, "dtype": dtype},
+          f"wrote {out} ({size / 1e6:.1f} MB, {dtype}): attach it with `tandemc import-gguf FILE --attach {out}`")
 
 
 @cli.command("export-hf")

@@ -146,6 +146,9 @@ class TandemConfig:
                                f"version {SCHEMA_VERSION}: upgrade tandemc or re-export the checkpoint")
         self.primary.validate("primary")
         self.secondary.validate("secondary")
+        if not 0 <= self.draft_vocab < self.primary.vocab_size:
+            raise TandemcError(f"config field 'draft_vocab' must be in 0..{self.primary.vocab_size - 1} (0: off), "
+                               f"got {self.draft_vocab}")
         models = [("secondary", self.secondary)] + ([("drafter", self.drafter)] if self.drafter else [])
         for name, cfg in models:
             if name == "drafter":
@@ -157,9 +160,6 @@ class TandemConfig:
                 raise TandemcError(f"config field '{name}.vocab_size' ({cfg.vocab_size}) differs from "
                                    f"'primary.vocab_size' ({self.primary.vocab_size}); the models must share "
                                    "one vocabulary (or set draft_vocab)")
-        if not 0 <= self.draft_vocab < self.primary.vocab_size:
-            raise TandemcError(f"config field 'draft_vocab' must be in 0..{self.primary.vocab_size - 1} (0: off), "
-                               f"got {self.draft_vocab}")
         if len(self.layer_map) != self.secondary.n_layers:
             raise TandemcError(f"config field 'layer_map' has {len(self.layer_map)} entries; it needs one per "
                                f"secondary layer ({self.secondary.n_layers})")

@@ -270,31 +270,53 @@ def load_gguf(path: str | Path, dtype: str = "float32", keep_quantized: bool = F
 
 
 def import_gguf(path: str | Path, *, secondary: dict | None = None, layer_map: tuple[int, ...] = (),
-                gamma_train: int = 2, dtype: str = "float32", seed: int = 0, keep_quantized: bool = False):
+                gamma_train: int = 2, dtype: str = "float32", seed: int = 0, keep_quantized: bool = False,
+                draft_vocab: int = 0, draft_data: str = "stdlib", drafter: bool = False):
     """A GGUF primary plus a freshly initialised tandem secondary → (TandemConfig, params, tokenizer.json bytes).
 
     The secondary is `default_secondary` with the DecoderConfig fields in `secondary` replaced; it and its tandem
     projections start random, ready for `tandemc train --stage tandem`; primary mode decodes and exports the
     imported model as it is. The file is parsed once (the gguf package's reader takes ~4 s on SmolLM2-135M).
-    `keep_quantized`: the config's export_passes become `kept_quantization_passes`.
+    `keep_quantized`: the config's export_passes become `kept_quantization_passes`. `draft_vocab` N > 0: the
+    drafters propose only the N most frequent tokens of `draft_data`'s training split (data.load_corpus) in the
+    imported tokenizer. `drafter`: add a standalone drafter shaped like the secondary (the vanilla-SPEED baseline).
     """
     from tandemc.config import TandemConfig, TokenizerConfig
-    from tandemc.params import init_params
+    from tandemc.params import draft_vocab as draft_vocab_tensors, init_params
 
     if keep_quantized and dtype != "float32":
         raise TandemcError("--keep-quantized quantizes from float32 weights; drop --dtype or --keep-quantized")
     model = load_gguf(path, dtype, keep_quantized)
     primary = model.config
-    secondary = replace(default_secondary(primary), **(secondary or {}))
     tokenizer = TokenizerConfig(type="hf", file="tokenizer.json", bos_token=model.bos_token,
                                 eos_token=model.eos_token, pad_token=model.pad_token,
                                 chat_template=model.chat_template)
-    cfg = TandemConfig(primary=primary, secondary=secondary, layer_map=layer_map, gamma_train=gamma_train,
-                       tokenizer=tokenizer, dtype=dtype, export_passes=model.export_passes).validate()
-    params = {"primary": model.params, **init_params(cfg, seed, only="secondary."),
-              **init_params(cfg, seed + 1, only="tandem.")}
     data = (json.dumps(model.tokenizer_json, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    drafts = {"vocab_size": draft_vocab + 1} if draft_vocab else {}
+    secondary = replace(default_secondary(primary), **drafts, **(secondary or {}))
+    cfg = TandemConfig(primary=primary, secondary=secondary, layer_map=layer_map, gamma_train=gamma_train,
+                       tokenizer=tokenizer, dtype=dtype, export_passes=model.export_passes, draft_vocab=draft_vocab,
+                       drafter=secondary if drafter else None).validate()
+    params = {"primary": model.params, **init_params(cfg, seed, only="secondary."),
+              **init_params(cfg, seed + 1, only="tandem."),
+              **(init_params(cfg, seed + 2, only="drafter.") if drafter else {})}
+    if draft_vocab:
+        params["draft_vocab"] = draft_vocab_tensors(_frequent_tokens(data, tokenizer, draft_data, draft_vocab),
+                                                    primary.vocab_size)
     return cfg, params, data
+
+
+def _frequent_tokens(tokenizer_json: bytes, tokenizer_cfg, source: str, count: int):
+    """The `count` most frequent tokens of `source`'s training split in this tokenizer."""
+    import tempfile
+
+    from tandemc.data import load_corpus, most_frequent_tokens
+    from tandemc.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / tokenizer_cfg.file).write_bytes(tokenizer_json)
+        tokenizer = load_tokenizer(tokenizer_cfg, Path(tmp))
+    return most_frequent_tokens(load_corpus(source, tokenizer).train, count)
 
 
 def default_secondary(primary: DecoderConfig) -> DecoderConfig:

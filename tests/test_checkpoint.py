@@ -171,6 +171,8 @@ def test_unknown_schema_version(ckpt):
     (lambda c: c.update(dtype="int8"), r"'dtype' must be one of"),
     (lambda c: c["tokenizer"].update(type="sentencepiece"), r"'tokenizer.type' must be 'byte' or 'hf'"),
     (lambda c: c["primary"].update(tie_embeddings=1), r"'primary.tie_embeddings' must be true or false"),
+    (lambda c: c.update(draft_vocab=8), r"'secondary.vocab_size' \(259\) must be draft_vocab \+ 1 \(9\)"),
+    (lambda c: c.update(draft_vocab=-1), r"'draft_vocab' must be in 0..258"),
 ])
 def test_bad_config_fields(ckpt, edit, message):
     rewrite_config(ckpt, edit)
@@ -222,3 +224,35 @@ def test_presets_span_tiny_to_a_billion_parameters():
         cfg.validate()
         if name != "tiny":  # a primary several times the secondary's cost
             assert cfg.secondary.num_parameters() * 5 < cfg.primary.num_parameters()
+
+
+def test_draft_vocabulary_round_trips_and_is_checked(tmp_path):
+    """A draft vocabulary is two int32 tensors whatever the float dtype; tokens and index that disagree are
+    refused by name."""
+    import dataclasses
+
+    from tandemc.params import draft_vocab
+
+    base = preset("tiny")
+    small = dataclasses.replace(base.secondary, vocab_size=33)
+    cfg = dataclasses.replace(base, secondary=small, drafter=small, draft_vocab=32, dtype="bfloat16").validate()
+    params = init_params(cfg, 0)
+    params["draft_vocab"] = draft_vocab([200, 3, 99] + list(range(100, 129)), 259)
+    path = save_checkpoint(tmp_path / "ckpt", cfg, params)
+    loaded = load_checkpoint(path)
+    assert loaded.params["draft_vocab"]["tokens"].dtype == np.int32
+    assert list(loaded.params["draft_vocab"]["tokens"][:3]) == [3, 99, 100]
+    assert loaded.params["draft_vocab"]["index"][200] == 31 and loaded.params["draft_vocab"]["index"][0] == 32
+    params["draft_vocab"]["index"] = np.roll(params["draft_vocab"]["index"], 1)
+    with pytest.raises(TandemcError, match="draft_vocab.index must map each of them to its position"):
+        save_checkpoint(tmp_path / "bad", cfg, params)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_draft_vocabulary_is_the_most_frequent_tokens():
+    from tandemc.data import most_frequent_tokens
+
+    stream = np.array([5, 5, 5, 2, 2, 9, 9, 7], np.uint16)
+    assert list(most_frequent_tokens(stream, 3)) == [2, 5, 9]  # 2 and 9 tie: the lower id first, then sorted
+    with pytest.raises(TandemcError, match="4 distinct tokens, fewer than the 5"):
+        most_frequent_tokens(stream, 5)

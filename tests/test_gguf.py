@@ -354,3 +354,51 @@ def test_header_that_lies_about_a_tensor_is_refused(tmp_path):
         from tandemc.gguf import load_gguf
 
         load_gguf(path)
+
+
+# --- drafter bundles: a trained secondary shipped without its primary ---------------------------------------------
+
+@pytest.mark.slow
+@needs_smollm2
+def test_a_detached_bundle_attaches_only_to_its_own_primary(tmp_path):
+    """import-gguf with a draft vocabulary and a drafter, detach, then import-gguf --attach: the same tandem
+    (floats within bfloat16 rounding, the draft vocabulary exact); a bundle whose recorded primary differs is
+    refused in one line, and nothing is written."""
+    from tandemc.bundle import MANIFEST
+    from tandemc.checkpoint import load_checkpoint
+    from tandemc.data import load_corpus, most_frequent_tokens
+    from tandemc.params import flatten
+
+    runner = CliRunner()
+    made = tmp_path / "made"
+    result = runner.invoke(cli, ["import-gguf", str(SMOLLM2), "-o", str(made), "--secondary-d-model", "64",
+                                 "--draft-vocab", "512", "--drafter"])
+    assert result.exit_code == 0, result.output
+    original = load_checkpoint(made)
+    assert original.config.draft_vocab == 512 and original.config.drafter == original.config.secondary
+    assert original.config.secondary.vocab_size == 513
+    # the draft vocabulary is the 512 most frequent tokens of the standard library in SmolLM2's tokenizer
+    expected = most_frequent_tokens(load_corpus("stdlib", original.tokenizer).train, 512)
+    np.testing.assert_array_equal(original.params["draft_vocab"]["tokens"], expected)
+
+    bundle = tmp_path / "bundle"
+    assert runner.invoke(cli, ["detach", str(made), "-o", str(bundle)]).exit_code == 0
+    assert sum(f.stat().st_size for f in bundle.iterdir()) < 2e6  # no primary inside
+    again = tmp_path / "again"
+    result = runner.invoke(cli, ["import-gguf", str(SMOLLM2), "--attach", str(bundle), "-o", str(again)])
+    assert result.exit_code == 0, result.output
+    attached = load_checkpoint(again)
+    assert attached.config == original.config
+    a, b = flatten(original.params), flatten(attached.params)
+    assert set(a) == set(b)
+    for name, value in a.items():
+        tolerance = 0 if name.startswith(("primary.", "draft_vocab.")) else 2 ** -8 * np.abs(value).max()
+        np.testing.assert_allclose(b[name], value, rtol=0, atol=tolerance, err_msg=name)
+
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["primary_sha256"]["primary.layers.7.wq"] = "0" * 64  # as if trained with other weights
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    result = runner.invoke(cli, ["import-gguf", str(SMOLLM2), "--attach", str(bundle), "-o", str(tmp_path / "x")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "first 'primary.layers.7.wq'" in lines[0], result.output
+    assert not (tmp_path / "x").exists()
