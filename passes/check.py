@@ -29,7 +29,7 @@ def model_logits(program: Program, tokens) -> dict[str, np.ndarray]:
     if "tandem" in params:
         out["secondary"] = model.tandem_forward(params, cfg, tokens, block=max(program.gamma, 1))
     if "drafter" in params and cfg.drafter is not None:
-        out["drafter"] = model.forward(params["drafter"], cfg.drafter, model.draft_ids(params, tokens))[0]
+        out["drafter"] = model.drafter_forward(params, cfg, "drafter", tokens)[0]
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 

@@ -393,12 +393,16 @@ def import_hf(primary_dir, secondary_dir, out, layer_map, gamma_train, dtype, se
               "vocabulary.")
 @click.option("--drafter", "with_drafter", is_flag=True,
               help="Add a standalone drafter shaped like the secondary (vanilla SPEED, the baseline).")
+@click.option("--shared-embeddings", is_flag=True,
+              help="The fresh drafters read and write tokens through the primary's token table and two "
+              "projections of their own, instead of tables of their own.")
 @click.option("--attach", "bundle", type=click.Path(path_type=Path, file_okay=False),
               help="A drafter bundle (`tandemc detach`) trained with this file's weights: its secondary, "
               "router, drafter and draft vocabulary instead of fresh ones (the sizing flags above are ignored).")
 @assembly_options("Seed for the fresh secondary and tandem projections.")
 def import_gguf(gguf_file, secondary_layers, secondary_d_model, secondary_heads, keep_quantized, draft_vocab,
-                draft_data, with_drafter, bundle, out, layer_map, gamma_train, dtype, seed, force, as_json):
+                draft_data, with_drafter, shared_embeddings, bundle, out, layer_map, gamma_train, dtype, seed, force,
+                as_json):
     """A Llama-architecture GGUF file (llama.cpp's format) as the primary of a tandem checkpoint.
 
     Weights are dequantized to DTYPE, the tokenizer becomes tokenizer.json and the chat template is kept. The
@@ -418,7 +422,7 @@ def import_gguf(gguf_file, secondary_layers, secondary_d_model, secondary_heads,
     cfg, params, tokenizer = read_gguf(gguf_file, secondary=secondary, layer_map=_layer_map(layer_map),
                                        gamma_train=gamma_train, dtype=dtype, seed=seed, keep_quantized=keep_quantized,
                                        draft_vocab=0 if bundle else draft_vocab, draft_data=draft_data,
-                                       drafter=with_drafter and not bundle)
+                                       drafter=with_drafter and not bundle, shared_embeddings=shared_embeddings)
     if bundle:
         from tandemc.bundle import attach
 
@@ -486,7 +490,8 @@ def _prompt_ids(text: str, chat: bool, cfg, tokenizer) -> list[int]:
 def _format_stats(s: dict, compiled: bool = True) -> str:
     return (f"steps {s['steps']}  new tokens {s['new_tokens']}  drafted {s['drafted']}  accepted {s['accepted']}  "
             f"mean accepted/step {s['mean_accepted_per_step']:.2f}  acceptance {s['acceptance_rate']:.1%}  "
-            f"{s['seconds']:.2f}s" + (" (includes compilation)" if compiled else ""))
+            f"{s['seconds']:.2f}s" + (" (includes compilation)" if compiled else "")
+            + (f"  {s['tokens_per_second']:.1f} tokens/s" if "tokens_per_second" in s else ""))
 
 
 @cli.command()

@@ -129,6 +129,9 @@ class TandemConfig:
     # primary tokens listed in the tensor draft_vocab.tokens; their own vocabulary is those N plus one id (N) for
     # every other token, which they read but never propose. 0: they share the primary's vocabulary.
     draft_vocab: int = 0
+    # The drafters read and write tokens through the primary's token table (frozen, never stored with them) and two
+    # projections of their own (embed_proj, head_proj) instead of tables of their own (docs/training.md).
+    shared_embeddings: bool = False
     # The passes `export` runs when given neither -O nor --passes ("" = -O1); import-gguf --keep-quantized sets the
     # ones that give the artifact the GGUF file's own integers.
     export_passes: str = ""

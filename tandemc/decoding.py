@@ -94,8 +94,8 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths,
                                                     start)
     elif mode == "vanilla":
         with jax.named_scope("drafter"):
-            _, _, secondary_cache = model.decode_block(params["drafter"], cfg.drafter, model.draft_ids(params, tokens),
-                                                       positions, secondary_cache)
+            _, _, secondary_cache = model.decode_block(params["drafter"], cfg.drafter, tokens, positions,
+                                                       secondary_cache, io=model.drafter_io(params, "drafter", tokens))
     last = lengths - 1 - start
     ends_here = (last >= 0) & (last < t)
     last = jnp.clip(last, 0, t - 1)
@@ -151,15 +151,15 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
             with jax.named_scope(f"draft{t}"):  # names the graph's nodes, so profiles show each draft's cost
                 offsets = (model.primary_state_input(params, cfg, state["primary_state"][:, None], tokens)
                            if reads_primary_state(cfg, mode) else ())
-                logits, _, secondary_cache = model.decode_block(draft_params, draft_cfg,
-                                                                model.draft_ids(params, tokens), positions,
-                                                                secondary_cache, *offsets)
+                logits, _, secondary_cache = model.decode_block(
+                    draft_params, draft_cfg, tokens, positions, secondary_cache, *offsets,
+                    io=model.drafter_io(params, drafter_name(mode), tokens))
                 proposal = model.proposable(params, logits[:, -1])
                 d, q = draft_token(proposal, sampling, u[:, t], params.get("draft_vocab"))
                 if margins:
                     draft_margins.append(decision_margin(proposal, sampling, u[:, t]))
                 if mode == "adaptive":  # stop drafting at the first draft the router expects to be rejected
-                    features = model.router_features(cfg.router, draft_params["embed"], jax.nn.softmax(proposal))
+                    features = model.router_features(params, cfg.router, jax.nn.softmax(proposal))
                     probability = model.router_reject_probability(params["router"], features)
                     reject = probability > cfg.router.threshold
                     n_drafted = jnp.where((n_drafted == gamma) & reject, t, n_drafted)

@@ -25,13 +25,12 @@ def _batch_metrics(params, cfg: TandemConfig, tokens, block: int):
     primary_choice = jnp.argmax(primary_logits, -1)
     models = {"tandem": model.tandem_forward(params, cfg, x, block, primary_hiddens=hiddens)}
     if cfg.drafter is not None:
-        models["standalone"] = model.forward(params["drafter"], cfg.drafter, model.draft_ids(params, x))[0]
+        models["standalone"] = model.drafter_forward(params, cfg, "drafter", x)[0]
     out = {"primary_correct": jnp.sum(primary_choice == y)}
     for name, logits in models.items():
         proposal = model.proposable(params, logits)  # what a draft would be
         choice = jnp.argmax(proposal, -1)
-        if "draft_vocab" in params:
-            choice = params["draft_vocab"]["tokens"][choice]
+        choice = model.primary_ids(params, choice)
         out[f"{name}_correct"] = jnp.sum(choice == y)
         out[f"{name}_agree"] = jnp.sum(choice == primary_choice)
         out[f"{name}_tv"] = jnp.sum(0.5 * jnp.sum(jnp.abs(jax.nn.softmax(proposal) - primary_probs), -1))

@@ -271,7 +271,8 @@ def load_gguf(path: str | Path, dtype: str = "float32", keep_quantized: bool = F
 
 def import_gguf(path: str | Path, *, secondary: dict | None = None, layer_map: tuple[int, ...] = (),
                 gamma_train: int = 2, dtype: str = "float32", seed: int = 0, keep_quantized: bool = False,
-                draft_vocab: int = 0, draft_data: str = "stdlib", drafter: bool = False):
+                draft_vocab: int = 0, draft_data: str = "stdlib", drafter: bool = False,
+                shared_embeddings: bool = False):
     """A GGUF primary plus a freshly initialised tandem secondary → (TandemConfig, params, tokenizer.json bytes).
 
     The secondary is `default_secondary` with the DecoderConfig fields in `secondary` replaced; it and its tandem
@@ -280,6 +281,7 @@ def import_gguf(path: str | Path, *, secondary: dict | None = None, layer_map: t
     `keep_quantized`: the config's export_passes become `kept_quantization_passes`. `draft_vocab` N > 0: the
     drafters propose only the N most frequent tokens of `draft_data`'s training split (data.load_corpus) in the
     imported tokenizer. `drafter`: add a standalone drafter shaped like the secondary (the vanilla-SPEED baseline).
+    `shared_embeddings`: the drafters read and write tokens through the primary's table (config.shared_embeddings).
     """
     from tandemc.config import TandemConfig, TokenizerConfig
     from tandemc.params import draft_vocab as draft_vocab_tensors, init_params
@@ -296,7 +298,7 @@ def import_gguf(path: str | Path, *, secondary: dict | None = None, layer_map: t
     secondary = replace(default_secondary(primary), **drafts, **(secondary or {}))
     cfg = TandemConfig(primary=primary, secondary=secondary, layer_map=layer_map, gamma_train=gamma_train,
                        tokenizer=tokenizer, dtype=dtype, export_passes=model.export_passes, draft_vocab=draft_vocab,
-                       drafter=secondary if drafter else None).validate()
+                       shared_embeddings=shared_embeddings, drafter=secondary if drafter else None).validate()
     params = {"primary": model.params, **init_params(cfg, seed, only="secondary."),
               **init_params(cfg, seed + 1, only="tandem."),
               **(init_params(cfg, seed + 2, only="drafter.") if drafter else {})}

@@ -107,12 +107,15 @@ def layer(p, cfg: DecoderConfig, x, attend: Attend):
     return x + mlp(p, h), extra
 
 
-def decoder(p, cfg: DecoderConfig, tokens, attends: list[Attend], input_offset=None, logit_offset=None):
+def decoder(p, cfg: DecoderConfig, tokens, attends: list[Attend], input_offset=None, logit_offset=None,
+            embedded=None, head=None):
     """Tokens [B, T] → (float32 logits [B, T, V], residual stream after each layer, per-layer attend extras).
 
     `input_offset` [B, T, D] and `logit_offset` [B, T, V], when given, are added to the token embeddings and to the
-    logits (the primary-state-input variant)."""
-    x = primitives.embed(p["embed"], tokens)
+    logits (the primary-state-input variant). `embedded` (the embeddings, instead of looking tokens up in
+    p["embed"]) and `head` (a factored LM head: {"proj", "table"[, "other"]}) are how drafters read and write
+    tokens (`drafter_io`)."""
+    x = primitives.embed(p["embed"], tokens) if embedded is None else embedded
     if input_offset is not None:
         x = x + input_offset.astype(x.dtype)
     hiddens, extras = [], []
@@ -120,14 +123,57 @@ def decoder(p, cfg: DecoderConfig, tokens, attends: list[Attend], input_offset=N
         x, extra = layer(lp, cfg, x, attend)
         hiddens.append(x)
         extras.append(extra)
-    head = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
-    logits = linear(rms_norm(x, p.get("final_norm"), cfg.norm_eps), head)
+    normed = rms_norm(x, p.get("final_norm"), cfg.norm_eps)
+    if head is not None:
+        z = linear(normed, head["proj"])
+        logits = linear(z, head["table"])
+        if "other" in head:
+            logits = jnp.concatenate([logits, linear(z, head["other"])], axis=-1)
+    else:
+        logits = linear(normed, p["embed"].T if cfg.tie_embeddings else p["lm_head"])
     if logit_offset is not None:
         logits = logits + logit_offset.astype(logits.dtype)
     return logits.astype(jnp.float32), hiddens, extras
 
 
 # --- the draft vocabulary (config.draft_vocab) ----------------------------------------------------------------
+
+def drafter_embed(params: Params, name: str, tokens):
+    """Primary token ids [...] → drafter `name`'s input embeddings [..., d]: from its own table (of `draft_ids`), or
+    with shared_embeddings from the primary's table through its embed_proj."""
+    p = params[name]
+    if "embed_proj" in p:
+        return linear(primitives.embed(params["primary"]["embed"], tokens), p["embed_proj"])
+    return primitives.embed(p["embed"], draft_ids(params, tokens))
+
+
+def _shared_head(params: Params, p) -> dict:
+    """shared_embeddings: the LM head as head_proj, then the primary's table over the draft vocabulary (its tokens'
+    rows, materialised once as draft_vocab.head in exported programs, and `other` for the id of all other tokens)
+    or over the whole vocabulary."""
+    table, vocab = params["primary"]["embed"], params.get("draft_vocab")
+    if vocab is None:
+        return {"proj": p["head_proj"], "table": table.T}
+    head = vocab["head"] if "head" in vocab else jnp.take(table, vocab["tokens"], axis=0).T
+    return {"proj": p["head_proj"], "table": head, "other": p["other"][:, None]}
+
+
+def drafter_io(params: Params, name: str, tokens) -> dict:
+    """How drafter `name` (secondary or drafter) reads primary token ids and writes logits over its own ids:
+    keyword arguments for `decoder` (arrays only, so they pass through jit)."""
+    p = params[name]
+    io = {"embedded": drafter_embed(params, name, tokens)}
+    if "head_proj" in p:
+        io["head"] = _shared_head(params, p)
+    return io
+
+
+def primary_ids(params: Params, ids):
+    """The drafters' ids → primary ids (the id of all other tokens maps to the last draft token; it is never
+    proposed)."""
+    vocab = params.get("draft_vocab")
+    return ids if vocab is None else primitives.embed(vocab["tokens"], jnp.minimum(ids, vocab["tokens"].shape[0] - 1))
+
 
 def draft_ids(params: Params, tokens):
     """Primary token ids → the drafters' ids: the same without a draft vocabulary; with one, each token's position
@@ -218,12 +264,19 @@ def sequence_positions(tokens):
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-def forward(p, cfg: DecoderConfig, tokens):
-    """Training forward of a plain decoder (the primary, the drafter: give it `draft_ids`): logits and per-layer
-    residual streams."""
+def forward(p, cfg: DecoderConfig, tokens, embedded=None, head=None):
+    """Training forward of a plain decoder (the primary; a drafter through `drafter_forward`): logits and
+    per-layer residual streams."""
     positions = sequence_positions(tokens)
-    logits, hiddens, _ = decoder(p, cfg, tokens, [self_attention(positions, cfg.rope_theta)] * cfg.n_layers)
+    logits, hiddens, _ = decoder(p, cfg, tokens, [self_attention(positions, cfg.rope_theta)] * cfg.n_layers,
+                                 embedded=embedded, head=head)
     return logits, hiddens
+
+
+def drafter_forward(params: Params, cfg: TandemConfig, name: str, tokens):
+    """Training forward of a drafter on its own (the standalone drafter; the secondary before tandem training)
+    over primary token ids: logits over its ids and per-layer residual streams."""
+    return forward(params[name], getattr(cfg, name), tokens, **drafter_io(params, name, tokens))
 
 
 def tandem_kv(params: Params, cfg: TandemConfig, primary_hiddens, positions):
@@ -275,7 +328,8 @@ def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None 
         after_first_block = (block_starts > 0)[..., None]
         offsets = tuple(None if o is None else o * after_first_block
                         for o in primary_state_input(params, cfg, primary_state_projection(params, cfg, last), tokens))
-    return decoder(params["secondary"], cfg.secondary, draft_ids(params, tokens), attends, *offsets)[0]
+    return decoder(params["secondary"], cfg.secondary, tokens, attends, *offsets,
+                   **drafter_io(params, "secondary", tokens))[0]
 
 
 def primary_state_projection(params: Params, cfg: TandemConfig, last_hidden):
@@ -294,7 +348,7 @@ def primary_state_input(params: Params, cfg: TandemConfig, projected, tokens):
     (z @ w_out [..., d_secondary] for the embedding, z @ w_logits [..., vocab] for the logits, or None where
     `primary_state_logits` is off)."""
     p = params["tandem_input"]
-    embedded = primitives.embed(params["secondary"]["embed"], draft_ids(params, tokens))
+    embedded = drafter_embed(params, "secondary", tokens)
     z = jax.nn.silu(projected + linear(embedded, p["w_in"][cfg.primary.d_model:]))
     return linear(z, p["w_out"]), (linear(z, p["w_logits"]) if cfg.primary_state_logits else None)
 
@@ -304,11 +358,13 @@ def empty_cache(cfg: DecoderConfig, batch: int, length: int, dtype) -> Cache:
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
 
 
-def decode_block(p, cfg: DecoderConfig, tokens, positions, cache: Cache, input_offset=None, logit_offset=None):
-    """Decoding forward of T tokens per row at contiguous positions: (logits, hiddens, updated cache)."""
+def decode_block(p, cfg: DecoderConfig, tokens, positions, cache: Cache, input_offset=None, logit_offset=None,
+                 io: dict | None = None):
+    """Decoding forward of T tokens per row at contiguous positions: (logits, hiddens, updated cache). `io`: a
+    drafter's `drafter_io`."""
     start = positions[:, 0]
     attends = [cached_attention(entry, start, cfg.rope_theta) for entry in cache]
-    return decoder(p, cfg, tokens, attends, input_offset, logit_offset)
+    return decoder(p, cfg, tokens, attends, input_offset, logit_offset, **(io or {}))
 
 
 def write_tandem_kv(cache: Cache, kvs, start) -> Cache:
@@ -319,11 +375,12 @@ def write_tandem_kv(cache: Cache, kvs, start) -> Cache:
 
 # --- adaptive block length ------------------------------------------------------------------------------------
 
-def router_features(cfg: RouterConfig, secondary_embed, probs):
-    """The secondary's entropy, its top-k probabilities and the secondary embeddings of those top-k tokens."""
+def router_features(params: Params, cfg: RouterConfig, probs):
+    """The secondary's entropy, its top-k probabilities and the secondary's embeddings of those top-k tokens."""
     entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.maximum(probs, 1e-30)), 0.0), axis=-1)
     top_p, top_i = lax.top_k(probs, cfg.top_k)
-    emb = primitives.embed(secondary_embed, top_i).astype(jnp.float32).reshape(*probs.shape[:-1], -1)
+    emb = drafter_embed(params, "secondary", primary_ids(params, top_i))
+    emb = emb.astype(jnp.float32).reshape(*probs.shape[:-1], -1)
     return jnp.concatenate([entropy[..., None], top_p, emb], axis=-1)
 
 

@@ -18,8 +18,11 @@ from tandemc.errors import TandemcError
 Shape = tuple[tuple[int, str], ...]
 
 
-def decoder_shapes(cfg: DecoderConfig, prefix: str) -> dict[str, Shape]:
-    """Tensors of one decoder, named `{prefix}.embed`, ... (or `embed`, ... when prefix is empty)."""
+def decoder_shapes(cfg: DecoderConfig, prefix: str, shared_with: DecoderConfig | None = None,
+                   other_row: bool = False) -> dict[str, Shape]:
+    """Tensors of one decoder, named `{prefix}.embed`, ... (or `embed`, ... when prefix is empty). `shared_with`:
+    a drafter that reads and writes tokens through that primary's table, by `embed_proj` and `head_proj` (and
+    `other`, the logit row of the draft vocabulary's id for all other tokens, with `other_row`)."""
     def name(rest):
         return f"{prefix}.{rest}" if prefix else rest
 
@@ -28,7 +31,13 @@ def decoder_shapes(cfg: DecoderConfig, prefix: str) -> dict[str, Shape]:
     f = (cfg.d_ff, name("d_ff"))
     q = (cfg.n_heads * cfg.head_dim, name("n_heads*head_dim"))
     kv = (cfg.n_kv_heads * cfg.head_dim, name("n_kv_heads*head_dim"))
-    shapes = {name("embed"): (v, d)}
+    if shared_with is not None:
+        d_p = (shared_with.d_model, "primary.d_model")
+        shapes = {name("embed_proj"): (d_p, d), name("head_proj"): (d, d_p)}
+        if other_row:
+            shapes[name("other")] = (d_p,)
+    else:
+        shapes = {name("embed"): (v, d)}
     for i in range(cfg.n_layers):
         layer = name(f"layers.{i}")
         shapes.update({
@@ -37,14 +46,15 @@ def decoder_shapes(cfg: DecoderConfig, prefix: str) -> dict[str, Shape]:
             f"{layer}.w_up": (d, f), f"{layer}.w_down": (f, d),
         })
     shapes[name("final_norm")] = (d,)
-    if not cfg.tie_embeddings:
+    if not cfg.tie_embeddings and shared_with is None:
         shapes[name("lm_head")] = (d, v)
     return shapes
 
 
 def checkpoint_shapes(cfg: TandemConfig) -> dict[str, Shape]:
     """Every tensor a checkpoint with this config must hold, and nothing else."""
-    shapes = {**decoder_shapes(cfg.primary, "primary"), **decoder_shapes(cfg.secondary, "secondary")}
+    shared = {"shared_with": cfg.primary, "other_row": cfg.draft_vocab > 0} if cfg.shared_embeddings else {}
+    shapes = {**decoder_shapes(cfg.primary, "primary"), **decoder_shapes(cfg.secondary, "secondary", **shared)}
     d_l = (cfg.primary.d_model, "primary.d_model")
     d_s = (cfg.secondary.d_model, "secondary.d_model")
     for j in range(cfg.secondary.n_layers):
@@ -63,7 +73,7 @@ def checkpoint_shapes(cfg: TandemConfig) -> dict[str, Shape]:
         shapes.update({"router.w1": (feats, hidden), "router.b1": (hidden,),
                        "router.w2": (hidden, (1, "1")), "router.b2": ((1, "1"),)})
     if cfg.drafter:
-        shapes.update(decoder_shapes(cfg.drafter, "drafter"))
+        shapes.update(decoder_shapes(cfg.drafter, "drafter", **shared))
     if cfg.draft_vocab:
         shapes["draft_vocab.tokens"] = ((cfg.draft_vocab, "draft_vocab"),)
         shapes["draft_vocab.index"] = ((cfg.primary.vocab_size, "primary.vocab_size"),)

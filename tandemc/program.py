@@ -88,7 +88,7 @@ class Program:
     def make(config: TandemConfig, params: dict[str, Any], options: ExportOptions) -> "Program":
         options = options.validate(config)
         config = dataclasses.replace(config, dtype=options.dtype)
-        return Program(config, cast_params(params, options.dtype), options)
+        return Program(config, with_draft_head(config, cast_params(params, options.dtype)), options)
 
     @property
     def gamma(self) -> int:
@@ -101,6 +101,17 @@ def cast_params(params: dict[str, Any], dtype: str) -> dict[str, Any]:
     target = np_dtype(dtype)
     return jax.tree.map(lambda a: np.asarray(a) if np.issubdtype(np.asarray(a).dtype, np.integer)
                         else np.asarray(a).astype(target), params)
+
+
+def with_draft_head(cfg: TandemConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """Drafters that share the primary's table over a draft vocabulary read its draft tokens' rows at every draft;
+    a program holds them once, transposed, as draft_vocab.head [primary.d_model, draft_vocab] (model._shared_head),
+    instead of gathering them in every call."""
+    if not (cfg.shared_embeddings and cfg.draft_vocab):
+        return params
+    table = np.asarray(params["primary"]["embed"])
+    head = np.ascontiguousarray(table[np.asarray(params["draft_vocab"]["tokens"])].T)
+    return {**params, "draft_vocab": {**params["draft_vocab"], "head": head}}
 
 
 def program_for_artifact(ckpt, manifest: dict) -> Program:

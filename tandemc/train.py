@@ -148,8 +148,7 @@ def router_inputs(params, cfg, x, block=None, teacher=None):
     if teacher is None:
         teacher = primary_outputs(params["primary"], cfg, x, model.primary_layers_read(cfg))
     secondary_logits = model.tandem_forward(params, cfg, x, block, primary_hiddens=teacher["hiddens"])
-    features = model.router_features(cfg.router, params["secondary"]["embed"],
-                                     jax.nn.softmax(model.proposable(params, secondary_logits)))
+    features = model.router_features(params, cfg.router, jax.nn.softmax(model.proposable(params, secondary_logits)))
     return features, rejection_probability(params, secondary_logits, teacher)
 
 
@@ -224,7 +223,7 @@ def make_loss(cfg, opts: TrainOptions):
         if opts.stage == "pretrain" and opts.model == "primary":
             return objective_loss(model.forward(params["primary"], cfg.primary, x)[0], y, None, "ce")
         if opts.stage == "pretrain":  # a drafter reads and predicts its own ids
-            logits, _ = model.forward(params[opts.model], getattr(cfg, opts.model), model.draft_ids(params, x))
+            logits, _ = model.drafter_forward(params, cfg, opts.model, x)
             return objective_loss(logits, model.draft_ids(params, y), soft, opts.objective)
         if opts.stage == "tandem":
             logits = model.tandem_forward(params, cfg, x, block, primary_hiddens=teacher["hiddens"])
@@ -440,7 +439,9 @@ def with_primary_state_input(ckpt: Checkpoint, width: int, seed: int = 0, logits
     return dataclasses.replace(ckpt, config=cfg, params={**ckpt.params, "tandem_input": fresh})
 
 
-_forward = jax.jit(model.forward, static_argnums=1)  # one program, not op by op (fitting on the example: 15 s → 10 s)
+# one program, not op by op (fitting on the example: 15 s → 10 s)
+_forward = jax.jit(model.forward, static_argnums=1)
+_drafter_forward = jax.jit(model.drafter_forward, static_argnums=(1, 2))
 
 
 def fit_projections(ckpt: Checkpoint, tokens: np.ndarray, ridge: float = 1e-3) -> Checkpoint:
@@ -454,8 +455,8 @@ def fit_projections(ckpt: Checkpoint, tokens: np.ndarray, ridge: float = 1e-3) -
     cfg = ckpt.config
     params = jax.tree.map(jnp.asarray, ckpt.params)
     primary_hiddens = _forward(params["primary"], cfg.primary, tokens)[1]
-    secondary, ids = params["secondary"], model.draft_ids(params, tokens)
-    stream = [secondary["embed"][ids]] + _forward(secondary, cfg.secondary, ids)[1]
+    secondary = params["secondary"]
+    stream = [model.drafter_embed(params, "secondary", tokens)] + _drafter_forward(params, cfg, "secondary", tokens)[1]
     fitted = []
     for j, source in enumerate(cfg.layer_map):
         x = model.rms_norm(primary_hiddens[source], None, cfg.primary.norm_eps).reshape(-1, cfg.primary.d_model)

@@ -59,16 +59,19 @@ def test_artifact_matches_reference(target, name, batch, gamma, tmp_path):
             onnx.checker.check_model(str(tmp_path / "a" / entry["onnx"]), full_check=True)
 
 
-@pytest.mark.parametrize("mode", ["vanilla", "speed"])
-def test_draft_vocabulary_exports_and_matches(mode, tmp_path):
+@pytest.mark.parametrize("name, mode", [("draft-vocab", "vanilla"), ("draft-vocab", "speed"),
+                                        ("shared-table", "vanilla"), ("shared-table", "adaptive")])
+def test_draft_vocabulary_exports_and_matches(name, mode, tmp_path):
     """Drafters that propose part of the vocabulary: the graphs map ids both ways (Gather) and spread sampled
-    drafts' distributions over the primary's vocabulary; verified like every export, greedy and sampled."""
-    manifest = export_ok(checkpoint("draft-vocab"), tmp_path / "a", "cpu", mode=mode, batch=2, block_length=3,
+    drafts' distributions over the primary's vocabulary; with shared_embeddings they read the primary's table and
+    the program holds its draft rows once (draft_vocab.head). Verified like every export, greedy and sampled."""
+    manifest = export_ok(checkpoint(name), tmp_path / "a", "cpu", mode=mode, batch=2, block_length=3,
                          max_seq_len=(40,), prefill_chunk=16, max_new_tokens=12)
     report = manifest["verification"]
     assert report["greedy_identical"] and report["sampled_identical"]
     weights = {n for g in manifest["graphs"].values() for n in g["weights"]}
     assert {"draft_vocab.tokens", "draft_vocab.index"} <= weights
+    assert ("draft_vocab.head" in weights) == (name == "shared-table")
 
 
 @pytest.mark.parametrize("target, mode", [("cpu", m) for m in ("primary", "vanilla", "tandem", "adaptive")]

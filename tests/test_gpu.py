@@ -34,7 +34,7 @@ def tiny(name):
 @pytest.mark.parametrize("name, batch, gamma, passes", [
     pytest.param("gqa-4to2", 4, 3, "O1", marks=pytest.mark.slow), ("mha-odd-heads", 1, 1, "O0"),
     pytest.param("gqa-4to2", 2, 2, "O1,quantize_int8", marks=pytest.mark.slow), ("gqa-4to2", 1, 4, "O1,quantize_int4"),
-    ("wide-vocab", 1, 2, "O1"), ("draft-vocab", 2, 3, "O1"),
+    ("wide-vocab", 1, 2, "O1"), ("shared-table", 2, 3, "O1"),
 ])
 def test_gpu_graphs_satisfy_the_profile_and_match_the_reference(name, batch, gamma, passes, tmp_path):
     """Greedy and fixed-seed sampled tokens identical to the reference (export's verification, in ONNX Runtime),

@@ -57,9 +57,10 @@ def test_tandem_training_forward_matches_incremental(name, block):
             if cfg.primary_state_input and last_hidden is not None:
                 offsets = model.primary_state_input(params, cfg, model.primary_state_projection(
                     params, cfg, last_hidden[:, None]), tokens[:, i:i + 1])
-            logits, _, secondary_cache = decode_block(params["secondary"], cfg.secondary,
-                                                      model.draft_ids(params, tokens[:, i:i + 1]),
-                                                      jnp.full((b, 1), i), secondary_cache, *offsets)
+            token = tokens[:, i:i + 1]
+            logits, _, secondary_cache = decode_block(params["secondary"], cfg.secondary, token, jnp.full((b, 1), i),
+                                                      secondary_cache, *offsets,
+                                                      io=model.drafter_io(params, "secondary", token))
             steps.append(logits)
         positions = jnp.broadcast_to(jnp.arange(start, end), (b, end - start))  # (b) primary block step
         _, hiddens, primary_cache = decode_block(params["primary"], cfg.primary, tokens[:, start:end],
@@ -126,7 +127,7 @@ def test_default_layer_map_ends_at_last_primary_layer():
 def test_router_outputs_probabilities():
     cfg, params = make(CONFIGS["custom-map"])
     probs = jnp.asarray(np.random.default_rng(0).dirichlet(np.ones(cfg.primary.vocab_size), 5), jnp.float32)
-    feats = model.router_features(cfg.router, params["secondary"]["embed"], probs)
+    feats = model.router_features(params, cfg.router, probs)
     assert feats.shape == (5, cfg.router.num_features(cfg.secondary.d_model))
     p = model.router_reject_probability(params["router"], feats)
     assert p.shape == (5,) and bool(jnp.all((p > 0) & (p < 1)))

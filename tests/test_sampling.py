@@ -73,7 +73,8 @@ def test_speed_sampling_matches_primary_distribution(temperature, top_k, top_p):
 
 
 @pytest.mark.parametrize("name, prompt, mode", [("gqa-4to2", [2, 2, 5, 1], "vanilla"),
-                                                ("draft-vocab", [7, 2, 8], "vanilla"), ("draft-vocab", [7, 2, 8], "speed")])
+                                                ("draft-vocab", [7, 2, 8], "vanilla"), ("draft-vocab", [7, 2, 8], "speed"),
+                                                ("shared-table", [7, 2, 8], "speed")])
 def test_drafted_sampling_matches_primary_distribution(name, prompt, mode):
     """Exact whoever drafts, including drafters that propose only part of the vocabulary (draft-vocab: 5 of 9
     tokens; the prompt's 7 and 8 are outside it): a draft only proposes, the primary's distribution decides."""

