@@ -21,10 +21,10 @@ work=examples/build/train-smollm2
 out=examples/smollm2-drafters
 mkdir -p "$work"
 common=(--data stdlib --batch 16 --seq-len 256)
-DRAFTER_STEPS=${DRAFTER_STEPS:-400}
-TANDEM_STEPS=${TANDEM_STEPS:-400}
-DISTINCT_BATCHES=${DISTINCT_BATCHES:-60}
-LR=${LR:-1e-3}
+DRAFTER_STEPS=${DRAFTER_STEPS:-300}
+TANDEM_STEPS=${TANDEM_STEPS:-500}
+DISTINCT_BATCHES=${DISTINCT_BATCHES:-120}
+LR=${LR:-2e-3}
 
 step() {  # step NAME ARGS...: run a stage unless its output exists; its wall time goes to timing.txt
   local name=$1; shift

@@ -136,7 +136,7 @@ def decoder(p, cfg: DecoderConfig, tokens, attends: list[Attend], input_offset=N
     return logits.astype(jnp.float32), hiddens, extras
 
 
-# --- the draft vocabulary (config.draft_vocab) ----------------------------------------------------------------
+# --- how drafters read and write tokens (config.draft_vocab, config.shared_embeddings) ------------------------
 
 def drafter_embed(params: Params, name: str, tokens):
     """Primary token ids [...] → drafter `name`'s input embeddings [..., d]: from its own table (of `draft_ids`), or
