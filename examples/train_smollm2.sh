@@ -52,7 +52,7 @@ step 3-drafter-equal "$work/2-tandem" --stage pretrain --model drafter --objecti
 rm -rf "$work/primary-cache"
 
 start=$SECONDS
-[ -f "$work/metrics.json" ] || { "$tandemc" evaluate "$work/3-drafter-equal" --gammas 2,3,4,5,6 --json \
+[ -f "$work/metrics.json" ] || { "$tandemc" evaluate "$work/3-drafter-equal" --gammas 3,4 --windows 16 --prompts 8 --json \
   > "$work/metrics.json.tmp" && mv "$work/metrics.json.tmp" "$work/metrics.json"; }
 echo "evaluate $((SECONDS - start))" >> "$work/timing.txt"
 "$tandemc" detach "$work/3-drafter-equal" -o "$out.tmp" --force

@@ -12,6 +12,14 @@ from tandemc.decoding import generate
 from tandemc.errors import TandemcError
 
 
+# In full parallel runs a worker that has compiled many programs sometimes dies inside jaxlib 0.10.2 while compiling
+# or reading from the compilation cache one of this module's decoding programs (2026-12-04: SIGSEGV and SIGABRT,
+# each time in test_vanilla_speed_full_and_partial_acceptance[1] or test_drafter_cache_matches_training_forward;
+# alone they pass, and turning the persistent cache off did not stop it). A crashed test runs once more in a fresh
+# worker (pytest-rerunfailures); a test that fails on its own merits fails twice.
+pytestmark = pytest.mark.flaky(reruns=1)
+
+
 @pytest.mark.parametrize("batch, gammas", [pytest.param(4, range(1, 9), marks=pytest.mark.slow), (1, (1, 3, 8))])
 def test_greedy_speed_equals_primary_greedy(tandem, batch, gammas):
     cfg, params = tandem
