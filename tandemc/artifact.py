@@ -103,6 +103,18 @@ def write_manifest(directory: Path, manifest: dict) -> dict:
     return json.loads(text)
 
 
+def read_format_json(file: Path, format_name: str, what: str) -> dict:
+    """A JSON object whose "format" field must be `format_name` (artifact and bundle manifests): one line naming
+    `file` when it is not readable JSON or not that format."""
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TandemcError(f"{file} is not valid JSON") from None
+    if not isinstance(data, dict) or data.get("format") != format_name:
+        raise TandemcError(f"{file} is not a {what} (format is not {format_name!r})")
+    return data
+
+
 def read_manifest(path: str | Path, check_hashes: bool = True) -> dict:
     """The manifest of an artifact directory, after checking its format, schema version and file hashes."""
     path = Path(path)
@@ -111,12 +123,7 @@ def read_manifest(path: str | Path, check_hashes: bool = True) -> dict:
         raise TandemcError(f"artifact directory {path} does not exist")
     if not file.is_file():
         raise TandemcError(f"{path} has no {MANIFEST}; is it a tandemc artifact directory?")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise TandemcError(f"{file} is not valid JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise TandemcError(f"{file} is not a tandemc artifact manifest (format is not {FORMAT!r})")
+    manifest = read_format_json(file, FORMAT, "tandemc artifact manifest")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise TandemcError(f"{file} has schema_version {manifest.get('schema_version')}; this tandemc reads version "
                            f"{SCHEMA_VERSION}: re-export the artifact with this tandemc")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tandemc import safetensors_io
+from tandemc.artifact import read_format_json
 from tandemc.atomic import atomic_directory
 from tandemc.checkpoint import Checkpoint
 from tandemc.config import TandemConfig
@@ -55,12 +56,7 @@ def read_bundle(path: Path) -> tuple[dict, dict]:
     if not (path / MANIFEST).is_file() or not (path / WEIGHTS).is_file():
         raise TandemcError(f"{path} is not a drafter bundle (it needs {MANIFEST} and {WEIGHTS}; make one with "
                            "`tandemc detach`)")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TandemcError(f"{path / MANIFEST} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise TandemcError(f"{path / MANIFEST} is not a {FORMAT} manifest")
+    manifest = read_format_json(path / MANIFEST, FORMAT, "drafter bundle manifest")
     if manifest.get("version") != VERSION:
         raise TandemcError(f"{path} is bundle version {manifest.get('version')!r}; this tandemc reads version "
                            f"{VERSION}")
