@@ -38,18 +38,52 @@ def sha256(path: Path) -> str:
 
 
 def artifact_files(directory: Path) -> list[str]:
-    """Every file under the artifact (relative POSIX paths, sorted), except the manifest and hidden files."""
+    """Every file under the artifact (relative POSIX paths, sorted), except the manifest and hidden files; symbolic
+    links count as files, so a listing check sees them."""
     return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+                  if (p.is_file() or p.is_symlink()) and p.name != MANIFEST and not p.name.startswith("."))
 
 
-def graph_entry(graph: Graph, files: dict[str, str]) -> dict:
+def inside(directory: Path, name: object, what: str) -> Path:
+    """`name`, read from a manifest, as a path inside the artifact `directory`: a plain relative POSIX path (no
+    `..`, `.`, empty or absolute parts, no backslashes) with no symbolic link along it. An artifact is untrusted
+    input: nothing in it may make tandemc read or hash a file outside its directory."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or "\\" in name or any(part in ("", ".", "..") for part in parts):
+        raise TandemcError(f"{directory / MANIFEST}: {what} {name!r} is not a plain relative path inside the "
+                           "artifact; the manifest is corrupt or was tampered with: re-export")
+    path = directory
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise TandemcError(f"{path} is a symbolic link; an artifact's files must lie inside it: re-export")
+    return path
+
+
+def referenced_files(manifest: dict) -> list[tuple[str, object]]:
+    """(what, name) of every file the manifest tells a runtime to open."""
+    refs = [("weights_file", manifest.get("weights_file"))]
+    graphs = manifest.get("graphs")
+    for key, entry in (graphs.items() if isinstance(graphs, dict) else []):
+        for field in ("onnx", "module", "text"):
+            if isinstance(entry, dict) and field in entry:
+                refs.append((f"graph {key}'s {field} file", entry[field]))
+    tokenizer = manifest.get("tokenizer")
+    if isinstance(tokenizer, dict) and tokenizer.get("file"):
+        refs.append(("tokenizer file", tokenizer["file"]))
+    return refs
+
+
+def graph_entry(graph: Graph, target_fields: dict) -> dict:
+    """A graph's manifest entry; `target_fields` (its files, and what the target records per graph) come last, so
+    an ONNX graph's `weights` are the initializers its file reads."""
     return {
-        "name": graph.name, "seq_len": graph.seq_len, **files,
+        "name": graph.name, "seq_len": graph.seq_len,
         "weights": [w.name for w in graph.weights],
         "inputs": [t.to_dict() for t in graph.inputs],
         "outputs": [t.to_dict() for t in graph.outputs],
         "state": graph.state_wiring,
+        **target_fields,
     }
 
 
@@ -115,8 +149,9 @@ def read_format_json(file: Path, format_name: str, what: str) -> dict:
     return data
 
 
-def read_manifest(path: str | Path, check_hashes: bool = True) -> dict:
-    """The manifest of an artifact directory, after checking its format, schema version and file hashes."""
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of an artifact directory, after checking its format, schema version, that every file it lists
+    or names lies inside the directory (`inside`), that it lists every file there, and their hashes."""
     path = Path(path)
     file = path / MANIFEST
     if not path.is_dir():
@@ -129,17 +164,24 @@ def read_manifest(path: str | Path, check_hashes: bool = True) -> dict:
                            f"{SCHEMA_VERSION}: re-export the artifact with this tandemc")
     if manifest.get("target") not in TARGETS:
         raise TandemcError(f"{file} names unknown target {manifest.get('target')!r}")
-    hashes = manifest.get("files") or {}
-    if check_hashes:
-        for name in artifact_files(path):
-            if name not in hashes:
-                raise TandemcError(f"{path / name} is not listed in the manifest; remove it or re-export")
-        for name, digest in sorted(hashes.items()):
-            if not (path / name).is_file():
-                raise TandemcError(f"{path / name} is missing; the artifact is incomplete, re-export it")
-            if sha256(path / name) != digest:
-                raise TandemcError(f"{path / name} does not match its sha256 in the manifest; the artifact was "
-                                   "modified or corrupted, re-export it")
+    hashes = manifest.get("files")
+    if not isinstance(hashes, dict) or not all(isinstance(d, str) and len(d) == 64 for d in hashes.values()):
+        raise TandemcError(f"{file} has no valid 'files' table of sha256 digests; re-export the artifact")
+    for name in hashes:
+        inside(path, name, "listed file")
+    for what, name in referenced_files(manifest):
+        inside(path, name, what)
+        if name not in hashes:
+            raise TandemcError(f"{file}: {what} {name!r} is not among the manifest's hashed files; re-export")
+    for name in artifact_files(path):
+        if name not in hashes:
+            raise TandemcError(f"{path / name} is not listed in the manifest; remove it or re-export")
+    for name, digest in sorted(hashes.items()):
+        if not (path / name).is_file():
+            raise TandemcError(f"{path / name} is missing; the artifact is incomplete, re-export it")
+        if sha256(path / name) != digest:
+            raise TandemcError(f"{path / name} does not match its sha256 in the manifest; the artifact was "
+                               "modified or corrupted, re-export it")
     return manifest
 
 

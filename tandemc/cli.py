@@ -572,9 +572,10 @@ def list_passes(as_json):
 @click.option("--max-new-tokens", "-n", default=64, show_default=True)
 @sampling_options
 @click.option("--generate-graph", is_flag=True, help="One call of the in-graph generate loop instead of steps.")
-@click.option("--backend", type=click.Choice(["savedmodel", "onnxruntime"]),
-              help="savedmodel: a tpu artifact's TensorFlow SavedModel; onnxruntime: a gpu artifact's ONNX graphs "
-              "in ONNX Runtime (no TensorRT needed) [default: the target's own runtime].")
+@click.option("--backend", type=click.Choice(["savedmodel", "iree", "onnxruntime"]),
+              help="savedmodel: a tpu artifact's TensorFlow SavedModel; iree: its StableHLO compiled by IREE for "
+              "this CPU; onnxruntime: a gpu artifact's ONNX graphs in ONNX Runtime (no TensorRT needed) [default: "
+              "the target's own runtime].")
 @click.option("--stats", is_flag=True, help="Print decoding statistics to stderr.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="ONNX Runtime intra-op threads (cpu artifacts; 0: one per core).")
@@ -615,8 +616,9 @@ def run(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, gene
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="The checkpoint it came from.")
 @click.option("--prompts", default=8, show_default=True, help="Random-token prompts to compare on.")
-@click.option("--backend", type=click.Choice(["savedmodel", "onnxruntime"]),
-              help="Verify a tpu artifact's SavedModel, or a gpu artifact's ONNX graphs in ONNX Runtime.")
+@click.option("--backend", type=click.Choice(["savedmodel", "iree", "onnxruntime"]),
+              help="Verify a tpu artifact's SavedModel or its StableHLO under IREE, or a gpu artifact's ONNX graphs in "
+              "ONNX Runtime.")
 @json_option
 def verify(artifact, checkpoint, prompts, backend, as_json):
     """Compare an artifact with the JAX reference: token identity (greedy, sampled) and max |Δlogits|."""

@@ -21,23 +21,29 @@ def lower_for_target(program: Program, graphs, target: str, platforms: Sequence[
                      weight_locations: dict[str, tuple[str, int, int]]):
     """(files, per-graph file names, manifest extras) for one target."""
     if target in ("cpu", "gpu"):
+        import onnx
+        import onnxruntime
+
         from tandemc.targets import onnx as onnx_target
 
         if program.options.mesh or platforms:
             raise TandemcError("--mesh and --platforms apply to the tpu target only")
-        files = onnx_target.lower(graphs, weight_locations, profile=target)
-        names = {key[:-len(".onnx")]: {"onnx": key} for key in files}
+        files, reads = onnx_target.lower(graphs, weight_locations, profile=target)
+        names = {key: {"onnx": key + ".onnx", "weights": reads[key]} for key in reads}
         if target == "gpu":
             check_tensorrt_profile(files)
-        return files, names, {"onnx_opset": onnx_target.OPSET, "onnx_session_config": onnx_target.session_config(program.params)}
+        return files, names, {"onnx_opset": onnx_target.OPSET,
+                              "onnx_session_config": onnx_target.session_config(program.params),
+                              "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}}
     if target == "tpu":
         from tandemc.targets import stablehlo
 
         platforms = stablehlo.check_platforms(platforms or stablehlo.DEFAULT_PLATFORMS)
         mesh, batch = program.options.mesh, program.options.batch
-        files = stablehlo.lower(graphs, platforms, mesh, batch)
-        names = {g.key: {"module": g.key + stablehlo.MODULE_SUFFIX, "text": g.key + ".mlir"} for g in graphs}
-        extra = {"platforms": list(platforms)}
+        files, signatures, versions = stablehlo.lower(graphs, platforms, mesh, batch)
+        names = {g.key: {"module": g.key + stablehlo.MODULE_SUFFIX, "text": g.key + ".mlir",
+                         "stablehlo": signatures[g.key]} for g in graphs}
+        extra = {"platforms": list(platforms), "versions": versions}
         if mesh:
             extra["mesh"] = {"axes": list(stablehlo.MESH_AXES), "shape": list(mesh)}
             for g in graphs:
@@ -45,6 +51,21 @@ def lower_for_target(program: Program, graphs, target: str, platforms: Sequence[
                 names[g.key]["sharding"] = {"inputs": [list(s) for s in ins], "outputs": [list(s) for s in outs]}
         return files, names, extra
     raise TandemcError(f"unknown target {target!r}; choose one of {', '.join(artifact.TARGETS)}")
+
+
+# The dtypes each target verifies. The cpu and gpu graphs are verified in ONNX Runtime, whose CPU kernels have no
+# bfloat16 Einsum or MatMul; float16 runs there, ~2.5x slower than float32 on the example (it is a GPU format:
+# TensorRT takes float16 graphs as typed).
+TARGET_DTYPES = {"tpu": ("float32", "bfloat16", "float16"), "cpu": ("float32", "float16"),
+                 "gpu": ("float32", "float16")}
+
+
+def check_dtype(target: str, dtype: str) -> None:
+    if dtype not in TARGET_DTYPES[target]:
+        others = [t for t, dtypes in TARGET_DTYPES.items() if dtype in dtypes]
+        raise TandemcError(f"--dtype {dtype} is not available for the {target} target (ONNX Runtime, which runs and "
+                           f"verifies its graphs, has no {dtype} kernels for them): use {' or '.join(TARGET_DTYPES[target])}"
+                           f", or --target {' or '.join(others)} for {dtype}")
 
 
 def check_tensorrt_profile(files: dict[str, bytes]) -> None:
@@ -84,11 +105,13 @@ def export(ckpt: Checkpoint, target: str, out: str | Path, options: ExportOption
 
     if target not in artifact.TARGETS:
         raise TandemcError(f"unknown target {target!r}; choose one of {', '.join(artifact.TARGETS)}")
+    options.validate(ckpt.config)
+    check_dtype(target, options.dtype)
     program = make_program(ckpt, options, passes)
     if savedmodel and (target != "tpu" or options.mesh):
         raise TandemcError("--savedmodel wraps unsharded StableHLO: use it with --target tpu and no --mesh")
     tokenizer_file = (ckpt.path / ckpt.config.tokenizer.file) if ckpt.config.tokenizer.type == "hf" else None
-    with atomic_directory(out, force) as tmp:  # refuses an existing OUT without --force before any work
+    with atomic_directory(out, force, sources=(ckpt.path,)) as tmp:  # refusals come before any work
         graphs = build_graphs(program)
         locations = artifact.write_weights(tmp, program, graphs)
         files, names, extra = lower_for_target(program, graphs, target, platforms, locations)

@@ -94,8 +94,31 @@ def take_columns(x, index):
 @primitive
 def write_block(buffer, block, start):
     """buffer [B, S, ...] with block [B, T, ...] written at rows' offsets start [B] (in range by construction)."""
-    zeros = (0,) * (buffer.ndim - 2)
-    return jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, x.astype(c.dtype), (s, *zeros)))(buffer, block, start)
+    return write_rows(buffer, block.astype(buffer.dtype), start, axis=1)
+
+
+UNROLLED_ROWS = 8  # batch sizes up to this write each row with its own dynamic_update_slice
+
+
+def write_rows(buffer, block, start, axis):
+    """Each row b of block written into buffer at start[b] along `axis`, without the scatter with batching
+    dimensions that JAX makes of a vmapped dynamic_update_slice (IREE cannot compile it, docs/artifact.md). Up to
+    UNROLLED_ROWS rows: one dynamic_update_slice per row, in place where the buffer is donated. Larger batches
+    (thousands of rows in the sampling tests: an unrolled chain crashed XLA's CPU compiler) select each position
+    from the block or the buffer, the block's row for it picked by a one-hot product (exact: one term is nonzero)."""
+    rows, span = buffer.shape[0], block.shape[axis]
+    if rows <= UNROLLED_ROWS:
+        for b in range(rows):
+            starts = [jnp.int32(0)] * buffer.ndim
+            starts[0], starts[axis] = jnp.int32(b), start[b].astype(jnp.int32)
+            buffer = lax.dynamic_update_slice(buffer, block[b:b + 1], starts)
+        return buffer
+    offset = jnp.arange(buffer.shape[axis])[None, :] - start.astype(jnp.int32)[:, None]  # [B, S]
+    one_hot = (offset[..., None] == jnp.arange(span)).astype(block.dtype)  # [B, S, T]
+    moved = jnp.moveaxis(block, axis, 1)  # [B, T, ...]
+    placed = jnp.einsum("bst,bt...->bs...", one_hot, moved, precision=lax.Precision.HIGHEST)
+    written = ((offset >= 0) & (offset < span)).reshape(offset.shape + (1,) * (buffer.ndim - 2))
+    return jnp.moveaxis(jnp.where(written, placed, jnp.moveaxis(buffer, axis, 1)), 1, axis)
 
 
 @primitive
@@ -150,8 +173,7 @@ def rope(x, positions, theta):
 def write_cache(cache, block, start):
     """cache [B, KV, S, hd] with block [B, T, KV, hd] written at positions start[b]..start[b]+T-1 of each row (in
     range by construction; XLA clamps otherwise)."""
-    return jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, jnp.swapaxes(x, 0, 1).astype(c.dtype), (0, s, 0)))(
-        cache, block, start)
+    return write_rows(cache, jnp.swapaxes(block, 1, 2).astype(cache.dtype), start, axis=2)
 
 
 @primitive

@@ -98,6 +98,61 @@ class SavedModelBackend:
         return array.numpy()
 
 
+class IreeBackend:
+    """The tpu artifact's StableHLO text (`.mlir`) compiled by IREE for this host's CPU and run by IREE's runtime: a
+    runtime with neither JAX nor XLA (`pip install iree-base-compiler iree-base-runtime`). Each graph is compiled
+    on its first call, so a host loop never compiles `generate`. The modules' arguments are the platform index
+    (where they serve several platforms) and their `kept_arguments` (docs/artifact.md)."""
+
+    def __init__(self, path: Path, manifest: dict, weights: dict[str, np.ndarray]):
+        try:
+            import iree.compiler.tools as compiler
+            import iree.runtime as ireert
+        except ImportError:
+            raise TandemcError("the iree backend needs IREE: pip install 'tandemc[iree]'") \
+                from None
+        if manifest["target"] != "tpu" or "mesh" in manifest or "cpu" not in manifest.get("platforms", ()):
+            raise TandemcError("the iree backend runs tpu-target artifacts exported for the cpu platform without "
+                               "--mesh; re-export with --platforms including cpu")
+        self._compiler, self._rt, self._path, self._manifest = compiler, ireert, path, manifest
+        self._config = ireert.Config("local-task")
+        self._weights = {name: ireert.asdevicearray(self._config.device, array) for name, array in weights.items()}
+        self._fns: dict[str, tuple] = {}
+
+    def _compile(self, key: str):
+        entry = self._manifest["graphs"][key]
+        signature = entry["stablehlo"]
+        try:
+            vmfb = self._compiler.compile_file(str(self._path / entry["text"]), input_type="stablehlo",
+                                               target_backends=["llvm-cpu"],
+                                               extra_args=["--iree-llvmcpu-target-cpu=host"])
+        except self._compiler.CompilerToolError as e:
+            first = next((line for line in str(e).splitlines() if "error:" in line), str(e).splitlines()[0])
+            raise TandemcError(f"IREE cannot compile graph {key}: {first.strip()}") from None
+        context = self._rt.SystemContext(config=self._config)
+        module = self._rt.VmModule.copy_buffer(context.instance, vmfb)
+        context.add_vm_module(module)
+        fn = getattr(context.modules, module.name)["main"]
+        prefix = [np.int32(self._manifest["platforms"].index("cpu"))] if signature["platform_index_argument"] else []
+        names = list(entry["weights"]) + [spec["name"] for spec in entry["inputs"]]
+        kept = [names.index(name) for name in signature["kept_arguments"]]
+        return context, fn, prefix, [self._weights[n] for n in entry["weights"]], kept
+
+    def call(self, key: str, inputs: list) -> list:
+        if key not in self._fns:
+            self._fns[key] = self._compile(key)
+        _, fn, prefix, weights, kept = self._fns[key]
+        args = weights + list(inputs)
+        outputs = fn(*prefix, *(args[i] for i in kept))
+        return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype)
+
+    def to_host(self, array) -> np.ndarray:
+        return np.asarray(array.to_host() if hasattr(array, "to_host") else array)
+
+
 class StateBuffers:
     """Preallocated state buffers in two sets, keyed by (name, shape, dtype) and so shared by the graphs of a cache
     bucket: a call reads its state from one set and writes the other (ping-pong). `allocate(shape, dtype)` makes
@@ -125,6 +180,37 @@ def first_state_input(entry: dict, caches: bool) -> int | None:
     feeds = set(entry["state"].values())
     return next((i for i, spec in enumerate(entry["inputs"])
                  if spec["name"] in feeds and (caches or len(spec["shape"]) != 4)), None)
+
+
+def check_external_data(graph_file: Path, weights_file: str) -> None:
+    """Every external initializer of an ONNX graph (its subgraphs' too) must read the artifact's own weights file,
+    within its size: ONNX Runtime would otherwise follow a `location` anywhere on disk."""
+    import onnx
+
+    try:
+        model = onnx.load(graph_file, load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: the file is not a readable ONNX model
+        raise TandemcError(f"{graph_file} is not a readable ONNX graph ({e.__class__.__name__}); re-export") from None
+    size = (graph_file.parent / weights_file).stat().st_size
+
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    yield from tensors(attribute.g)
+
+    for tensor in tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        try:
+            end = int(info.get("offset", 0)) + int(info["length"])
+        except (KeyError, ValueError):
+            end = -1
+        if info.get("location") != weights_file or not 0 <= end <= size:
+            raise TandemcError(f"{graph_file}: initializer '{tensor.name}' reads external data "
+                               f"{info.get('location')!r} outside the artifact's {weights_file}; re-export")
 
 
 class OnnxBackend:
@@ -155,6 +241,7 @@ class OnnxBackend:
             if profile is not None:  # ONNX Runtime's own trace, one file per graph (end_profiling writes it)
                 options.enable_profiling = True
                 options.profile_file_prefix = str(Path(profile) / key)
+            check_external_data(path / entry["onnx"], manifest["weights_file"])
             return ort.InferenceSession(str(path / entry["onnx"]), options, providers=["CPUExecutionProvider"])
 
         if profile is not None:
@@ -223,9 +310,10 @@ def _tensorrt_backend(path: Path, manifest: dict, weights: dict):
     return TensorRTBackend(path, manifest, weights)
 
 
-# By artifact target (the default) or by name: `savedmodel` runs a tpu artifact's SavedModel, `onnxruntime` a gpu
-# artifact's TensorRT-profile ONNX graphs (how they are verified where TensorRT is absent).
-BACKENDS = {"tpu": StableHLOBackend, "savedmodel": SavedModelBackend, "cpu": OnnxBackend, "onnxruntime": OnnxBackend,
+# By artifact target (the default) or by name: `savedmodel` runs a tpu artifact's SavedModel, `iree` its StableHLO
+# compiled by IREE, `onnxruntime` a gpu artifact's TensorRT-profile ONNX graphs (how they are verified where
+# TensorRT is absent).
+BACKENDS = {"tpu": StableHLOBackend, "savedmodel": SavedModelBackend, "iree": IreeBackend, "cpu": OnnxBackend, "onnxruntime": OnnxBackend,
             "gpu": _tensorrt_backend}
 
 

@@ -2,12 +2,15 @@
 
 Layout: 8-byte little-endian header length N, N bytes of JSON header ({name: {dtype, shape, data_offsets}},
 optional "__metadata__"), then the raw little-endian tensor bytes. Our own reader checks every offset against the
-file size so a truncated or corrupted file is reported by name instead of failing deep inside a library.
+file size so a truncated or corrupted file is reported by name instead of failing deep inside a library, and
+refuses what the reference implementation (the `safetensors` package) refuses. Our own code rather than that
+package because artifacts store int4 weights (the I4 dtype below), which it cannot read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -52,39 +55,74 @@ def unpack_int4(packed: np.ndarray, shape) -> np.ndarray:
 
 
 def read_header(path: Path) -> tuple[dict, int, int]:
-    """(tensor entries, offset where data starts, data length), validated against the file size."""
+    """(tensor entries, offset where data starts, data length), as strict as the `safetensors` package: every
+    field of the right type, each tensor's byte span matching its dtype and shape, the spans contiguous from the
+    start of the data section to its end (no gaps, overlaps or trailing bytes)."""
     name = path.name
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise TandemcError(f"{name} is truncated: {size} bytes, too short for a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
-            raise TandemcError(f"{name} is truncated or not safetensors: header claims {n} bytes, file has {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TandemcError(f"{name} has a corrupt safetensors header ({e.__class__.__name__})") from None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise TandemcError(f"{name} is truncated: {size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise TandemcError(f"{name} is truncated or not safetensors: header claims {n} bytes, file has {size}")
+            raw = f.read(n)
+    except OSError as e:
+        raise TandemcError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = e.__class__.__name__ if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
+        raise TandemcError(f"{name} has a corrupt safetensors header ({reason})") from None
     if not isinstance(header, dict):
         raise TandemcError(f"{name} has a corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise TandemcError(f"{name}: the safetensors __metadata__ must map strings to strings")
     data_len = size - 8 - n
+    spans = []
     for tensor, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise TandemcError(f"{name}: header entry for tensor '{tensor}' is malformed") from None
-        if dtype not in DTYPE_CODES:
-            raise TandemcError(f"{name}: tensor '{tensor}' has unsupported dtype {dtype}")
-        expected = nbytes(int(np.prod(shape, dtype=np.int64)), DTYPE_CODES[dtype])
-        if end - begin != expected or begin < 0:
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise TandemcError(f"{name}: header entry for tensor '{tensor}' is malformed (needs dtype, shape and "
+                               "data_offsets)")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_CODES:
+            raise TandemcError(f"{name}: tensor '{tensor}' has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise TandemcError(f"{name}: tensor '{tensor}' has a malformed shape {shape!r} (a list of "
+                               "non-negative integers)")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise TandemcError(f"{name}: tensor '{tensor}' has malformed data_offsets {offsets!r} (two integers, "
+                               "begin <= end)")
+        begin, end = offsets
+        expected = nbytes(math.prod(shape), DTYPE_CODES[dtype])
+        if end - begin != expected:
             raise TandemcError(f"{name}: tensor '{tensor}' spans {end - begin} bytes but dtype {dtype} shape "
                                f"{tuple(shape)} needs {expected}")
-        if end > data_len:
-            raise TandemcError(f"{name} is truncated: tensor '{tensor}' ends at byte {end} of the data section "
-                               f"but only {data_len} bytes are present")
+        spans.append((begin, end, tensor))
+    position, last = 0, None
+    for begin, end, tensor in sorted(spans):
+        if begin != position:
+            raise TandemcError(f"{name}: tensor '{tensor}' starts at byte {begin} of the data section where "
+                               f"{position} was expected: tensors must be contiguous and must not overlap")
+        position, last = end, tensor
+    if position > data_len:
+        raise TandemcError(f"{name} is truncated: tensor '{last}' ends at byte {position} of the data section "
+                           f"but only {data_len} bytes are present")
+    if position < data_len:
+        raise TandemcError(f"{name} has {data_len - position} bytes after its last tensor's data; the file is "
+                           "corrupt or not what its header says")
     return header, 8 + n, data_len
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
 
 
 def read(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -440,6 +440,15 @@ def _call(b, eqn, ins):
     return lower_jaxpr(b, closed, [], ins)
 
 
+def _subgraph(child: Builder, name: str, inputs, outputs) -> onnx.GraphProto:
+    """A branch or loop body with only the nodes its outputs need and the constants those read: ONNX Runtime warns
+    on every load about initializers nothing reads."""
+    nodes = _live(child.nodes, [o.name for o in outputs])
+    used = set().union(*(_reads(node) for node in nodes))
+    return helper.make_graph(nodes, name, inputs, outputs,
+                             initializer=[t for t in child.initializers if t.name in used])
+
+
 @rule("cond")
 def _cond(b, eqn, ins):
     """lax.cond with two branches → ONNX If (branch 1 when the index is 1); branches read outer names directly."""
@@ -454,8 +463,7 @@ def _cond(b, eqn, ins):
         for out, var in zip(outs, closed.jaxpr.outvars):
             name = child.op1("Identity", [out])
             results.append(value_info(name, aval(var).shape, aval(var).dtype))
-        subgraphs.append(helper.make_graph(child.nodes, b.fresh("branch"), [], results,
-                                           initializer=child.initializers))
+        subgraphs.append(_subgraph(child, b.fresh("branch"), [], results))
     pred = b.cast(ins[0], np.bool_)
     return b.op("If", [pred], n_out=len(eqn.outvars), then_branch=subgraphs[0], else_branch=subgraphs[1])
 
@@ -476,12 +484,11 @@ def _while(b, eqn, ins):
     again = lower_jaxpr(child, cond.jaxpr, cond.consts, cond_consts + new)[0]
     outs = [child.op1("Identity", [name]) for name in [again, *new]]
     iteration, condition = b.fresh("iteration"), b.fresh("condition")
-    graph = helper.make_graph(
-        child.nodes, b.fresh("loop_body"),
+    graph = _subgraph(
+        child, b.fresh("loop_body"),
         [value_info(iteration, (), np.int64), value_info(condition, (), np.bool_)]
         + [value_info(n, a.shape, a.dtype) for n, a in zip(names, carry)],
-        [value_info(outs[0], (), np.bool_)] + [value_info(o, a.shape, a.dtype) for o, a in zip(outs[1:], carry)],
-        initializer=child.initializers)
+        [value_info(outs[0], (), np.bool_)] + [value_info(o, a.shape, a.dtype) for o, a in zip(outs[1:], carry)])
     return b.op("Loop", ["", first, *init], n_out=len(init), body=graph)
 
 
@@ -831,8 +838,9 @@ def _one_reader_per_quantized_weight(nodes: list[onnx.NodeProto], weights: set[s
 
 
 def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]],
-                profile: str = "cpu") -> onnx.ModelProto:
-    """One graph as an ONNX model whose weights are external data at (file, offset, length)."""
+                profile: str = "cpu") -> tuple[onnx.ModelProto, list[str]]:
+    """One graph as an ONNX model whose weights are external data at (file, offset, length), and the weights it
+    reads (in the graph's order; the rest of the artifact's weights are not initializers of this file)."""
     closed = jax.make_jaxpr(graph.fn)(*graph.arg_structs())
     b = Builder()
     b.max_position = graph.max_position
@@ -863,25 +871,27 @@ def lower_graph(graph: Graph, weight_locations: dict[str, tuple[str, int, int]],
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         weights.append(tensor)
+    constants = [t for t in b.initializers if t.name in used]  # dead nodes' constants: ONNX Runtime warns of them
     body = helper.make_graph(nodes, graph.key, [value_info(t.name, t.shape, t.dtype) for t in graph.inputs],
                              [value_info(t.name, t.shape, t.dtype) for t in graph.outputs],
-                             initializer=weights + b.initializers)
+                             initializer=weights + constants)
     domains = [helper.make_opsetid("", OPSET)]
     if any(node.domain == "com.microsoft" for node in _all_nodes(nodes)):
         domains.append(helper.make_opsetid("com.microsoft", 1))
     model = helper.make_model(body, opset_imports=domains, producer_name="tandemc", ir_version=10)
-    return model
+    return model, [w for w in weight_names if w in used]
 
 
 def lower(graphs: list[Graph], weight_locations: dict[str, tuple[str, int, int]],
-          profile: str = "cpu") -> dict[str, bytes]:
-    """`<key>.onnx` for every graph; `generate` (its while loops as ONNX Loop) for the cpu profile only, since the
+          profile: str = "cpu") -> tuple[dict[str, bytes], dict[str, list[str]]]:
+    """`<key>.onnx` for every graph, and the weights each reads (by graph key); `generate` (its while loops as ONNX Loop) for the cpu profile only, since the
     gpu profile keeps graphs loop-free for TensorRT, and only with float weights: ONNX Runtime 1.32 fails to fuse a
     quantized matmul inside a Loop body whose weights live in the outer graph ("Missing required weight")."""
-    files = {}
+    files, reads = {}, {}
     for graph in graphs:
         quantized = any(w.dtype in ("int8", "int4") for w in graph.weights)
         if graph.name == "generate" and (profile != "cpu" or quantized):
             continue
-        files[graph.key + ".onnx"] = lower_graph(graph, weight_locations, profile).SerializeToString()
-    return files
+        model, reads[graph.key] = lower_graph(graph, weight_locations, profile)
+        files[graph.key + ".onnx"] = model.SerializeToString()
+    return files, reads

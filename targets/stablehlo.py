@@ -42,19 +42,54 @@ def no_source_locations():
         jax.config.update("jax_traceback_in_locations_limit", old)
 
 
+def donated_arguments(graph: Graph) -> tuple[int, ...]:
+    """Argument indices (weights first, then inputs) of the state inputs the graph replaces. Donated, so each module
+    aliases them to their outputs (`tf.aliasing_output`) and a runtime updates the caches in place instead of
+    holding two copies."""
+    state_inputs = set(graph.state_wiring.values())
+    return tuple(len(graph.weights) + i for i, t in enumerate(graph.inputs) if t.name in state_inputs)
+
+
 def export_graph(graph: Graph, platforms: Sequence[str], shardings=None) -> export.Exported:
     """Lower one graph for `platforms`; `shardings` (in, out) places it on a device mesh."""
-    jitted = jax.jit(graph.fn, **({} if shardings is None else
-                                  {"in_shardings": shardings[0], "out_shardings": shardings[1]}))
+    jitted = jax.jit(graph.fn, donate_argnums=donated_arguments(graph),
+                     **({} if shardings is None else {"in_shardings": shardings[0], "out_shardings": shardings[1]}))
     with no_source_locations():
         return export.export(jitted, platforms=tuple(platforms))(*graph.arg_structs())
 
 
+def module_signature(graph: Graph, exported: export.Exported) -> dict:
+    """How the module's own arguments relate to the manifest's "weights, then inputs" (docs/artifact.md): with
+    more than one platform the first argument is the platform index (0-based into `platforms`), and jax.export
+    drops the arguments the computation never reads (e.g. prefill's drafter weights); `kept_arguments` names the
+    rest, in the module's order."""
+    names = [t.name for t in graph.weights + graph.inputs]
+    return {"calling_convention_version": exported.calling_convention_version,
+            "platform_index_argument": len(exported.platforms) > 1,
+            "kept_arguments": [names[i] for i in exported.module_kept_var_idx],
+            "donated_arguments": [names[i] for i in donated_arguments(graph)]}
+
+
+def stablehlo_version(exported: export.Exported) -> str:
+    """The StableHLO version the module is serialized at (a portable artifact's producer tag, e.g. 1.13.0):
+    consumers from that version up to about six months newer deserialize it."""
+    data = bytes(exported.mlir_module_serialized)
+    tag = data.find(b"StableHLO_v")
+    if tag < 0:
+        return "unknown"
+    end = tag + len(b"StableHLO_v")
+    while end < len(data) and (data[end:end + 1].isdigit() or data[end:end + 1] == b"."):
+        end += 1
+    return data[tag + len(b"StableHLO_v"):end].decode()
+
+
 def lower(graphs: list[Graph], platforms: Sequence[str], mesh: tuple[int, int] | None = None,
-          batch: int = 1) -> dict[str, bytes]:
-    """Artifact files for every graph: `<key>.jaxexport` (serialized) and `<key>.mlir` (text)."""
-    files = {}
+          batch: int = 1) -> tuple[dict[str, bytes], dict[str, dict], dict]:
+    """Artifact files for every graph (`<key>.jaxexport` serialized, `<key>.mlir` text), each graph's
+    `module_signature`, and the versions a consumer checks (`toolchain_versions`)."""
+    files, signatures = {}, {}
     device_mesh = make_mesh(mesh) if mesh else None
+    exported = None
     for graph in graphs:
         shardings = None
         if mesh:
@@ -63,7 +98,20 @@ def lower(graphs: list[Graph], platforms: Sequence[str], mesh: tuple[int, int] |
         exported = export_graph(graph, platforms, shardings)
         files[graph.key + MODULE_SUFFIX] = bytes(exported.serialize())
         files[graph.key + ".mlir"] = exported.mlir_module().encode()
-    return files
+        signatures[graph.key] = module_signature(graph, exported)
+    return files, signatures, toolchain_versions(exported)
+
+
+def toolchain_versions(exported: export.Exported) -> dict:
+    """What decides whether a consumer can load the modules: jax.export guarantees to deserialize and run what
+    it serialized for about six months of newer jax/jaxlib releases (docs/artifact.md)."""
+    import jaxlib
+    from jax._src.export import serialization  # the flatbuffer schema version has no public name
+
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "jax_export_serialization_version": serialization._SERIALIZATION_VERSION,
+            "calling_convention_version": exported.calling_convention_version,
+            "stablehlo": stablehlo_version(exported)}
 
 
 # --- tensor parallelism: heads and MLP width over the `model` axis, batch over `data` ---------------------------

@@ -187,3 +187,52 @@ def test_run_profile_splits_step_time_by_scope(tiny, tmp_path):
     assert abs(sum(summary["by_scope"].values()) - summary["kernel_ms_per_run"]) < 0.01
     refused = run("run", art, "--prompt", "x", "--profile", tmp_path / "t2", "--backend", "savedmodel", ok=False)
     assert refused.exit_code != 0 and "profiling uses ONNX Runtime" in refused.output
+
+
+def test_cpu_manifest_lists_what_each_graph_reads_and_onnx_runtime_loads_it_silently(tiny, tmp_path):
+    """docs/artifact.md: an ONNX graph's `weights` are the external initializers its file reads; no graph carries
+    an initializer nothing reads (ONNX Runtime would warn on every load); the versions are recorded."""
+    import onnx
+    import onnxruntime
+
+    art = tmp_path / "cpu"
+    run("export", tiny, "--target", "cpu", "-o", art, "--max-seq-len", 48, "--prefill-chunk", 16,
+        "--max-new-tokens", 8, "--verify-prompts", 1)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["versions"] == {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+    def reads_of(graph):  # including what nested branches and loop bodies read from outer scopes
+        return {name for node in graph.node for name in node.input} | {
+            n for node in graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH
+            for n in reads_of(a.g)}
+
+    for key, entry in manifest["graphs"].items():
+        model = onnx.load(art / entry["onnx"], load_external_data=False)
+        external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert external == entry["weights"], key
+        if entry["name"] == "prefill":
+            assert not any(w.startswith("drafter.") for w in entry["weights"])
+
+        def check(graph):
+            reads = reads_of(graph)
+            assert [t.name for t in graph.initializer if t.name not in reads] == [], key
+            for node in graph.node:
+                for a in node.attribute:
+                    if a.type == onnx.AttributeProto.GRAPH:
+                        check(a.g)
+        check(model.graph)
+    load = ("import onnxruntime as ort, sys\n"
+            "for f in sys.argv[1:]: ort.InferenceSession(f, providers=['CPUExecutionProvider'])\n")
+    proc = subprocess.run([sys.executable, "-c", load, *sorted(map(str, art.glob("*.onnx")))], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("target, dtype", [("cpu", "bfloat16"), ("gpu", "bfloat16")])
+def test_export_refuses_a_dtype_its_target_cannot_verify_in_one_line(tiny, tmp_path, target, dtype):
+    result = run("export", tiny, "--target", target, "-o", tmp_path / "art", "--dtype", dtype, ok=False)
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: --dtype {dtype} is not available for the {target} target (ONNX Runtime, "
+                                     f"which runs and verifies its graphs, has no {dtype} kernels for them): use "
+                                     f"float32 or float16, or --target tpu for {dtype}")
+    assert not (tmp_path / "art").exists()

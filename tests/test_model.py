@@ -131,3 +131,19 @@ def test_router_outputs_probabilities():
     assert feats.shape == (5, cfg.router.num_features(cfg.secondary.d_model))
     p = model.router_reject_probability(params["router"], feats)
     assert p.shape == (5,) and bool(jnp.all((p > 0) & (p < 1)))
+
+
+@pytest.mark.parametrize("rows", [3, 20])  # one dynamic_update_slice per row; above UNROLLED_ROWS, a select
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cache_writes_put_each_rows_block_at_its_offset_exactly(rows, dtype):
+    from jax import lax
+
+    from tandemc.primitives import write_cache
+
+    rng = np.random.default_rng(rows)
+    cache = jnp.asarray(rng.normal(size=(rows, 2, 16, 4)), dtype)
+    block = jnp.asarray(rng.normal(size=(rows, 3, 2, 4)), dtype)
+    start = jnp.asarray(rng.integers(0, 14, size=rows), jnp.int32)
+    want = jax.vmap(lambda c, x, s: lax.dynamic_update_slice(c, jnp.swapaxes(x, 0, 1), (0, s, 0)))(cache, block, start)
+    got = write_cache(cache, block, start)
+    assert got.dtype == cache.dtype and np.array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

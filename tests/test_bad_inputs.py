@@ -1,0 +1,292 @@
+"""Hostile and broken inputs through the CLI, table-driven: each case must exit 2 (1 for a failed verification)
+with a single `error:` line, no traceback, and leave every file outside its output path unchanged.
+
+Categories (counts are asserted at the bottom, so this docstring stays true):
+- safetensors: files the reference reader (`safetensors` package) refuses are refused too;
+- artifacts: manifests that point outside the artifact, symlinks, unlisted or missing files, ONNX external data
+  outside the artifact, corrupt graph files;
+- outputs: exports that would overwrite their input, the current directory, or a file;
+- overwrites: a crash between the two renames of an overwrite is repaired by the next write.
+"""
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import tree_digest
+from tandemc.cli import cli
+
+
+def cli_run(*args, cwd=None):
+    old = os.getcwd()
+    if cwd:
+        os.chdir(cwd)
+    try:
+        return CliRunner().invoke(cli, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+
+
+def assert_one_line_error(result, code=2, contains=""):
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    assert contains in lines[0], lines[0]
+
+
+# --- safetensors ----------------------------------------------------------------------------------------------
+
+def safetensors_file(header: dict, data: bytes, raw_header: bytes | None = None) -> bytes:
+    blob = raw_header if raw_header is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(blob)) + blob + data
+
+
+GOOD = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "I32", "shape": [1], "data_offsets": [8, 12]}}
+DATA = np.arange(3, dtype=np.float32).tobytes()
+
+SAFETENSORS_CASES = {
+    "junk after the data": safetensors_file(GOOD, DATA + b"junk"),
+    "gap between tensors": safetensors_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                             "b": {"dtype": "I32", "shape": [1], "data_offsets": [12, 16]}},
+                                            DATA + b"\0" * 4),
+    "overlapping tensors": safetensors_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                             "b": {"dtype": "I32", "shape": [1], "data_offsets": [4, 8]}}, DATA[:8]),
+    "offsets not starting at zero": safetensors_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+                                                     DATA),
+    "span shorter than the shape": safetensors_file({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+                                                    DATA[:8]),
+    "truncated data": safetensors_file(GOOD, DATA[:10]),
+    "string offsets": safetensors_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}, DATA[:8]),
+    "float offsets": safetensors_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}}, DATA[:8]),
+    "offsets not a list": safetensors_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": 8}}, DATA[:8]),
+    "reversed offsets": safetensors_file({"a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, DATA[:8]),
+    "negative dimension": safetensors_file({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, DATA[:8]),
+    "string shape": safetensors_file({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, DATA[:8]),
+    "boolean dimension": safetensors_file({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}},
+                                          DATA[:8]),
+    "unknown dtype": safetensors_file({"a": {"dtype": "F31", "shape": [2], "data_offsets": [0, 8]}}, DATA[:8]),
+    "entry missing its dtype": safetensors_file({"a": {"shape": [2], "data_offsets": [0, 8]}}, DATA[:8]),
+    "entry not an object": safetensors_file({"a": [1, 2]}, DATA[:8]),
+    "header a list": safetensors_file({}, b"", raw_header=b"[1, 2]  "),
+    "header not JSON": safetensors_file({}, DATA, raw_header=b"{not json"),
+    "metadata not strings": safetensors_file({"__metadata__": {"k": 1}, **GOOD}, DATA),
+    "header longer than the file": struct.pack("<Q", 10 ** 6) + b"{}",
+    "deeply nested header": safetensors_file({}, b"", raw_header=b"[" * 100000 + b"]" * 100000),
+    "empty file": b"",
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAFETENSORS_CASES))
+def test_safetensors_the_reference_refuses_are_refused(case, tmp_path):
+    """The checkpoint loader's reader against the `safetensors` package on the same bytes: both refuse."""
+    from safetensors.numpy import load_file
+
+    from tandemc import safetensors_io
+    from tandemc.errors import TandemcError
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(SAFETENSORS_CASES[case])
+    with pytest.raises(Exception):
+        load_file(str(path))
+    with pytest.raises(TandemcError) as error:
+        safetensors_io.read(path)
+    assert "\n" not in str(error.value) and path.name in str(error.value)
+
+
+def test_a_tensor_named_twice_is_refused(tmp_path):
+    """Stricter than the reference, which keeps the last of two entries with one name: which one a writer meant
+    is unknowable, so tandemc refuses the file."""
+    from tandemc import safetensors_io
+    from tandemc.errors import TandemcError
+
+    path = tmp_path / "model.safetensors"
+    entry = b'{"dtype":"F32","shape":[2],"data_offsets":[0,8]}'
+    path.write_bytes(safetensors_file({}, DATA[:8], raw_header=b'{"a":' + entry + b',"a":' + entry + b"}"))
+    with pytest.raises(TandemcError, match="duplicate key 'a'"):
+        safetensors_io.read(path)
+
+
+def test_the_valid_file_behind_the_cases_is_read_as_the_reference_reads_it(tmp_path):
+    from safetensors.numpy import load_file
+
+    from tandemc import safetensors_io
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(safetensors_file(GOOD, DATA))
+    ours, theirs = safetensors_io.read(path), load_file(str(path))
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+# --- artifacts ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cpu_artifact(tiny_checkpoint, tmp_path_factory):
+    art = tmp_path_factory.mktemp("bad") / "art"
+    result = cli_run("export", tiny_checkpoint, "--target", "cpu", "-o", art, "--mode", "primary", "--max-seq-len",
+                     48, "--prefill-chunk", 16, "--max-new-tokens", 8, "--no-verify")
+    assert result.exit_code == 0, result.output
+    return art
+
+
+def edit_manifest(art: Path, edit) -> None:
+    manifest = json.loads((art / "manifest.json").read_text())
+    edit(manifest)
+    (art / "manifest.json").write_text(json.dumps(manifest))
+
+
+def relist(manifest, old, new):
+    manifest["files"][new] = manifest["files"].pop(old)
+
+
+def point_graph(manifest, value):
+    entry = manifest["graphs"]["prefill.s48"]
+    relist(manifest, entry["onnx"], value)
+    entry["onnx"] = value
+
+
+def outside_external_data(art: Path):
+    """The prefill graph's first external initializer reads a sibling directory's copy of the weights."""
+    import onnx
+
+    from tandemc.artifact import sha256
+
+    shutil.copyfile(art / "weights.safetensors", art.parent / "outside.safetensors")
+    model = onnx.load(art / "prefill.s48.onnx", load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    next(e for e in tensor.external_data if e.key == "location").value = "../outside.safetensors"
+    onnx.save(model, art / "prefill.s48.onnx")
+    edit_manifest(art, lambda m: m["files"].update({"prefill.s48.onnx": sha256(art / "prefill.s48.onnx")}))
+
+
+def symlinked_weights(art: Path):
+    shutil.copyfile(art / "weights.safetensors", art.parent / "real.safetensors")
+    (art / "weights.safetensors").unlink()
+    (art / "weights.safetensors").symlink_to(art.parent / "real.safetensors")
+
+
+def unhashed_graph(art: Path):
+    (art / "other.onnx").write_bytes((art / "prefill.s48.onnx").read_bytes())
+    edit_manifest(art, lambda m: m["graphs"]["prefill.s48"].update(onnx="other.onnx"))
+
+
+def truncated_graph(art: Path):
+    from tandemc.artifact import sha256
+
+    data = (art / "prefill.s48.onnx").read_bytes()
+    (art / "prefill.s48.onnx").write_bytes(data[:len(data) // 2])
+    edit_manifest(art, lambda m: m["files"].update({"prefill.s48.onnx": sha256(art / "prefill.s48.onnx")}))
+
+
+ARTIFACT_CASES = {
+    "listed file ../outside": (lambda art: edit_manifest(art, lambda m: m["files"].update(
+        {"../outside.txt": "0" * 64})), "not a plain relative path"),
+    "listed absolute path": (lambda art: edit_manifest(art, lambda m: m["files"].update(
+        {"/etc/hostname": "0" * 64})), "not a plain relative path"),
+    "listed path with a dot part": (lambda art: edit_manifest(art, lambda m: relist(
+        m, "step.s48.onnx", "./step.s48.onnx")), "not a plain relative path"),
+    "graph file outside": (lambda art: edit_manifest(art, lambda m: point_graph(m, "../art/prefill.s48.onnx")),
+                           "not a plain relative path"),
+    "graph file absolute": (lambda art: edit_manifest(art, lambda m: point_graph(m, str(art / "prefill.s48.onnx"))),
+                            "not a plain relative path"),
+    "weights file outside": (lambda art: edit_manifest(art, lambda m: m.update(weights_file="../w.safetensors")),
+                             "not a plain relative path"),
+    "graph file not hashed": (unhashed_graph, "not among the manifest's hashed files"),
+    "unlisted extra file": (lambda art: (art / "extra.bin").write_bytes(b"x"), "not listed in the manifest"),
+    "missing graph file": (lambda art: (art / "step.s48.onnx").unlink(), "is missing"),
+    "modified weights": (lambda art: (art / "weights.safetensors").open("r+b").write(b"\1"), "sha256"),
+    "files table not an object": (lambda art: edit_manifest(art, lambda m: m.update(files=["weights.safetensors"])),
+                                  "'files' table"),
+    "digest not a string": (lambda art: edit_manifest(art, lambda m: m["files"].update(
+        {"weights.safetensors": 5})), "'files' table"),
+    "symlinked weights": (symlinked_weights, "symbolic link"),
+    "external data outside": (outside_external_data, "outside the artifact"),
+    "truncated graph": (truncated_graph, "not a readable ONNX graph"),
+    "manifest not JSON": (lambda art: (art / "manifest.json").write_text("{"), "not valid JSON"),
+    "manifest another format": (lambda art: edit_manifest(art, lambda m: m.update(format="x")), "format"),
+    "manifest newer schema": (lambda art: edit_manifest(art, lambda m: m.update(schema_version=2)),
+                              "schema_version"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ARTIFACT_CASES))
+@pytest.mark.parametrize("command", ["run", "verify"])
+def test_artifacts_are_closed_and_checked(case, command, cpu_artifact, tiny_checkpoint, tmp_path):
+    root = tmp_path / "root"
+    art = root / "art"
+    shutil.copytree(cpu_artifact, art)
+    tamper, message = ARTIFACT_CASES[case]
+    tamper(art)
+    before = tree_digest(root)
+    args = (["run", art, "--prompt", "x", "-n", 2] if command == "run"
+            else ["verify", art, "--checkpoint", tiny_checkpoint, "--prompts", 1])
+    assert_one_line_error(cli_run(*args), contains=message)
+    assert tree_digest(root) == before
+
+
+# --- outputs --------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def own_checkpoint(tiny_checkpoint, tmp_path):
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, path)
+    return path
+
+
+OUTPUT_CASES = {
+    "the input checkpoint": (lambda ckpt: ckpt, "overlaps the input"),
+    "inside the input": (lambda ckpt: ckpt / "art", "overlaps the input"),
+    "containing the input": (lambda ckpt: ckpt.parent, "current directory or contains it"),
+    "the current directory": (lambda ckpt: Path("."), "current directory or contains it"),
+    "the parent directory": (lambda ckpt: Path(".."), "current directory or contains it"),
+    "an existing file": (lambda ckpt: ckpt.parent / "file.txt", "not a directory"),
+    "under a file": (lambda ckpt: ckpt.parent / "file.txt" / "art", "cannot create"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUT_CASES))
+def test_export_never_overwrites_its_input_or_the_working_directory(case, own_checkpoint):
+    root = own_checkpoint.parent
+    (root / "file.txt").write_text("keep me")
+    out, message = OUTPUT_CASES[case]
+    before = tree_digest(root)
+    result = cli_run("export", own_checkpoint, "--target", "cpu", "-o", out(own_checkpoint), "--force",
+                     "--no-verify", cwd=root)
+    assert_one_line_error(result, contains=message)
+    assert tree_digest(root) == before
+
+
+# --- overwrites -----------------------------------------------------------------------------------------------
+
+def test_an_overwrite_interrupted_between_its_renames_is_repaired_by_the_next_write(cpu_artifact, tiny_checkpoint,
+                                                                                     tmp_path):
+    """Where the system cannot swap two directories in one step, an overwrite moves the old artifact to
+    `.NAME.old-*` and then renames the new one in; a crash in between leaves no artifact at the path. The next
+    write puts the old one back first (here: refusing to overwrite it without --force, so it is intact)."""
+    art = tmp_path / "art"
+    moved = tmp_path / ".art.old-12345"
+    shutil.copytree(cpu_artifact, moved)
+    result = cli_run("export", tiny_checkpoint, "--target", "cpu", "-o", art, "--no-verify")
+    assert_one_line_error(result, contains="already exists")
+    assert not moved.exists() and tree_digest(art) == tree_digest(cpu_artifact)
+    assert cli_run("run", art, "--prompt", "x", "-n", 2).exit_code == 0
+
+
+def test_forced_overwrite_replaces_the_artifact_whole(cpu_artifact, tiny_checkpoint, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(cpu_artifact, art)
+    (art / "stale.txt").write_text("from the old artifact")
+    result = cli_run("export", tiny_checkpoint, "--target", "cpu", "-o", art, "--force", "--mode", "primary",
+                     "--max-seq-len", 32, "--prefill-chunk", 16, "--max-new-tokens", 8, "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert not (art / "stale.txt").exists()
+    assert json.loads((art / "manifest.json").read_text())["decode"]["cache_buckets"] == [32]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no hidden leftovers
+
