@@ -31,7 +31,7 @@ def atomic_directory(path: str | os.PathLike, force: bool = False, sources: tupl
     if path == cwd or path in cwd.parents:
         raise TandemcError(f"refusing to write {path}: it is the current directory or contains it; choose a new "
                            "output path")
-    for source in sources:
+    for source in filter(None, sources):  # None: an input that is not on disk
         source = Path(os.path.abspath(source))
         if path == source or path in source.parents or source in path.parents:
             raise TandemcError(f"refusing to write {path}: it overlaps the input {source}; choose an output path "
