@@ -16,6 +16,7 @@ whose logits move by more than the float tolerance raises; a lossy one reports i
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -99,6 +100,29 @@ def resolve(names) -> list[tuple[str, dict]]:
     return out
 
 
+FIXED_OPTIONS = ("bits",)  # set by the pass's name (quantize_int8, quantize_int4), not by the user
+
+
+def check_options(p: Pass, options: dict) -> dict:
+    """A pass's user options, checked against its signature and typed like their defaults (`block=abc`, an option
+    the pass does not take, or one its name fixes are refused with the pass named)."""
+    parameters = {name: param for name, param in list(inspect.signature(p.fn).parameters.items())[2:]
+                  if name not in FIXED_OPTIONS}
+    out = {}
+    for key, value in options.items():
+        if key not in parameters:
+            takes = ", ".join(parameters) or "no options"
+            raise TandemcError(f"pass {p.name} has no option {key!r} (it takes: {takes})")
+        default = p.options.get(key, parameters[key].default)
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise TandemcError(f"pass {p.name} option {key}={value!r} must be an integer") from None
+        out[key] = value
+    return out
+
+
 def run_passes(program: Program, names, *, prompts: list[list[int]] | None = None) -> Program:
     """Apply passes in the given order; each is checked against the Program before it (see module docstring)."""
     for name, options in resolve(names):
@@ -111,7 +135,7 @@ def run_pass(program: Program, name: str, options: dict, prompts=None) -> Progra
     if p.exact and any(not done["exact"] for done in program.passes):
         raise TandemcError(f"pass {name} must run before quantization (it rewrites float matrices); put "
                            "quantize_* last")
-    merged = {**p.options, **options}
+    merged = {**p.options, **check_options(p, options)}
     config, params, details = p.fn(program.config, program.params, **merged)
     after = dataclasses.replace(program, config=config, params=params)
     report = {"name": name, "exact": p.exact, "options": dict(options), **details,

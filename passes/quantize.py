@@ -97,6 +97,16 @@ def with_float_activations(params):
     return params
 
 
+def _matrix_names(tree) -> set[str]:
+    """The names of the 2-D float matrices in a model's parameter tree (what `keep` may name)."""
+    if isinstance(tree, dict):
+        return {k for k, v in tree.items() if isinstance(v, np.ndarray) and v.ndim == 2}.union(
+            *(_matrix_names(v) for v in tree.values() if isinstance(v, (dict, list))))
+    if isinstance(tree, list):
+        return set().union(*(_matrix_names(v) for v in tree))
+    return set()
+
+
 def _nbytes(tree) -> int:
     if isinstance(tree, dict):
         return sum(_nbytes(v) for v in tree.values())
@@ -116,6 +126,9 @@ def quantize(config: TandemConfig, params: dict, bits: int = 8, block: int | str
         raise TandemcError(f"quantization starts from float32 weights; export with --dtype float32 (got "
                            f"{config.dtype})")
     block, chosen = int(block), [m for m in str(models).split("+") if m]
+    if block and block not in KERNEL_BLOCKS:
+        raise TandemcError(f"quantization option block={block}: use 0 (per output channel) or one of "
+                           f"{', '.join(map(str, KERNEL_BLOCKS))}")
     for m in chosen:
         if m not in MODELS:
             raise TandemcError(f"quantization option models={models!r}: {m!r} is not one of {', '.join(MODELS)}")
@@ -126,7 +139,11 @@ def quantize(config: TandemConfig, params: dict, bits: int = 8, block: int | str
                            f"blocks), got block={block}")
     if scheme not in SCHEMES:
         raise TandemcError(f"quantization option scheme={scheme!r}: use one of {', '.join(SCHEMES)}")
-    kept = set(str(keep).split("+"))
+    kept = set(filter(None, str(keep).split("+")))
+    matrices = {k for m in chosen if m in params for k in _matrix_names(params[m])}
+    if kept - matrices - {"embed", "lm_head"}:
+        raise TandemcError(f"quantization option keep={keep!r}: {', '.join(sorted(kept - matrices - {'embed', 'lm_head'}))} "
+                           f"names no matrix of the chosen models (they have: {', '.join(sorted(matrices))})")
     key = "qa" if activations == "int8" else "q"
     params, details = dict(params), {"bits": bits, "block": block, "activations": activations, "scheme": scheme,
                                    "models": {}}

@@ -164,6 +164,7 @@ def read_manifest(path: str | Path) -> dict:
                            f"{SCHEMA_VERSION}: re-export the artifact with this tandemc")
     if manifest.get("target") not in TARGETS:
         raise TandemcError(f"{file} names unknown target {manifest.get('target')!r}")
+    check_fields(manifest, file)
     hashes = manifest.get("files")
     if not isinstance(hashes, dict) or not all(isinstance(d, str) and len(d) == 64 for d in hashes.values()):
         raise TandemcError(f"{file} has no valid 'files' table of sha256 digests; re-export the artifact")
@@ -187,3 +188,68 @@ def read_manifest(path: str | Path) -> dict:
 
 def manifest_config(manifest: dict) -> TandemConfig:
     return TandemConfig.from_dict(manifest["model"])
+
+
+def check_fields(manifest: dict, file: Path) -> None:
+    """The fields a runtime reads, with the types it needs, and consistent with each other: the decode settings
+    against every graph's inputs and outputs, the model against the logits. A manifest edited to claim another
+    mode, block length or model than its graphs were built for is refused, not obeyed."""
+    def bad(field, want):
+        raise TandemcError(f"{file}: field '{field}' must be {want}; the manifest is corrupt or was edited: "
+                           "re-export the artifact")
+
+    def need(value, kind, field, want):
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            bad(field, want)
+        return value
+
+    decode = need(manifest.get("decode"), dict, "decode", "an object")
+    for name in ("batch", "block_length", "prefill_chunk", "max_new_tokens"):
+        if need(decode.get(name), int, f"decode.{name}", "an integer") < (0 if name == "block_length" else 1):
+            bad(f"decode.{name}", "positive")
+    buckets = need(decode.get("cache_buckets"), list, "decode.cache_buckets", "a list of cache lengths")
+    if not buckets or not all(isinstance(b, int) and b > 0 for b in buckets):
+        bad("decode.cache_buckets", "a non-empty list of positive integers")
+    if need(decode.get("mode"), str, "decode.mode", "a string") == "primary" and decode["block_length"] != 0:
+        bad("decode.block_length", "0 in primary mode")
+    need(manifest.get("weights_file"), str, "weights_file", "a file name")
+    tokenizer = need(manifest.get("tokenizer"), dict, "tokenizer", "an object")
+    for name in ("bos_id", "eos_id"):
+        need(tokenizer.get(name), int, f"tokenizer.{name}", "an integer")
+    try:
+        config = manifest_config(manifest)
+    except TandemcError as e:
+        raise TandemcError(f"{file}: field 'model': {e}") from None
+    graphs = need(manifest.get("graphs"), dict, "graphs", "an object")
+    if not graphs:
+        bad("graphs", "a non-empty object")
+    batch, gamma, chunk = decode["batch"], decode["block_length"], decode["prefill_chunk"]
+    for key, entry in graphs.items():
+        where = f"graphs.{key}"
+        need(entry, dict, where, "an object")
+        name = need(entry.get("name"), str, f"{where}.name", "a graph name")
+        if need(entry.get("seq_len"), int, f"{where}.seq_len", "an integer") not in buckets or \
+                key != f"{name}.s{entry['seq_len']}":
+            bad(f"{where}.seq_len", f"one of decode.cache_buckets, in the key as {name}.s<seq_len>")
+        specs = {}
+        for side in ("inputs", "outputs"):
+            for i, spec in enumerate(need(entry.get(side), list, f"{where}.{side}", "a list")):
+                if not (isinstance(spec, dict) and isinstance(spec.get("name"), str)
+                        and isinstance(spec.get("dtype"), str) and isinstance(spec.get("shape"), list)
+                        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in spec["shape"])):
+                    bad(f"{where}.{side}[{i}]", "{name, shape, dtype}")
+                specs[side, spec["name"]] = spec["shape"]
+        if not all(isinstance(w, str) for w in need(entry.get("weights"), list, f"{where}.weights", "a list")):
+            bad(f"{where}.weights", "a list of tensor names")
+        state = need(entry.get("state"), dict, f"{where}.state", "an object")
+        if not all(("outputs", o) in specs and ("inputs", i) in specs for o, i in state.items()):
+            bad(f"{where}.state", "a map from this graph's outputs to its inputs")
+        expected = {"prefill": {("inputs", "tokens"): [batch, chunk]},
+                    "step": {("inputs", "u"): [batch, 2 * gamma + 1],
+                             ("outputs", "logits"): [batch, gamma + 1, config.primary.vocab_size]},
+                    "generate": {("inputs", "u_steps"): [decode["max_new_tokens"], batch, 2 * gamma + 1]}}
+        for (side, tensor), shape in expected.get(name, {}).items():
+            if specs.get((side, tensor)) != shape:
+                raise TandemcError(f"{file}: graph {key}'s {tensor} has shape {specs.get((side, tensor))} but the "
+                                   f"decode settings and model say {shape}; the manifest does not describe its "
+                                   "graphs: re-export the artifact")

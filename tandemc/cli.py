@@ -15,12 +15,39 @@ from tandemc.errors import TandemcError
 
 
 class _Group(click.Group):
+    """Every failure is one `error:` line: user errors and what the system refused (permissions, a full or
+    read-only disk, missing paths) exit 2; anything else is tandemc's own bug and exits 3 asking for --debug,
+    which shows the traceback."""
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except TandemcError as e:
-            click.echo(f"error: {e}", err=True)
+        except click.UsageError as e:  # one line too, instead of click's usage block
+            click.echo(f"error: {e.format_message()}", err=True)
             ctx.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as e:
+            if ctx.params.get("debug"):
+                raise
+            code, message = _one_line(e)
+            click.echo(f"error: {message}", err=True)
+            ctx.exit(code)
+
+
+def _one_line(e: BaseException) -> tuple[int, str]:
+    """(exit status, message) for an exception that reached the command line."""
+    if isinstance(e, TandemcError):
+        return 2, " ".join(str(e).split("\n"))
+    if isinstance(e, OSError):
+        where = f": {e.filename}" if e.filename else ""
+        return 2, f"{e.strerror or e.__class__.__name__}{where}"
+    if isinstance(e, MemoryError):
+        return 2, "out of memory: the input asks for more than this machine holds (check the sizes in its config)"
+    if isinstance(e, RecursionError):
+        return 2, "input nested too deeply to read"
+    return 3, f"internal error ({e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); " \
+              "rerun with --debug for the traceback and report it"
 
 
 def _emit(as_json: bool, data: dict, human: str) -> None:
@@ -43,7 +70,8 @@ def sampling_options(fn):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tandemc")
-def cli():
+@click.option("--debug", is_flag=True, help="Show the traceback of an error instead of one line.")
+def cli(debug):
     """tandemc: compile Tandem Transformer checkpoints (primary + tandem secondary) for deployment."""
 
 
@@ -52,7 +80,7 @@ def cli():
 @click.option("--preset", help="Named configuration (tiny, small, 100m, 1b).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
               help="A config.json to initialise from instead of a preset.")
-@click.option("--seed", default=0, show_default=True, help="Random seed for the weights.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed for the weights.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @json_option
 def init(out, preset, config_file, seed, force, as_json):
@@ -197,7 +225,7 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
               "the secondary's input through an MLP of this hidden width (docs/training.md) [default: off].")
 @click.option("--primary-state-logits", is_flag=True,
               help="tandem, with --primary-state-input: that MLP feeds the secondary's logits too.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--distinct-batches", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train on the first N batches of the seed's stream in rotation, computing the frozen primary's "
                    "outputs for each once and keeping them in memory (0: a fresh batch every step).")
@@ -268,11 +296,12 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data", default="stdlib", show_default=True, help="Text file, directory, or 'stdlib' (its held-out files).")
-@click.option("--windows", default=64, show_default=True, help="Held-out windows for next-token metrics.")
+@click.option("--windows", type=click.IntRange(min=1), default=64, show_default=True, help="Held-out windows for next-token metrics.")
 @click.option("--seq-len", default=256, show_default=True)
 @click.option("--block-length", "-g", default=0, help="Tandem block length for next-token metrics [default: gamma_train].")
 @click.option("--gammas", default="1-8", show_default=True, help="Block lengths for the acceptance figures (e.g. 1-8 or 2,4).")
-@click.option("--prompts", default=64, show_default=True, help="Held-out prompts decoded per block length.")
+@click.option("--prompts", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Held-out prompts decoded per block length.")
 @click.option("--new-tokens", default=64, show_default=True)
 @json_option
 def evaluate(checkpoint, data, windows, seq_len, block_length, gammas, prompts, new_tokens, as_json):
@@ -332,7 +361,7 @@ def assembly_options(seed_help: str):
             click.option("--gamma-train", default=2, show_default=True),
             click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
                          show_default=True),
-            click.option("--seed", default=0, show_default=True, help=seed_help),
+            click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help=seed_help),
             click.option("--force", is_flag=True),
             json_option,
         ]):
@@ -615,7 +644,8 @@ def run(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, gene
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="The checkpoint it came from.")
-@click.option("--prompts", default=8, show_default=True, help="Random-token prompts to compare on.")
+@click.option("--prompts", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Random-token prompts to compare on.")
 @click.option("--backend", type=click.Choice(["savedmodel", "iree", "onnxruntime"]),
               help="Verify a tpu artifact's SavedModel or its StableHLO under IREE, or a gpu artifact's ONNX graphs in "
               "ONNX Runtime.")

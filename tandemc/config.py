@@ -7,6 +7,7 @@ field, a missing field or a wrongly typed value is an error that names the field
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import types
 import typing
@@ -37,6 +38,9 @@ class DecoderConfig:
 
     def __post_init__(self):
         if self.head_dim == 0:
+            if self.n_heads > 0 and self.d_model % self.n_heads:
+                raise TandemcError(f"config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}; set "
+                                   "head_dim explicitly")
             object.__setattr__(self, "head_dim", self.d_model // max(self.n_heads, 1))
 
     def validate(self, where: str) -> None:
@@ -51,8 +55,10 @@ class DecoderConfig:
         if self.head_dim % 2:
             raise TandemcError(f"config field '{where}.head_dim' ({self.head_dim}) must be even for "
                                "rotary embeddings")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise TandemcError(f"config fields '{where}.rope_theta' and '{where}.norm_eps' must be positive")
+        if not (math.isfinite(self.rope_theta) and math.isfinite(self.norm_eps)
+                and self.rope_theta > 0 and self.norm_eps > 0):
+            raise TandemcError(f"config fields '{where}.rope_theta' and '{where}.norm_eps' must be positive and "
+                               "finite")
 
     def num_parameters(self) -> int:
         d, hd = self.d_model, self.head_dim

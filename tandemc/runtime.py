@@ -22,6 +22,16 @@ from tandemc.sampling import check_sampling, uniforms
 from tandemc.tokenizer import load_tokenizer
 
 
+def check_signature(file: Path, entry: dict, inputs: list, outputs: list) -> None:
+    """A graph file's own (name, shape) inputs and outputs must be the manifest entry's: a manifest edited to
+    describe other graphs is refused before any call."""
+    for side, actual in (("inputs", inputs), ("outputs", outputs)):
+        expected = [(spec["name"], list(spec["shape"])) for spec in entry[side]]
+        if [(name, list(shape)) for name, shape in actual] != expected:
+            raise TandemcError(f"{file}: its {side} are not the ones its manifest entry lists; the manifest does "
+                               "not describe this graph: re-export the artifact")
+
+
 class StableHLOBackend:
     """Serialized jax.export modules, called through JAX on this host's platform."""
 
@@ -39,7 +49,17 @@ class StableHLOBackend:
             mesh = make_mesh(tuple(manifest["mesh"]["shape"]))
         device_weights = {} if mesh else {name: jax.device_put(array) for name, array in weights.items()}
         for key, entry in manifest["graphs"].items():
-            exported = export.deserialize(bytearray((path / entry["module"]).read_bytes()))
+            try:
+                exported = export.deserialize(bytearray((path / entry["module"]).read_bytes()))
+            except Exception as e:  # flatbuffer or StableHLO errors: the file is not a module jax can read
+                raise TandemcError(f"{path / entry['module']} is not a readable jax.export module "
+                                   f"({e.__class__.__name__}); re-export") from None
+            n = len(entry["weights"])
+            check_signature(path / entry["module"], entry,
+                            [(s["name"], list(a.shape)) for s, a in zip(entry["inputs"], exported.in_avals[n:])]
+                            if len(exported.in_avals) == n + len(entry["inputs"]) else [],
+                            [(o["name"], list(a.shape)) for o, a in zip(entry["outputs"], exported.out_avals)]
+                            if len(exported.out_avals) == len(entry["outputs"]) else [])
             if platform not in exported.platforms:
                 raise TandemcError(f"graph {key} was exported for {', '.join(exported.platforms)}; this host runs "
                                    f"{platform}: re-export with --platforms including {platform}")
@@ -242,7 +262,14 @@ class OnnxBackend:
                 options.enable_profiling = True
                 options.profile_file_prefix = str(Path(profile) / key)
             check_external_data(path / entry["onnx"], manifest["weights_file"])
-            return ort.InferenceSession(str(path / entry["onnx"]), options, providers=["CPUExecutionProvider"])
+            try:
+                session = ort.InferenceSession(str(path / entry["onnx"]), options, providers=["CPUExecutionProvider"])
+            except Exception as e:  # ONNX Runtime's Fail/InvalidGraph/...: one line naming the file
+                first = str(e).splitlines()[0][:300] if str(e) else e.__class__.__name__
+                raise TandemcError(f"ONNX Runtime cannot load {path / entry['onnx']}: {first}") from None
+            check_signature(path / entry["onnx"], entry, [(i.name, i.shape) for i in session.get_inputs()],
+                            [(o.name, o.shape) for o in session.get_outputs()])
+            return session
 
         if profile is not None:
             Path(profile).mkdir(parents=True, exist_ok=True)
@@ -341,6 +368,10 @@ class Artifact:
         if profile is not None and not options:
             raise TandemcError(f"profiling uses ONNX Runtime's profiler: the {backend} backend has none; profile a "
                                "cpu artifact, or a gpu artifact with --backend onnxruntime")
+        runs = {"tpu": ("tpu", "savedmodel", "iree"), "cpu": ("cpu", "onnxruntime"), "gpu": ("gpu", "onnxruntime")}
+        if backend not in runs[self.manifest["target"]]:
+            raise TandemcError(f"the {backend} backend does not run {self.manifest['target']} artifacts; use one of "
+                               f"{', '.join(b for b in runs[self.manifest['target']] if b in BACKENDS)}")
         self.backend = BACKENDS[backend](self.path, self.manifest, weights, **options)
 
     # --- one request of up to `batch` prompts --------------------------------------------------------------

@@ -9,6 +9,8 @@ seed. `uniforms` is a counter-based generator (splitmix64) that any runtime can 
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple
 
 import jax
@@ -33,8 +35,8 @@ class Sampling(NamedTuple):
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise TandemcError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    if not (math.isfinite(temperature) and temperature >= 0 and top_k >= 0 and 0 < top_p <= 1):
+        raise TandemcError("need a finite --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
 
 
 def token_distribution(logits, s: Sampling):

@@ -15,7 +15,7 @@ class ByteTokenizer:
     bos_id, eos_id, pad_id = 256, 257, 258
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        return ([self.bos_id] if add_bos else []) + list(text.encode("utf-8"))
+        return ([self.bos_id] if add_bos else []) + list(utf8(text))
 
     def decode(self, ids) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
@@ -55,7 +55,7 @@ class HFTokenizer:
         return token_id
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._tok.encode(utf8(text).decode("utf-8"), add_special_tokens=False).ids
         return ([self.bos_id] if add_bos and self.bos_id >= 0 else []) + ids
 
     def decode(self, ids) -> str:
@@ -98,3 +98,12 @@ def render_chat(template: str, user_text: str, tokenizer) -> str:
             bos_token=special["bos"], eos_token=special["eos"], pad_token=special["pad"])
     except TemplateError as e:
         raise TandemcError(f"the model's chat template does not render: {str(e).splitlines()[0]}") from None
+
+
+def utf8(text: str) -> bytes:
+    """Prompt text as UTF-8; text that is not (bytes a shell passed through undecoded) is refused in one line."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TandemcError(f"the prompt is not valid UTF-8 text (undecodable byte at character {e.start}); pass "
+                           "UTF-8") from None

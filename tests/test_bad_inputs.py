@@ -290,3 +290,82 @@ def test_forced_overwrite_replaces_the_artifact_whole(cpu_artifact, tiny_checkpo
     assert json.loads((art / "manifest.json").read_text())["decode"]["cache_buckets"] == [32]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no hidden leftovers
 
+
+
+# --- options, configs and prompts -----------------------------------------------------------------------------
+
+def config_edit(edit):
+    def apply(ckpt: Path):
+        config = json.loads((ckpt / "config.json").read_text())
+        edit(config)
+        (ckpt / "config.json").write_text(json.dumps(config))
+    return apply
+
+
+def raw_config(text):
+    return lambda ckpt: (ckpt / "config.json").write_text(text)
+
+
+def nan_theta(c):
+    c["primary"]["rope_theta"] = float("nan")
+
+
+COMMAND_CASES = {  # (edit the checkpoint copy or None, args after the checkpoint path, message)
+    "init negative seed": (None, ["init", "{out}", "--preset", "tiny", "--seed", "-1"], "-1"),
+    "temperature nan": (None, ["generate", "{ckpt}", "--prompt", "x", "-t", "nan"], "finite --temperature"),
+    "temperature negative": (None, ["generate", "{ckpt}", "--prompt", "x", "-t", "-1"], "--temperature"),
+    "top-p zero": (None, ["generate", "{ckpt}", "--prompt", "x", "--top-p", "0"], "--top-p"),
+    "top-p above one": (None, ["generate", "{ckpt}", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
+    "top-k negative": (None, ["generate", "{ckpt}", "--prompt", "x", "--top-k", "-2"], "--top-k"),
+    "prompt not UTF-8": (None, ["generate", "{ckpt}", "--prompt", "a\udcff"], "not valid UTF-8"),
+    "evaluate zero prompts": (None, ["evaluate", "{ckpt}", "--prompts", "0"], "--prompts"),
+    "pass option not an integer": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes",
+                                          "quantize_int8:block=abc"], "must be an integer"),
+    "pass option unknown": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes",
+                                   "fuse_qkv:foo=1"], "has no option 'foo'"),
+    "pass option fixed by the name": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes",
+                                             "quantize_int8:bits=3"], "has no option 'bits'"),
+    "pass block not a kernel block": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes",
+                                             "quantize_int4:block=7"], "block=7"),
+    "pass keep names nothing": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes",
+                                       "quantize_int8:keep=nonsense"], "keep='nonsense'"),
+    "pass option without a value": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes",
+                                           "quantize_int8:block"], "key=value"),
+    "unknown pass": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes", "fuse_all"],
+                     "unknown pass"),
+    "config nested too deeply": (raw_config('{"a":' * 100000 + "1" + "}" * 100000),
+                                 ["inspect", "{ckpt}"], "nested too deeply"),
+    "config not JSON": (raw_config("{"), ["inspect", "{ckpt}"], "config"),
+    "config NaN theta": (config_edit(nan_theta), ["inspect", "{ckpt}"], "finite"),
+    "config d_model not divisible": (config_edit(lambda c: c["primary"].update(d_model=250, head_dim=0)),
+                                     ["inspect", "{ckpt}"], "not divisible"),
+    "config impossible size": (config_edit(lambda c: c["primary"].update(d_model=2 ** 40, head_dim=64)),
+                               ["generate", "{ckpt}", "--prompt", "x"], "primary.embed"),
+    "config unknown field": (config_edit(lambda c: c.update(colour="blue")), ["inspect", "{ckpt}"], "colour"),
+    "config negative layers": (config_edit(lambda c: c["primary"].update(n_layers=-1)), ["inspect", "{ckpt}"],
+                               "n_layers"),
+    "checkpoint missing": (lambda ckpt: shutil.rmtree(ckpt), ["inspect", "{ckpt}"], ""),
+    "weights truncated": (lambda ckpt: (ckpt / "model.safetensors").write_bytes(
+        (ckpt / "model.safetensors").read_bytes()[:100]), ["inspect", "{ckpt}"], "model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMMAND_CASES))
+def test_bad_options_configs_and_prompts_are_one_line(case, own_checkpoint):
+    edit, args, message = COMMAND_CASES[case]
+    if edit:
+        edit(own_checkpoint)
+    root = own_checkpoint.parent
+    before = tree_digest(root)
+    out = root / "out"
+    result = cli_run(*[a.format(ckpt=own_checkpoint, out=out) for a in args])
+    assert_one_line_error(result, contains=message)
+    assert tree_digest(root) == before and not out.exists()
+
+
+def test_tpu_artifact_run_with_an_onnx_backend_is_one_line(tiny_checkpoint, tmp_path):
+    art = tmp_path / "tpu"
+    assert cli_run("export", tiny_checkpoint, "--target", "tpu", "-o", art, "--max-seq-len", 32, "--prefill-chunk",
+                   16, "--max-new-tokens", 8, "--platforms", "cpu", "--no-verify").exit_code == 0
+    assert_one_line_error(cli_run("run", art, "--prompt", "x", "--backend", "onnxruntime"),
+                          contains="does not run tpu artifacts")
