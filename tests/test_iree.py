@@ -19,11 +19,12 @@ def run(*args):
     return result
 
 
-@pytest.fixture(scope="module")
-def artifact(tiny_checkpoint, tmp_path_factory):
-    """Speed mode, batch 2 (a cache write per row), two platforms (so the modules take a platform index)."""
+@pytest.fixture(scope="module", params=[2, 12], ids=["batch2", "batch12"])
+def artifact(tiny_checkpoint, tmp_path_factory, request):
+    """Speed mode, two platforms (so the modules take a platform index); batch 2 writes caches with one
+    dynamic_update_slice per row, batch 12 with a select (primitives.write_rows)."""
     art = tmp_path_factory.mktemp("iree") / "tpu"
-    run("export", tiny_checkpoint, "--target", "tpu", "-o", art, "--batch", 2, "--max-seq-len", 64,
+    run("export", tiny_checkpoint, "--target", "tpu", "-o", art, "--batch", request.param, "--max-seq-len", 64,
         "--prefill-chunk", 16, "--max-new-tokens", 12, "--platforms", "tpu,cpu", "--verify-prompts", 1)
     return art
 
