@@ -44,7 +44,7 @@ def write_bundle(ckpt: Checkpoint, path: Path, dtype: str = "bfloat16", force: b
     stored = {name: value if name in INTEGER_TENSORS else value.astype(target) for name, value in flat.items()}
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "config": ckpt.config.to_dict(),
                 "primary_sha256": primary_digests(ckpt.params["primary"])}
-    with atomic_directory(path, force) as tmp:
+    with atomic_directory(path, force, sources=(ckpt.path,)) as tmp:
         safetensors_io.write(tmp / WEIGHTS, stored, {"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -199,7 +199,7 @@ def export_llama(ckpt, model_name: str, out: str | Path, force: bool = False) ->
     cfg = getattr(ckpt.config, model_name)
     tok = ckpt.tokenizer
     special = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "pad_token": tok.pad_id}
-    with atomic_directory(out, force) as tmp:
+    with atomic_directory(out, force, sources=(ckpt.path,)) as tmp:
         save_llama(tmp, cfg, ckpt.params[model_name], special)
         if ckpt.config.tokenizer.type == "hf":
             (tmp / "tokenizer.json").write_bytes((Path(ckpt.path) / ckpt.config.tokenizer.file).read_bytes())

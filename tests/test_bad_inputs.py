@@ -1,12 +1,18 @@
 """Hostile and broken inputs through the CLI, table-driven: each case must exit 2 (1 for a failed verification)
 with a single `error:` line, no traceback, and leave every file outside its output path unchanged.
 
-Categories (counts are asserted at the bottom, so this docstring stays true):
-- safetensors: files the reference reader (`safetensors` package) refuses are refused too;
-- artifacts: manifests that point outside the artifact, symlinks, unlisted or missing files, ONNX external data
-  outside the artifact, corrupt graph files;
-- outputs: exports that would overwrite their input, the current directory, or a file;
-- overwrites: a crash between the two renames of an overwrite is repaired by the next write.
+Categories and their cases (pytest ids):
+- safetensors (24): files the reference reader (`safetensors` package) refuses are refused too, a tensor named
+  twice (stricter than the reference), and the valid file read as the reference reads it;
+- artifacts (36): 18 tamperings, each through `run` and `verify` — manifests that point outside the artifact,
+  symlinks, unlisted or missing files, ONNX external data outside the artifact, corrupt graph files, manifests of
+  another format or schema;
+- outputs (11): exports, `export-hf` and `detach` that would overwrite their input, the current directory or a
+  file;
+- overwrites (2): a crash between the two renames of an overwrite is repaired by the next write; --force
+  replaces the whole directory;
+- options, configs and prompts (25): sampling values, pass options, configs (nesting, NaN, impossible sizes,
+  unknown fields), non-UTF-8 prompts, a backend that cannot run the artifact.
 """
 
 import json
@@ -369,3 +375,12 @@ def test_tpu_artifact_run_with_an_onnx_backend_is_one_line(tiny_checkpoint, tmp_
                    16, "--max-new-tokens", 8, "--platforms", "cpu", "--no-verify").exit_code == 0
     assert_one_line_error(cli_run("run", art, "--prompt", "x", "--backend", "onnxruntime"),
                           contains="does not run tpu artifacts")
+
+
+@pytest.mark.parametrize("command", ["export-hf", "detach"])
+def test_other_writers_never_overwrite_their_input(command, own_checkpoint):
+    root = own_checkpoint.parent
+    before = tree_digest(root)
+    for out in (own_checkpoint, own_checkpoint / "inner"):
+        assert_one_line_error(cli_run(command, own_checkpoint, "-o", out, "--force"))
+    assert tree_digest(root) == before
