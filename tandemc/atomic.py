@@ -25,7 +25,8 @@ def atomic_directory(path: str | os.PathLike, force: bool = False, sources: tupl
     `force`, the old directory is swapped for the new one in a single step where the system can (Linux
     renameat2 RENAME_EXCHANGE), so at every instant the complete old or the complete new directory is at `path`.
     Elsewhere it is moved aside to a hidden sibling `.NAME.old-*` first; a crash between the two renames leaves
-    it there, and the next write to `path` puts it back before starting (docs/artifact.md)."""
+    it there, and the next write to `path` puts it back before starting. A writer killed while building leaves
+    its hidden `.NAME.tmp-<pid>-*`, which the next write deletes (docs/artifact.md)."""
     path = Path(os.path.abspath(path))
     cwd = Path.cwd()
     if path == cwd or path in cwd.parents:
@@ -37,22 +38,30 @@ def atomic_directory(path: str | os.PathLike, force: bool = False, sources: tupl
             raise TandemcError(f"refusing to write {path}: it overlaps the input {source}; choose an output path "
                                "outside it")
     restore_moved_aside(path)
+    remove_abandoned(path)
     if path.exists() and not force:
         raise TandemcError(f"{path} already exists; pass --force to overwrite it")
     if path.exists() and not path.is_dir():
         raise TandemcError(f"{path} exists and is not a directory; remove it or choose another output path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     except OSError as e:
         raise TandemcError(f"cannot create {path}: {e.strerror} ({e.filename})") from None
     try:
         yield tmp
-        if not path.exists():
-            os.replace(tmp, path)
-        elif exchange(tmp, path):  # tmp now holds the old directory
+        if not path.exists() or not force:
+            try:
+                os.rename(tmp, path)  # fails on a directory that another process put there meanwhile
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                if not force:
+                    raise TandemcError(f"{path} appeared while it was being written (another tandemc writing "
+                                       "it?); nothing was replaced, pass --force to overwrite it") from None
+        if tmp.exists() and exchange(tmp, path):  # tmp now holds the old directory
             shutil.rmtree(tmp)
-        else:
+        elif tmp.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)
             os.replace(tmp, path)
@@ -69,6 +78,27 @@ def restore_moved_aside(path: Path) -> None:
     moved = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
     if moved:
         os.replace(moved[-1], path)
+
+
+def remove_abandoned(path: Path) -> None:
+    """Delete the hidden `.NAME.tmp-<pid>-*` build directories of writers to `path` that died (kill -9, power
+    loss) before cleaning up; those of live processes are left alone."""
+    if not path.parent.is_dir():
+        return
+    for tmp in path.parent.glob(f".{path.name}.tmp-*-*"):
+        pid = tmp.name[len(f".{path.name}.tmp-"):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def exchange(a: Path, b: Path) -> bool:

@@ -12,7 +12,9 @@ Categories and their cases (pytest ids):
 - overwrites (2): a crash between the two renames of an overwrite is repaired by the next write; --force
   replaces the whole directory;
 - options, configs and prompts (25): sampling values, pass options, configs (nesting, NaN, impossible sizes,
-  unknown fields), non-UTF-8 prompts, a backend that cannot run the artifact.
+  unknown fields), non-UTF-8 prompts, a backend that cannot run the artifact;
+- faults (2): kill -9 during an overwrite (the old artifact survives whole, the next export cleans up), two
+  exports to one path at once (one complete artifact, no leftovers).
 """
 
 import json
@@ -384,3 +386,51 @@ def test_other_writers_never_overwrite_their_input(command, own_checkpoint):
     for out in (own_checkpoint, own_checkpoint / "inner"):
         assert_one_line_error(cli_run(command, own_checkpoint, "-o", out, "--force"))
     assert tree_digest(root) == before
+
+
+# --- faults ---------------------------------------------------------------------------------------------------
+
+def export_command(ckpt, out, *extra):
+    import sys
+
+    return [sys.executable, "-m", "tandemc.cli", "export", str(ckpt), "--target", "cpu", "-o", str(out), "--mode",
+            "primary", "--max-seq-len", "48", "--prefill-chunk", "16", "--max-new-tokens", "8", *extra]
+
+
+def test_kill_9_during_an_overwrite_leaves_the_old_artifact_and_the_next_export_cleans_up(cpu_artifact,
+                                                                                           tiny_checkpoint, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    art = tmp_path / "art"
+    shutil.copytree(cpu_artifact, art)
+    before = tree_digest(art)
+    proc = subprocess.Popen(export_command(tiny_checkpoint, art, "--force"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".art.tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the export ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert tree_digest(art) == before  # the old artifact, whole
+    assert list(tmp_path.glob(".art.tmp-*"))  # what the killed writer left
+    result = cli_run("export", tiny_checkpoint, "--target", "cpu", "-o", art, "--force", "--mode", "primary",
+                     "--max-seq-len", 32, "--prefill-chunk", 16, "--max-new-tokens", 8, "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_two_exports_to_one_path_at_once_leave_one_complete_artifact(tiny_checkpoint, tmp_path):
+    import subprocess
+
+    art = tmp_path / "art"
+    procs = [subprocess.Popen(export_command(tiny_checkpoint, art, "--force", "--no-verify"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _ in outcomes), outcomes
+    from tandemc.artifact import read_manifest
+
+    read_manifest(art)  # complete: every file listed and matching its hash
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
