@@ -4,14 +4,15 @@ with a single `error:` line, no traceback, and leave every file outside its outp
 Categories and their cases (pytest ids):
 - safetensors (24): files the reference reader (`safetensors` package) refuses are refused too, a tensor named
   twice (stricter than the reference), and the valid file read as the reference reads it;
-- artifacts (36): 18 tamperings, each through `run` and `verify` — manifests that point outside the artifact,
+- artifacts (68): 34 tamperings, each through `run` and `verify` — manifests that point outside the artifact,
   symlinks, unlisted or missing files, ONNX external data outside the artifact, corrupt graph files, manifests of
-  another format or schema;
+  another format or schema, and manifests edited to describe other graphs than they hold (mode, block length,
+  batch, chunk, buckets, vocabulary, wiring, inputs and outputs) or with missing and wrongly typed fields;
 - outputs (11): exports, `export-hf` and `detach` that would overwrite their input, the current directory or a
   file;
 - overwrites (2): a crash between the two renames of an overwrite is repaired by the next write; --force
   replaces the whole directory;
-- options, configs and prompts (25): sampling values, pass options, configs (nesting, NaN, impossible sizes,
+- options, configs and prompts (25 + a tpu artifact with a wrong backend, signature or module): sampling values, pass options, configs (nesting, NaN, impossible sizes,
   unknown fields), non-UTF-8 prompts, a backend that cannot run the artifact;
 - faults (2): kill -9 during an overwrite (the old artifact survives whole, the next export cleans up), two
   exports to one path at once (one complete artifact, no leftovers).
@@ -224,6 +225,51 @@ ARTIFACT_CASES = {
 }
 
 
+def in_graph(key, edit):
+    return lambda art: edit_manifest(art, lambda m: edit(m["graphs"][key]))
+
+
+def rename_last_input(entry):  # a sampling control: nothing but the graph file itself says its name
+    entry["inputs"][-1]["name"] = "renamed"
+
+
+def drop_last_output(entry):
+    entry["outputs"].pop()
+
+
+def widen_first_input(entry):
+    entry["inputs"][0]["shape"][0] += 1
+
+
+ARTIFACT_CASES.update({  # manifests edited to describe other graphs than they hold
+    "mode changed to speed": (lambda art: edit_manifest(art, lambda m: m["decode"].update(
+        mode="speed", block_length=4)), "decode settings"),
+    "block length in primary mode": (lambda art: edit_manifest(art, lambda m: m["decode"].update(block_length=2)),
+                                     "0 in primary mode"),
+    "batch changed": (lambda art: edit_manifest(art, lambda m: m["decode"].update(batch=3)), "decode settings"),
+    "prefill chunk changed": (lambda art: edit_manifest(art, lambda m: m["decode"].update(prefill_chunk=8)),
+                              "decode settings"),
+    "bucket changed": (lambda art: edit_manifest(art, lambda m: m["decode"].update(cache_buckets=[64])),
+                       "seq_len"),
+    "vocabulary changed": (lambda art: edit_manifest(art, lambda m: m["model"]["primary"].update(vocab_size=300)),
+                           "model"),
+    "decode missing": (lambda art: edit_manifest(art, lambda m: m.pop("decode")), "'decode'"),
+    "batch a string": (lambda art: edit_manifest(art, lambda m: m["decode"].update(batch="1")), "decode.batch"),
+    "eos id a string": (lambda art: edit_manifest(art, lambda m: m["tokenizer"].update(eos_id="257")),
+                        "tokenizer.eos_id"),
+    "no graphs": (lambda art: edit_manifest(art, lambda m: m.update(graphs={})), "'graphs'"),
+    "graph key not its name": (lambda art: edit_manifest(art, lambda m: m["graphs"].update(
+        {"prefill.s99": m["graphs"].pop("prefill.s48")})), "seq_len"),
+    "state wired to no input": (in_graph("step.s48", lambda e: e["state"].update({"emitted": "nothing"})),
+                                "graphs.step.s48.state"),
+    "input shape not a list": (in_graph("step.s48", lambda e: e["inputs"][0].update(shape="1")),
+                               "graphs.step.s48.inputs[0]"),
+    "input renamed": (in_graph("step.s48", rename_last_input), "not the ones its manifest entry lists"),
+    "output dropped": (in_graph("step.s48", drop_last_output), "does not describe"),
+    "input widened": (in_graph("prefill.s48", widen_first_input), "does not describe"),
+})
+
+
 @pytest.mark.parametrize("case", sorted(ARTIFACT_CASES))
 @pytest.mark.parametrize("command", ["run", "verify"])
 def test_artifacts_are_closed_and_checked(case, command, cpu_artifact, tiny_checkpoint, tmp_path):
@@ -371,12 +417,18 @@ def test_bad_options_configs_and_prompts_are_one_line(case, own_checkpoint):
     assert tree_digest(root) == before and not out.exists()
 
 
-def test_tpu_artifact_run_with_an_onnx_backend_is_one_line(tiny_checkpoint, tmp_path):
+def test_tpu_artifact_with_a_wrong_backend_signature_or_module_is_one_line(tiny_checkpoint, tmp_path):
     art = tmp_path / "tpu"
     assert cli_run("export", tiny_checkpoint, "--target", "tpu", "-o", art, "--max-seq-len", 32, "--prefill-chunk",
                    16, "--max-new-tokens", 8, "--platforms", "cpu", "--no-verify").exit_code == 0
     assert_one_line_error(cli_run("run", art, "--prompt", "x", "--backend", "onnxruntime"),
                           contains="does not run tpu artifacts")
+    edit_manifest(art, lambda m: m["graphs"]["step.s32"]["inputs"][-1].update(shape=[1]))  # eos_id is a scalar
+    assert_one_line_error(cli_run("run", art, "--prompt", "x"), contains="not the ones its manifest entry lists")
+    (art / "step.s32.jaxexport").write_bytes(b"not a module")
+    edit_manifest(art, lambda m: m["files"].update({"step.s32.jaxexport": __import__("hashlib").sha256(
+        b"not a module").hexdigest()}))
+    assert_one_line_error(cli_run("run", art, "--prompt", "x"), contains="not a readable jax.export module")
 
 
 @pytest.mark.parametrize("command", ["export-hf", "detach"])
