@@ -14,7 +14,7 @@ Categories and their cases (pytest ids):
   replaces the whole directory;
 - options, configs and prompts (25 + a tpu artifact with a wrong backend, signature or module): sampling values, pass options, configs (nesting, NaN, impossible sizes,
   unknown fields), non-UTF-8 prompts, a backend that cannot run the artifact;
-- faults (2): kill -9 during an overwrite (the old artifact survives whole, the next export cleans up), two
+- faults (4): a full disk (ENOSPC, a private tmpfs), an output directory without write permission (EACCES), kill -9 during an overwrite (the old artifact survives whole, the next export cleans up), two
   exports to one path at once (one complete artifact, no leftovers).
 """
 
@@ -486,3 +486,46 @@ def test_two_exports_to_one_path_at_once_leave_one_complete_artifact(tiny_checkp
 
     read_manifest(art)  # complete: every file listed and matching its hash
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_checkpoint, tmp_path):
+    """ENOSPC: the export writes into a 256 KiB tmpfs mounted in a private mount namespace (unshare), fails with one
+    line naming the error, and leaves nothing on that file system."""
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not on the PATH: no private tmpfs to fill")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (f"mount -t tmpfs -o size=256k tmpfs {disk} || exit 99; "
+              f"{sys.executable} -m tandemc.cli export {tiny_checkpoint} --target cpu -o {disk}/art --mode primary "
+              f"--max-seq-len 48 --prefill-chunk 16 --max-new-tokens 8 --no-verify; echo rc=$?; ls -A {disk}")
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode == 99 or "rc=" not in proc.stdout:
+        pytest.skip(f"cannot mount a private tmpfs here: {proc.stderr.strip()[:200]}")
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.stdout.splitlines()[0] == "rc=2" and proc.stdout.splitlines()[1:] == [], proc.stdout
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "No space left on device" in errors[0], errors
+
+
+def test_an_output_directory_without_write_permission_is_one_line(tiny_checkpoint, tmp_path):
+    """EACCES: `init` into a directory of mode 555, run as an unprivileged user (an unshare'd user namespace: root
+    ignores permissions)."""
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not on the PATH: no unprivileged user to run as")
+    root = tmp_path / "perm"
+    root.mkdir()
+    (root / "ro").mkdir(mode=0o555)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(root, 0o755)
+    proc = subprocess.run(["unshare", "--user", sys.executable, "-m", "tandemc.cli", "init", str(root / "ro" / "new"),
+                           "--preset", "tiny"], capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0 or "unshare" in proc.stderr:
+        pytest.skip(f"permissions are not enforced for this user here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
+    assert "Permission denied" in proc.stderr and list((root / "ro").iterdir()) == []
