@@ -223,6 +223,11 @@ def check_fields(manifest: dict, file: Path) -> None:
     graphs = need(manifest.get("graphs"), dict, "graphs", "an object")
     if not graphs:
         bad("graphs", "a non-empty object")
+    for seq_len in buckets:
+        for name in ("prefill", "step"):
+            if f"{name}.s{seq_len}" not in graphs:
+                raise TandemcError(f"{file}: cache length {seq_len} has no graph {name}.s{seq_len}; the artifact "
+                                   "is incomplete: re-export it")
     batch, gamma, chunk = decode["batch"], decode["block_length"], decode["prefill_chunk"]
     for key, entry in graphs.items():
         where = f"graphs.{key}"

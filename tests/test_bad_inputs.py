@@ -4,7 +4,7 @@ with a single `error:` line, no traceback, and leave every file outside its outp
 Categories and their cases (pytest ids):
 - safetensors (24): files the reference reader (`safetensors` package) refuses are refused too, a tensor named
   twice (stricter than the reference), and the valid file read as the reference reads it;
-- artifacts (68): 34 tamperings, each through `run` and `verify` — manifests that point outside the artifact,
+- artifacts (72): 36 tamperings, each through `run` and `verify` — manifests that point outside the artifact,
   symlinks, unlisted or missing files, ONNX external data outside the artifact, corrupt graph files, manifests of
   another format or schema, and manifests edited to describe other graphs than they hold (mode, block length,
   batch, chunk, buckets, vocabulary, wiring, inputs and outputs) or with missing and wrongly typed fields;
@@ -12,7 +12,7 @@ Categories and their cases (pytest ids):
   file;
 - overwrites (2): a crash between the two renames of an overwrite is repaired by the next write; --force
   replaces the whole directory;
-- options, configs and prompts (25 + a tpu artifact with a wrong backend, signature or module): sampling values, pass options, configs (nesting, NaN, impossible sizes,
+- options, configs and prompts (28 + a tpu artifact with a wrong backend, signature or module): sampling values, pass options, configs (nesting, NaN, impossible sizes,
   unknown fields), non-UTF-8 prompts, a backend that cannot run the artifact;
 - faults (4): a full disk (ENOSPC, a private tmpfs), an output directory without write permission (EACCES), kill -9 during an overwrite (the old artifact survives whole, the next export cleans up), two
   exports to one path at once (one complete artifact, no leftovers).
@@ -250,7 +250,7 @@ ARTIFACT_CASES.update({  # manifests edited to describe other graphs than they h
     "prefill chunk changed": (lambda art: edit_manifest(art, lambda m: m["decode"].update(prefill_chunk=8)),
                               "decode settings"),
     "bucket changed": (lambda art: edit_manifest(art, lambda m: m["decode"].update(cache_buckets=[64])),
-                       "seq_len"),
+                       "has no graph prefill.s64"),
     "vocabulary changed": (lambda art: edit_manifest(art, lambda m: m["model"]["primary"].update(vocab_size=300)),
                            "model"),
     "decode missing": (lambda art: edit_manifest(art, lambda m: m.pop("decode")), "'decode'"),
@@ -259,7 +259,7 @@ ARTIFACT_CASES.update({  # manifests edited to describe other graphs than they h
                         "tokenizer.eos_id"),
     "no graphs": (lambda art: edit_manifest(art, lambda m: m.update(graphs={})), "'graphs'"),
     "graph key not its name": (lambda art: edit_manifest(art, lambda m: m["graphs"].update(
-        {"prefill.s99": m["graphs"].pop("prefill.s48")})), "seq_len"),
+        {"prefill.s99": m["graphs"].pop("prefill.s48")})), "has no graph prefill.s48"),
     "state wired to no input": (in_graph("step.s48", lambda e: e["state"].update({"emitted": "nothing"})),
                                 "graphs.step.s48.state"),
     "input shape not a list": (in_graph("step.s48", lambda e: e["inputs"][0].update(shape="1")),
@@ -267,6 +267,9 @@ ARTIFACT_CASES.update({  # manifests edited to describe other graphs than they h
     "input renamed": (in_graph("step.s48", rename_last_input), "not the ones its manifest entry lists"),
     "output dropped": (in_graph("step.s48", drop_last_output), "does not describe"),
     "input widened": (in_graph("prefill.s48", widen_first_input), "does not describe"),
+    "graph name not its key": (in_graph("step.s48", lambda e: e.update(name="prefill")), "seq_len"),
+    "step graph not listed": (lambda art: edit_manifest(art, lambda m: m["graphs"].pop("step.s48")),
+                              "has no graph step.s48"),
 })
 
 
@@ -373,6 +376,10 @@ COMMAND_CASES = {  # (edit the checkpoint copy or None, args after the checkpoin
     "top-k negative": (None, ["generate", "{ckpt}", "--prompt", "x", "--top-k", "-2"], "--top-k"),
     "prompt not UTF-8": (None, ["generate", "{ckpt}", "--prompt", "a\udcff"], "not valid UTF-8"),
     "evaluate zero prompts": (None, ["evaluate", "{ckpt}", "--prompts", "0"], "--prompts"),
+    "verify zero prompts": (None, ["verify", "{ckpt}", "--checkpoint", "{ckpt}", "--prompts", "0"], "--prompts"),
+    "verify negative prompts": (None, ["verify", "{ckpt}", "--checkpoint", "{ckpt}", "--prompts", "-1"],
+                                "--prompts"),
+    "run a checkpoint as an artifact": (None, ["run", "{ckpt}", "--prompt", "x"], "manifest.json"),
     "pass option not an integer": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes",
                                           "quantize_int8:block=abc"], "must be an integer"),
     "pass option unknown": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes",
