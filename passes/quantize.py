@@ -142,8 +142,9 @@ def quantize(config: TandemConfig, params: dict, bits: int = 8, block: int | str
     kept = set(filter(None, str(keep).split("+")))
     matrices = {k for m in chosen if m in params for k in _matrix_names(params[m])}
     if kept - matrices - {"embed", "lm_head"}:
-        raise TandemcError(f"quantization option keep={keep!r}: {', '.join(sorted(kept - matrices - {'embed', 'lm_head'}))} "
-                           f"names no matrix of the chosen models (they have: {', '.join(sorted(matrices))})")
+        unknown = ", ".join(sorted(kept - matrices - {"embed", "lm_head"}))
+        raise TandemcError(f"quantization option keep={keep!r}: {unknown} names no matrix of the chosen models (they "
+                           f"have: {', '.join(sorted(matrices))})")
     key = "qa" if activations == "int8" else "q"
     params, details = dict(params), {"bits": bits, "block": block, "activations": activations, "scheme": scheme,
                                    "models": {}}

@@ -296,7 +296,8 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data", default="stdlib", show_default=True, help="Text file, directory, or 'stdlib' (its held-out files).")
-@click.option("--windows", type=click.IntRange(min=1), default=64, show_default=True, help="Held-out windows for next-token metrics.")
+@click.option("--windows", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Held-out windows for next-token metrics.")
 @click.option("--seq-len", default=256, show_default=True)
 @click.option("--block-length", "-g", default=0, help="Tandem block length for next-token metrics [default: gamma_train].")
 @click.option("--gammas", default="1-8", show_default=True, help="Block lengths for the acceptance figures (e.g. 1-8 or 2,4).")

@@ -63,9 +63,10 @@ TARGET_DTYPES = {"tpu": ("float32", "bfloat16", "float16"), "cpu": ("float32", "
 def check_dtype(target: str, dtype: str) -> None:
     if dtype not in TARGET_DTYPES[target]:
         others = [t for t, dtypes in TARGET_DTYPES.items() if dtype in dtypes]
+        usable = " or ".join(TARGET_DTYPES[target])
         raise TandemcError(f"--dtype {dtype} is not available for the {target} target (ONNX Runtime, which runs and "
-                           f"verifies its graphs, has no {dtype} kernels for them): use {' or '.join(TARGET_DTYPES[target])}"
-                           f", or --target {' or '.join(others)} for {dtype}")
+                           f"verifies its graphs, has no {dtype} kernels for them): use {usable}, or --target "
+                           f"{' or '.join(others)} for {dtype}")
 
 
 def check_tensorrt_profile(files: dict[str, bytes]) -> None:

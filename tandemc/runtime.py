@@ -340,7 +340,8 @@ def _tensorrt_backend(path: Path, manifest: dict, weights: dict):
 # By artifact target (the default) or by name: `savedmodel` runs a tpu artifact's SavedModel, `iree` its StableHLO
 # compiled by IREE, `onnxruntime` a gpu artifact's TensorRT-profile ONNX graphs (how they are verified where
 # TensorRT is absent).
-BACKENDS = {"tpu": StableHLOBackend, "savedmodel": SavedModelBackend, "iree": IreeBackend, "cpu": OnnxBackend, "onnxruntime": OnnxBackend,
+BACKENDS = {"tpu": StableHLOBackend, "savedmodel": SavedModelBackend, "iree": IreeBackend, "cpu": OnnxBackend,
+            "onnxruntime": OnnxBackend,
             "gpu": _tensorrt_backend}
 
 

@@ -12,10 +12,12 @@ Categories and their cases (pytest ids):
   file;
 - overwrites (2): a crash between the two renames of an overwrite is repaired by the next write; --force
   replaces the whole directory;
-- options, configs and prompts (28 + a tpu artifact with a wrong backend, signature or module): sampling values, pass options, configs (nesting, NaN, impossible sizes,
-  unknown fields), non-UTF-8 prompts, a backend that cannot run the artifact;
-- faults (4): a full disk (ENOSPC, a private tmpfs), an output directory without write permission (EACCES), kill -9 during an overwrite (the old artifact survives whole, the next export cleans up), two
-  exports to one path at once (one complete artifact, no leftovers).
+- options, configs and prompts (27, and a tpu artifact with a wrong backend, signature or module): sampling
+  values, pass options, configs (nesting, NaN, impossible sizes, unknown fields), non-UTF-8 prompts, prompt counts,
+  a checkpoint run as an artifact;
+- faults (4): a full disk (ENOSPC, a private tmpfs), an output directory without write permission (EACCES),
+  kill -9 during an overwrite (the old artifact survives whole, the next export cleans up), two exports to one
+  path at once (one complete artifact, no leftovers).
 """
 
 import json
