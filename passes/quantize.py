@@ -141,10 +141,10 @@ def quantize(config: TandemConfig, params: dict, bits: int = 8, block: int | str
         raise TandemcError(f"quantization option scheme={scheme!r}: use one of {', '.join(SCHEMES)}")
     kept = set(filter(None, str(keep).split("+")))
     matrices = {k for m in chosen if m in params for k in _matrix_names(params[m])}
-    if kept - matrices - {"embed", "lm_head"}:
-        unknown = ", ".join(sorted(kept - matrices - {"embed", "lm_head"}))
-        raise TandemcError(f"quantization option keep={keep!r}: {unknown} names no matrix of the chosen models (they "
-                           f"have: {', '.join(sorted(matrices))})")
+    unknown = kept - matrices - {"embed", "lm_head"}
+    if unknown:
+        raise TandemcError(f"quantization option keep={keep!r}: {', '.join(sorted(unknown))} names no matrix of the "
+                           f"chosen models (they have: {', '.join(sorted(matrices))})")
     key = "qa" if activations == "int8" else "q"
     params, details = dict(params), {"bits": bits, "block": block, "activations": activations, "scheme": scheme,
                                    "models": {}}

@@ -32,6 +32,12 @@ def check_signature(file: Path, entry: dict, inputs: list, outputs: list) -> Non
                                "not describe this graph: re-export the artifact")
 
 
+def named_shapes(specs: list, avals) -> list:
+    """A jax.export module's argument or result shapes under the entry's names (the module has none); a different
+    count matches nothing."""
+    return [(spec["name"], aval.shape) for spec, aval in zip(specs, avals)] if len(specs) == len(avals) else []
+
+
 class StableHLOBackend:
     """Serialized jax.export modules, called through JAX on this host's platform."""
 
@@ -54,12 +60,9 @@ class StableHLOBackend:
             except Exception as e:  # flatbuffer or StableHLO errors: the file is not a module jax can read
                 raise TandemcError(f"{path / entry['module']} is not a readable jax.export module "
                                    f"({e.__class__.__name__}); re-export") from None
-            n = len(entry["weights"])
             check_signature(path / entry["module"], entry,
-                            [(s["name"], list(a.shape)) for s, a in zip(entry["inputs"], exported.in_avals[n:])]
-                            if len(exported.in_avals) == n + len(entry["inputs"]) else [],
-                            [(o["name"], list(a.shape)) for o, a in zip(entry["outputs"], exported.out_avals)]
-                            if len(exported.out_avals) == len(entry["outputs"]) else [])
+                            named_shapes(entry["inputs"], exported.in_avals[len(entry["weights"]):]),
+                            named_shapes(entry["outputs"], exported.out_avals))
             if platform not in exported.platforms:
                 raise TandemcError(f"graph {key} was exported for {', '.join(exported.platforms)}; this host runs "
                                    f"{platform}: re-export with --platforms including {platform}")
@@ -129,8 +132,7 @@ class IreeBackend:
             import iree.compiler.tools as compiler
             import iree.runtime as ireert
         except ImportError:
-            raise TandemcError("the iree backend needs IREE: pip install 'tandemc[iree]'") \
-                from None
+            raise TandemcError("the iree backend needs IREE: pip install 'tandemc[iree]'") from None
         if manifest["target"] != "tpu" or "mesh" in manifest or "cpu" not in manifest.get("platforms", ()):
             raise TandemcError("the iree backend runs tpu-target artifacts exported for the cpu platform without "
                                "--mesh; re-export with --platforms including cpu")
@@ -372,7 +374,7 @@ class Artifact:
         runs = {"tpu": ("tpu", "savedmodel", "iree"), "cpu": ("cpu", "onnxruntime"), "gpu": ("gpu", "onnxruntime")}
         if backend not in runs[self.manifest["target"]]:
             raise TandemcError(f"the {backend} backend does not run {self.manifest['target']} artifacts; use one of "
-                               f"{', '.join(b for b in runs[self.manifest['target']] if b in BACKENDS)}")
+                               f"{', '.join(runs[self.manifest['target']])}")
         self.backend = BACKENDS[backend](self.path, self.manifest, weights, **options)
 
     # --- one request of up to `batch` prompts --------------------------------------------------------------

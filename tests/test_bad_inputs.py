@@ -369,6 +369,10 @@ def nan_theta(c):
     c["primary"]["rope_theta"] = float("nan")
 
 
+def export_passes(spec):
+    return ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes", spec]
+
+
 COMMAND_CASES = {  # (edit the checkpoint copy or None, args after the checkpoint path, message)
     "init negative seed": (None, ["init", "{out}", "--preset", "tiny", "--seed", "-1"], "-1"),
     "temperature nan": (None, ["generate", "{ckpt}", "--prompt", "x", "-t", "nan"], "finite --temperature"),
@@ -382,20 +386,13 @@ COMMAND_CASES = {  # (edit the checkpoint copy or None, args after the checkpoin
     "verify negative prompts": (None, ["verify", "{ckpt}", "--checkpoint", "{ckpt}", "--prompts", "-1"],
                                 "--prompts"),
     "run a checkpoint as an artifact": (None, ["run", "{ckpt}", "--prompt", "x"], "manifest.json"),
-    "pass option not an integer": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes",
-                                          "quantize_int8:block=abc"], "must be an integer"),
-    "pass option unknown": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes",
-                                   "fuse_qkv:foo=1"], "has no option 'foo'"),
-    "pass option fixed by the name": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes",
-                                             "quantize_int8:bits=3"], "has no option 'bits'"),
-    "pass block not a kernel block": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes",
-                                             "quantize_int4:block=7"], "block=7"),
-    "pass keep names nothing": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes",
-                                       "quantize_int8:keep=nonsense"], "keep='nonsense'"),
-    "pass option without a value": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes",
-                                           "quantize_int8:block"], "key=value"),
-    "unknown pass": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--passes", "fuse_all"],
-                     "unknown pass"),
+    "pass option not an integer": (None, export_passes("quantize_int8:block=abc"), "must be an integer"),
+    "pass option unknown": (None, export_passes("fuse_qkv:foo=1"), "has no option 'foo'"),
+    "pass option fixed by the name": (None, export_passes("quantize_int8:bits=3"), "has no option 'bits'"),
+    "pass block not a kernel block": (None, export_passes("quantize_int4:block=7"), "block=7"),
+    "pass keep names nothing": (None, export_passes("quantize_int8:keep=nonsense"), "keep='nonsense'"),
+    "pass option without a value": (None, export_passes("quantize_int8:block"), "key=value"),
+    "unknown pass": (None, export_passes("fuse_all"), "unknown pass"),
     "config nested too deeply": (raw_config('{"a":' * 100000 + "1" + "}" * 100000),
                                  ["inspect", "{ckpt}"], "nested too deeply"),
     "config not JSON": (raw_config("{"), ["inspect", "{ckpt}"], "config"),

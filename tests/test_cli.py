@@ -206,21 +206,19 @@ def test_cpu_manifest_lists_what_each_graph_reads_and_onnx_runtime_loads_it_sile
             n for node in graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH
             for n in reads_of(a.g)}
 
+    def unread(graph):  # initializers of the graph and its subgraphs that nothing reads
+        reads = reads_of(graph)
+        return [t.name for t in graph.initializer if t.name not in reads] + [
+            n for node in graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH
+            for n in unread(a.g)]
+
     for key, entry in manifest["graphs"].items():
         model = onnx.load(art / entry["onnx"], load_external_data=False)
         external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
         assert external == entry["weights"], key
         if entry["name"] == "prefill":
             assert not any(w.startswith("drafter.") for w in entry["weights"])
-
-        def check(graph):
-            reads = reads_of(graph)
-            assert [t.name for t in graph.initializer if t.name not in reads] == [], key
-            for node in graph.node:
-                for a in node.attribute:
-                    if a.type == onnx.AttributeProto.GRAPH:
-                        check(a.g)
-        check(model.graph)
+        assert unread(model.graph) == [], key
     load = ("import onnxruntime as ort, sys\n"
             "for f in sys.argv[1:]: ort.InferenceSession(f, providers=['CPUExecutionProvider'])\n")
     proc = subprocess.run([sys.executable, "-c", load, *sorted(map(str, art.glob("*.onnx")))], capture_output=True,
