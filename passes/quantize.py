@@ -29,7 +29,7 @@ from tandemc.params import np_dtype
 from tandemc.primitives import quant_block
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
-MODELS = ("primary", "secondary", "drafter", "tandem")
+MODELS = ("primary", "secondary", "drafter", "tandem", "draft_vocab")  # draft_vocab: the drafters' shared head
 ACTIVATIONS = ("float", "int8")
 SCHEMES = ("symmetric", "asymmetric")
 KERNEL_BLOCKS = (16, 32, 64, 128, 256)  # the blocks ONNX Runtime's MatMulNBits kernels take
@@ -161,7 +161,10 @@ def quantize(config: TandemConfig, params: dict, bits: int = 8, block: int | str
         if name not in params:
             continue
         before = _nbytes(params[name])
-        if name == "tandem":
+        if name == "draft_vocab":  # the primary's table over the draft vocabulary (program.with_draft_head)
+            if "head" in params[name] and "head" not in kept:
+                params[name] = {**params[name], "head": q(params[name]["head"])}
+        elif name == "tandem":
             params[name] = [{k: (v if k in kept or k in ("bias", "bkv") else q(v)) for k, v in proj.items()}
                             for proj in params[name]]
         else:

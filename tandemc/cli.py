@@ -229,6 +229,9 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @click.option("--distinct-batches", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train on the first N batches of the seed's stream in rotation, computing the frozen primary's "
                    "outputs for each once and keeping them in memory (0: a fresh batch every step).")
+@click.option("--tiled", is_flag=True,
+              help="With --distinct-batches: the batches tile the data with non-overlapping windows in a seeded "
+                   "order, so that N batches see N x batch x seq-len distinct tokens (random windows overlap).")
 @click.option("--primary-cache", type=click.Path(file_okay=False, path_type=Path),
               help="Directory that keeps the frozen primary's outputs per batch on disk, so that runs over the same "
                    "primary, data and batches compute them once (entries are keyed by a fingerprint of all three).")
@@ -240,7 +243,7 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @json_option
 def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq_len, lr, warmup, block_length,
           init_secondary_from_drafter, init_projections, primary_state_input,
-          primary_state_logits, seed, distinct_batches, primary_cache,
+          primary_state_logits, seed, distinct_batches, tiled, primary_cache,
           save_every, state_dir, stop_after, force, as_json):
     """Train one stage of the recipe on CHECKPOINT and write the result to OUTPUT (resumable)."""
     import shutil
@@ -264,7 +267,7 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
         ckpt = initialise_secondary_from_drafter(ckpt)
     opts = TrainOptions(stage=stage, model=model_name, objective=objective, steps=steps, batch=batch,
                         seq_len=seq_len, lr=lr, warmup=warmup, block_length=block_length, seed=seed,
-                        save_every=save_every, distinct_batches=distinct_batches).validate(ckpt)
+                        save_every=save_every, distinct_batches=distinct_batches, tiled=tiled).validate(ckpt)
     corpus = load_corpus(data, ckpt.tokenizer)
     if init_projections == "fit":
         ckpt = fit_projections(ckpt, batch_at(corpus.train, seed, 0, 64, seq_len)[:, :-1])
@@ -336,6 +339,40 @@ def evaluate(checkpoint, data, windows, seq_len, block_length, gammas, prompts, 
         lines.append(f"  gamma {gamma}: tandem {row['tandem']:.3f}" +
                      (f"  standalone {row['standalone']:.3f}" if "standalone" in row else ""))
     _emit(as_json, result, "\n".join(lines))
+
+
+@cli.command("generate-data")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Corpus directory.")
+@click.option("--code", type=click.IntRange(min=0), default=512, show_default=True,
+              help="Code samples: windows of --code-data's training split, continued by the primary.")
+@click.option("--chat", type=click.IntRange(min=0), default=512, show_default=True,
+              help="Chat samples: questions through the model's chat template, answered by the primary.")
+@click.option("--code-data", default="stdlib", show_default=True,
+              help="Text file, directory or 'stdlib': the code prompts, and the Python functions chat questions "
+              "ask about.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=96, show_default=True,
+              help="Tokens per code prompt.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens the primary adds to each prompt (fewer where it stops).")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Prompts per call.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@json_option
+def generate_data(checkpoint, out, code, chat, code_data, prompt_tokens, new_tokens, batch, seed, force, as_json):
+    """A training corpus of the primary's own greedy outputs, for drafters that predict what it will say.
+
+    One text file per sample; train on it with `tandemc train --data OUTPUT` (docs/training.md).
+    """
+    from tandemc.checkpoint import load_checkpoint
+    from tandemc.primary_corpus import generate_corpus
+
+    summary = generate_corpus(load_checkpoint(checkpoint), out, code=code, chat=chat, code_data=code_data,
+                              prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=batch, seed=seed,
+                              force=force, progress=None if as_json else sys.stderr)
+    _emit(as_json, {"path": str(out), **summary},
+          f"wrote {out}: {code} code and {chat} chat samples, {summary['generated_tokens']} tokens of the primary's "
+          f"({summary['seconds']:.0f}s)")
 
 
 def _parse_range(text: str) -> list[int]:

@@ -74,6 +74,18 @@ def batch_at(stream: np.ndarray, seed: int, step: int, batch: int, length: int) 
     return np.stack([stream[s:s + length + 1] for s in starts]).astype(np.int32)
 
 
+def tiled_batch_at(stream: np.ndarray, seed: int, index: int, batch: int, length: int) -> np.ndarray:
+    """Batch `index` (1-based) of the stream's non-overlapping windows of length+1 tokens (the last token of one is
+    the first of the next) in an order drawn from the seed: consecutive batches see distinct text until every
+    window has been seen once, where random windows (`batch_at`) would leave a third of it unseen."""
+    tiles = (len(stream) - 1) // length
+    if tiles < 1:
+        raise TandemcError(f"the data has {len(stream)} tokens, fewer than one sequence of {length + 1}")
+    order = np.random.default_rng([seed, 2**32 - 1]).permutation(tiles)
+    picks = order[((index - 1) * batch + np.arange(batch)) % tiles]
+    return np.stack([stream[t * length:t * length + length + 1] for t in picks]).astype(np.int32)
+
+
 def evaluation_windows(stream: np.ndarray, length: int, count: int) -> np.ndarray:
     """`count` evenly spaced, non-overlapping where possible, windows of length+1 for evaluation."""
     if len(stream) <= length + 1:

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tandemc import model, safetensors_io
 from tandemc.atomic import atomic_directory, atomic_file
 from tandemc.checkpoint import Checkpoint, save_checkpoint
-from tandemc.data import batch_at
+from tandemc.data import batch_at, tiled_batch_at
 from tandemc.errors import TandemcError
 from tandemc.params import flatten, init_params, unflatten
 
@@ -56,6 +56,7 @@ class TrainOptions:
     seed: int = 0
     save_every: int = 200
     distinct_batches: int = 0  # train on batches 1..N in rotation, the primary's outputs for each computed once
+    tiled: bool = False  # with distinct_batches: the batches tile the data (`data.tiled_batch_at`)
 
     @property
     def reads_primary(self) -> bool:
@@ -65,6 +66,11 @@ class TrainOptions:
     def batch_index(self, step: int) -> int:
         """Which batch of the seed's stream step `step` (1-based) trains on."""
         return (step - 1) % self.distinct_batches + 1 if self.distinct_batches else step
+
+    def tokens(self, stream: np.ndarray, index: int) -> np.ndarray:
+        """The token windows [batch, seq_len + 1] of batch `index`."""
+        pick = tiled_batch_at if self.tiled else batch_at
+        return pick(stream, self.seed, index, self.batch, self.seq_len)
 
     def validate(self, ckpt: Checkpoint) -> "TrainOptions":
         cfg = ckpt.config
@@ -86,6 +92,8 @@ class TrainOptions:
                 raise TandemcError(f"--{name.replace('_', '-')} must be positive")
         if self.distinct_batches < 0:
             raise TandemcError("--distinct-batches must be >= 0 (0: a fresh batch every step)")
+        if self.tiled and not self.distinct_batches:
+            raise TandemcError("--tiled sets how --distinct-batches N are drawn; give N too")
         longest = min(c.max_seq_len for c in (cfg.primary, cfg.secondary))
         if self.seq_len > longest:
             raise TandemcError(f"--seq-len {self.seq_len} exceeds the models' max_seq_len {longest}")
@@ -183,6 +191,8 @@ class PrimaryOutputCache:
         digest = hashlib.sha256()
         described = {"primary": dataclasses.asdict(cfg.primary), "layers": list(layers), "seed": opts.seed,
                      "batch": opts.batch, "seq_len": opts.seq_len, "tokens": len(corpus_train)}
+        if opts.tiled:  # a key only where set, so that the caches of earlier runs stay valid
+            described["tiled"] = True
         digest.update(json.dumps(described, sort_keys=True).encode())
         for name, value in sorted(flatten(primary).items()):
             digest.update(name.encode())
@@ -373,7 +383,7 @@ def train(ckpt: Checkpoint, corpus_train: np.ndarray, opts: TrainOptions, state_
     try:
         for step in range(start + 1, last + 1):
             index = opts.batch_index(step)
-            tokens = jax.device_put(batch_at(corpus_train, opts.seed, index, opts.batch, opts.seq_len), sharded)
+            tokens = jax.device_put(opts.tokens(corpus_train, index), sharded)
             trained, opt_state, loss, accuracy = train_step(trained, opt_state, frozen, tokens,
                                                             teacher_at(index, tokens))
             completed = step

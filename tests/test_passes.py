@@ -263,3 +263,23 @@ def test_cli_lists_passes_and_exports_o2_that_verify_rebuilds(tiny_checkpoint, t
                                  "--passes", "fuse_qkv,nonsense"])
     assert result.exit_code == 2 and "unknown pass 'nonsense'" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_quantized_draft_head_leaves_the_outputs_exact(tmp_path):
+    """models=draft_vocab quantizes the drafters' shared head (the primary's table over the draft vocabulary, which
+    every draft reads: 19 MB in float32 for SmolLM2) with int8 activations. Only the drafts may change: the
+    artifact verifies against its program, and its greedy tokens are the float primary's own."""
+    from tandemc.decoding import generate
+    cfg = CONFIGS["shared-table"].validate()
+    ckpt = Checkpoint(cfg, init_params(cfg, 3), ByteTokenizer())
+    options = ExportOptions(mode="speed", batch=2, block_length=3, max_seq_len=(40,), prefill_chunk=16,
+                            max_new_tokens=12)
+    spec = "O1,quantize_int8:models=draft_vocab:activations=int8:block=16"
+    program = make_program(ckpt, options, spec)
+    assert set(program.params["draft_vocab"]["head"]) == {"qa", "scale"}
+    assert program.params["primary"]["embed"].dtype == np.float32
+    manifest = export(ckpt, "cpu", tmp_path / "a", options, passes=spec)
+    assert manifest["verification"]["ok"] and manifest["verification"]["greedy_identical"]
+    prompts = [[5, 1, 3, 2] * 4, [4, 1]]
+    primary = generate(ckpt.params, cfg, prompts, mode="primary", max_new_tokens=20, max_seq_len=40)
+    assert load(tmp_path / "a").run_steps(prompts, 20).tokens == primary.tokens
