@@ -8,9 +8,10 @@ Prompts: the first ~100 tokens of held-out standard-library files (data.is_held_
 and chat questions through the model's chat template. Every artifact decodes every prompt, N new tokens with no
 EOS stop, in alternating rounds (so load drifts hit all alike); the figure per artifact is total tokens / total
 seconds of its best round, prefill included. Artifacts: the primary alone (float32, and with the GGUF file's own
-int4 integers, with int8 and with float activations), Tandem + SPEED at each γ, the adaptive block length (router) at the largest γ, and vanilla SPEED
-with the standalone drafter of the same size and training budget. Tokens must equal the primary's; the script
-says so per row.
+int4 integers, with int8 activations, and with --int4-weight-only float activations), Tandem + SPEED at each γ (and
+with an int8 draft head at --draft-head-gammas), the adaptive block length (router, where the bundle has one) at the
+largest γ, and vanilla SPEED with the standalone drafter of the same size and training budget. Tokens must equal
+the primary's; the script says so per row.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ BUNDLE = HERE.parent / "examples" / "smollm2-drafters"
 # draw of the quantization noise than primary mode's (docs/decoding.md). Weight-only int4 keeps SPEED exact.
 INT4_WEIGHT_ONLY = ("O1,quantize_int4:scheme=asymmetric:block=32:models=primary,"
                     "quantize_int8:block=32:models=primary:keep=embed")
+# The drafters' shared head (the primary's table over the draft vocabulary, [576, 8192]: 19 MB read per draft in
+# float32) as int8 with int8 activations; only the drafts can change, the output stays the float primary's.
+INT8_DRAFT_HEAD = "O1,quantize_int8:models=draft_vocab:activations=int8:block=64"
 CHAT = ["What is the capital of France, and what is it known for?",
         "Explain in a few sentences how a hash table works.",
         "Write a Python function that checks whether a string is a palindrome.",
@@ -65,6 +69,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gammas", default="1,2,3,4")
     parser.add_argument("--prompts", type=int, default=4, help="Prompts per set.")
+    parser.add_argument("--vanilla-gammas", default="", help="γ for vanilla SPEED [default: 4, else the middle γ].")
+    parser.add_argument("--draft-head-gammas", default="",
+                        help="Also Tandem + SPEED at these γ with the drafters' shared head in int8 (INT8_DRAFT_HEAD).")
+    parser.add_argument("--int4-weight-only", action="store_true",
+                        help="Also the int4 weight-only rows (ONNX Runtime runs them 6x slower than float32).")
     args = parser.parse_args()
     from tandemc.runtime import load
 
@@ -80,10 +89,14 @@ def main():
     builds.update({f"speed-g{g}": ("ckpt", ["--mode", "speed", "-g", str(g)]) for g in gammas})
     best_guess = 4 if 4 in gammas else gammas[len(gammas) // 2]
     builds[f"speed-int4-g{best_guess}"] = ("ckpt-q", ["--mode", "speed", "-g", str(best_guess)])
-    builds["primary-int4w"] = ("ckpt-q", ["--mode", "primary", "--passes", INT4_WEIGHT_ONLY])
-    builds[f"speed-int4w-g{best_guess}"] = ("ckpt-q", ["--mode", "speed", "-g", str(best_guess),
-                                                        "--passes", INT4_WEIGHT_ONLY])
-    builds[f"vanilla-g{best_guess}"] = ("ckpt", ["--mode", "vanilla", "-g", str(best_guess)])
+    builds.update({f"speed-h8-g{g}": ("ckpt", ["--mode", "speed", "-g", str(g), "--passes", INT8_DRAFT_HEAD])
+                   for g in (int(g) for g in args.draft_head_gammas.split(",") if g)})
+    if args.int4_weight_only:
+        builds["primary-int4w"] = ("ckpt-q", ["--mode", "primary", "--passes", INT4_WEIGHT_ONLY])
+        builds[f"speed-int4w-g{best_guess}"] = ("ckpt-q", ["--mode", "speed", "-g", str(best_guess),
+                                                            "--passes", INT4_WEIGHT_ONLY])
+    builds.update({f"vanilla-g{g}": ("ckpt", ["--mode", "vanilla", "-g", str(g)])
+                   for g in [int(g) for g in args.vanilla_gammas.split(",") if g] or [best_guess]})
     if ckpt.config.router is not None:
         builds[f"adaptive-g{max(gammas)}"] = ("ckpt", ["--mode", "adaptive", "-g", str(max(gammas))])
     for name, (source, flags) in builds.items():

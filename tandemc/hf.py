@@ -8,6 +8,7 @@ from pretrained models (`tandemc import-hf`); writing lets users run a tandemc m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -183,6 +184,34 @@ def byte_tokenizer_json() -> dict:
     }
 
 
+def plain_drafter(ckpt) -> tuple[DecoderConfig, dict]:
+    """The standalone drafter as a plain Llama over the primary's whole vocabulary, for runtimes that pair a model
+    with a draft model of the same tokenizer (transformers' assisted generation, llama.cpp's speculative decoding).
+
+    What a draft vocabulary or the primary's shared table (config.draft_vocab, config.shared_embeddings) factor is
+    materialised: each token's embedding is the one the drafter reads, and the LM head scores every draft token as
+    the drafter does. A Llama head has no bias, so the tokens outside the draft vocabulary, which tandemc never
+    proposes, score exactly 0: a runtime proposes one only where every draft token scores below 0."""
+    cfg, p = ckpt.config, dict(ckpt.params["drafter"])
+    vocab, table = ckpt.params.get("draft_vocab"), np.asarray(ckpt.params["primary"]["embed"], np.float32)
+    if vocab is None and "embed_proj" not in p:
+        return cfg.drafter, p
+    if "embed_proj" in p:
+        embed = table @ np.asarray(p.pop("embed_proj"), np.float32)
+        head = np.asarray(p.pop("head_proj"), np.float32) @ (table.T if vocab is None else table[vocab["tokens"]].T)
+        p.pop("other", None)
+    else:
+        embed = np.asarray(p["embed"], np.float32)[vocab["index"]]
+        head = np.asarray(p["embed"] if cfg.drafter.tie_embeddings else p["lm_head"].T, np.float32)[:-1].T
+    if vocab is not None:
+        full = np.zeros((head.shape[0], table.shape[0]), np.float32)
+        full[:, vocab["tokens"]] = head
+        head = full
+    dtype = np.asarray(ckpt.params["primary"]["embed"]).dtype
+    p.update(embed=embed.astype(dtype), lm_head=head.astype(dtype))
+    return dataclasses.replace(cfg.drafter, vocab_size=table.shape[0], tie_embeddings=False), p
+
+
 def export_llama(ckpt, model_name: str, out: str | Path, force: bool = False) -> Path:
     """One model of a tandem checkpoint (`primary` or `drafter`) as a Hugging Face Llama directory.
 
@@ -196,11 +225,11 @@ def export_llama(ckpt, model_name: str, out: str | Path, force: bool = False) ->
                            "reads the primary's representations and has no standalone Llama form)")
     if model_name == "drafter" and ckpt.config.drafter is None:
         raise TandemcError("this checkpoint has no standalone drafter; export --model primary")
-    cfg = getattr(ckpt.config, model_name)
+    cfg, params = (ckpt.config.primary, ckpt.params["primary"]) if model_name == "primary" else plain_drafter(ckpt)
     tok = ckpt.tokenizer
     special = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "pad_token": tok.pad_id}
     with atomic_directory(out, force, sources=(ckpt.path,)) as tmp:
-        save_llama(tmp, cfg, ckpt.params[model_name], special)
+        save_llama(tmp, cfg, params, special)
         if ckpt.config.tokenizer.type == "hf":
             (tmp / "tokenizer.json").write_bytes((Path(ckpt.path) / ckpt.config.tokenizer.file).read_bytes())
             names = {"bos_token": ckpt.config.tokenizer.bos_token, "eos_token": ckpt.config.tokenizer.eos_token,

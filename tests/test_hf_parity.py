@@ -156,3 +156,31 @@ def test_export_hf_refuses_the_tandem_secondary(tmp_path):
 
     result = CliRunner().invoke(cli, ["export-hf", str(tmp_path), "--model", "secondary", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "secondary" in result.output
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_export_hf_materialises_a_factored_drafter_as_a_plain_llama(tmp_path, shared):
+    """A drafter over a draft vocabulary (own tables, or the primary's table through projections) becomes a Llama
+    over the primary's whole vocabulary: transformers scores every draft token as tandemc's drafter does and every
+    other token 0, so its greedy drafts are tandemc's wherever a draft token scores above 0."""
+    from conftest import decoder
+
+    from tandemc.checkpoint import load_checkpoint, save_checkpoint
+    from tandemc.config import TandemConfig
+    from tandemc.hf import export_llama
+    from tandemc.params import init_params
+
+    small = decoder(41, 16, 2, 2, 1, 8, tie=not shared)
+    cfg = TandemConfig(decoder(259, 32, 2, 4, 2, 8, tie=True), small, drafter=small, draft_vocab=40,
+                       shared_embeddings=shared).validate()
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "ckpt", cfg, init_params(cfg, 5)))
+    export_llama(ckpt, "drafter", tmp_path / "hf")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = np.random.default_rng(4).integers(0, 259, (2, 12))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(model.drafter_forward(jax.tree.map(jax.numpy.asarray, ckpt.params), cfg, "drafter", tokens)[0])
+    draft_tokens = np.asarray(ckpt.params["draft_vocab"]["tokens"])
+    assert theirs.shape[-1] == 259
+    assert float(np.max(np.abs(theirs[..., draft_tokens] - ours[..., :-1]))) <= TOL
+    assert np.all(np.delete(theirs, draft_tokens, axis=-1) == 0.0)
