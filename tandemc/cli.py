@@ -544,6 +544,34 @@ def export_hf(checkpoint, model_name, out, force, as_json):
           f"wrote {out} ({model_name}, {_human(cfg.num_parameters())} parameters, LlamaForCausalLM)")
 
 
+@cli.command("export-gguf")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--model", "model_name", type=click.Choice(["primary", "drafter"]), default="drafter",
+              show_default=True, help="Which model of the tandem to write.")
+@click.option("--tokenizer-from", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="The GGUF file the checkpoint's primary came from: its tokenizer metadata is copied.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path, dir_okay=False), required=True)
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@json_option
+def export_gguf(checkpoint, model_name, tokenizer_from, out, force, as_json):
+    """Write one model as a float32 Llama GGUF file, e.g. the drafter for llama.cpp's speculative decoding.
+
+    A drafter over a draft vocabulary or the primary's table becomes a plain Llama over the whole vocabulary, as
+    for export-hf.
+    """
+    from tandemc.checkpoint import load_checkpoint
+    from tandemc.gguf import write_gguf
+
+    if out.exists() and not force:
+        raise TandemcError(f"{out} already exists; pass --force to overwrite it")
+    if out.resolve() == tokenizer_from.resolve():
+        raise TandemcError("the output would replace the --tokenizer-from file; choose another -o")
+    ckpt = load_checkpoint(checkpoint)
+    write_gguf(ckpt, model_name, out, tokenizer_from)
+    _emit(as_json, {"path": str(out), "model": model_name, "bytes": out.stat().st_size},
+          f"wrote {out} ({model_name}, {out.stat().st_size / 1e6:.1f} MB, float32 Llama GGUF)")
+
+
 def _prompt_ids(text: str, chat: bool, cfg, tokenizer) -> list[int]:
     """The prompt's token ids; with `chat`, as one user turn through the model's chat template (the template adds
     any BOS it wants, so none is prepended)."""

@@ -328,3 +328,74 @@ def default_secondary(primary: DecoderConfig) -> DecoderConfig:
     return DecoderConfig(vocab_size=primary.vocab_size, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=384,
                          head_dim=64, rope_theta=primary.rope_theta, norm_eps=primary.norm_eps, tie_embeddings=True,
                          max_seq_len=primary.max_seq_len)
+
+
+def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's Q/K row permutation (the inverse of `unpermute_rows`): rotate-half pairs to interleaved ones."""
+    out, cols = w.shape
+    return w.reshape(n_heads, 2, out // n_heads // 2, cols).swapaxes(1, 2).reshape(out, cols)
+
+
+def write_gguf(ckpt, model_name: str, out: str | Path, tokenizer_from: str | Path) -> Path:
+    """One model of a tandem checkpoint (`primary`, or the standalone `drafter` as a plain Llama: hf.plain_drafter)
+    as a float32 Llama GGUF file, with the tokenizer metadata of the GGUF file the primary came from, so that
+    llama.cpp pairs the two (its speculative decoding requires the draft model's vocabulary to be the target's)."""
+    import gguf
+
+    from tandemc.atomic import atomic_file
+    from tandemc.hf import plain_drafter
+    from tandemc.params import flatten
+
+    if model_name not in ("primary", "drafter"):
+        raise TandemcError(f"--model must be 'primary' or 'drafter', got {model_name!r} (the tandem secondary reads "
+                           "the primary's representations and has no standalone Llama form)")
+    if model_name == "drafter" and ckpt.config.drafter is None:
+        raise TandemcError("this checkpoint has no standalone drafter; export --model primary")
+    cfg, params = (ckpt.config.primary, ckpt.params["primary"]) if model_name == "primary" else plain_drafter(ckpt)
+    reader = _reader(Path(tokenizer_from))
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else 0
+    if vocab != cfg.vocab_size:
+        raise TandemcError(f"{Path(tokenizer_from).name} has a tokenizer of {vocab} tokens, the {model_name} "
+                           f"{cfg.vocab_size}; give the GGUF file this checkpoint's primary came from")
+    globals_ = {ours: theirs for theirs, ours in _GLOBAL_NAMES.items()}
+    layers = {ours: theirs for theirs, ours in _LAYER_NAMES.items()}
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer.add_name(f"{model_name} of {ckpt.path.name if ckpt.path else 'a tandem'} (tandemc)")
+        writer.add_context_length(cfg.max_seq_len)
+        writer.add_embedding_length(cfg.d_model)
+        writer.add_block_count(cfg.n_layers)
+        writer.add_feed_forward_length(cfg.d_ff)
+        writer.add_head_count(cfg.n_heads)
+        writer.add_head_count_kv(cfg.n_kv_heads)
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_layer_norm_rms_eps(cfg.norm_eps)
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+        for key, field in reader.fields.items():
+            if key.startswith("tokenizer."):
+                value = field.contents()
+                sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+                writer.add_key_value(key, value, field.types[0], sub_type=sub)
+        for name, value in flatten(params).items():
+            value = np.asarray(value, np.float32)
+            if name in globals_:
+                theirs = globals_[name]
+            else:
+                _, index, leaf = name.split(".")
+                theirs = f"blk.{index}.{layers[leaf]}"
+            if value.ndim == 2 and name != "embed":
+                value = value.T  # tandemc [in, out] → GGUF [out, in]
+            if name.endswith(".wq"):
+                value = permute_rows(value, cfg.n_heads)
+            elif name.endswith(".wk"):
+                value = permute_rows(value, cfg.n_kv_heads)
+            writer.add_tensor(f"{theirs}.weight", np.ascontiguousarray(value))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return Path(out)

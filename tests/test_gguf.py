@@ -430,3 +430,42 @@ def test_the_bundled_drafters_attach_to_smollm2_and_draft_its_tokens(tmp_path):
         out = generate(params, ckpt.config, [prompt], mode=mode, block_length=4, **kw)
         assert out.tokens == reference.tokens, mode
         assert out.stats["mean_accepted_per_step"] >= 0.25, (mode, out.stats)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_export_gguf_writes_the_drafter_llama_cpp_runs_identically(tmp_path):
+    """`tandemc export-gguf --model drafter` of the bundled drafters attached to SmolLM2: llama.cpp loads the file
+    with the primary's tokenizer and scores every draft token as tandemc's drafter does (float32 weights), and
+    its greedy choices are the drafter's (|Δlogits| ≤ 1e-2, mean ≤ 1e-3: llama.cpp's float16 KV cache): what
+    llama.cpp's speculative decoding needs of a draft model."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the llama.cpp reference needs llama-cpp-python")
+    from tandemc.checkpoint import load_checkpoint
+
+    bundle = Path(__file__).resolve().parent.parent / "examples" / "smollm2-drafters"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["import-gguf", str(SMOLLM2), "--attach", str(bundle), "-o",
+                               str(tmp_path / "ckpt")]).exit_code == 0
+    result = runner.invoke(cli, ["export-gguf", str(tmp_path / "ckpt"), "--tokenizer-from", str(SMOLLM2), "-o",
+                                 str(tmp_path / "drafter.gguf"), "--json"])
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "drafter.gguf"), n_ctx=256, n_threads=2, logits_all=True,
+                          verbose=False)
+    text = "import os\n\n\ndef read_lines(path):\n    \"\"\"Return the lines of a text file."
+    ids = ckpt.tokenizer.encode(text, add_bos=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[:len(ids)])
+    params = jax.tree.map(jax.numpy.asarray, ckpt.params)
+    ours = np.asarray(model.drafter_forward(params, ckpt.config, "drafter", np.array([ids]))[0][0])
+    draft_tokens = np.asarray(ckpt.params["draft_vocab"]["tokens"])
+    assert theirs.shape == (len(ids), ckpt.config.primary.vocab_size)
+    diff = np.abs(theirs[:, draft_tokens] - ours[:, :-1])  # llama.cpp keeps its KV cache in float16
+    assert float(diff.max()) <= 1e-2 and float(diff.mean()) <= 1e-3
+    assert np.all(np.delete(theirs, draft_tokens, axis=-1) == 0.0)
+    chosen = ours[:, :-1].max(-1) > 0  # where a draft token scores above the 0 of the others
+    assert np.array_equal(theirs.argmax(-1)[chosen], draft_tokens[ours[:, :-1].argmax(-1)][chosen])
+    result = runner.invoke(cli, ["export-gguf", str(tmp_path / "ckpt"), "--tokenizer-from", str(SMOLLM2), "-o",
+                                 str(tmp_path / "drafter.gguf")])
+    assert result.exit_code == 2 and "already exists" in result.output
