@@ -9,7 +9,7 @@ The drafter goes to each peer as a plain Llama over the whole vocabulary (`tande
 the primary as each runs it best:
 - llama.cpp: the GGUF file as shipped (Q4_1 layers, Q8_0 table); `llama-speculative-simple` (built once from the
   llama.cpp source in the installed llama-cpp-python's sdist: cmake and a C++ compiler, ~5 CPU-minutes, kept in
-  WORK) with the float32 drafter GGUF at --spec-draft-n-max γ, its other settings default; timed by its own
+  WORK) with the float32 drafter GGUF (--spec-type draft-simple) at --spec-draft-n-max γ, its other settings default; timed by its own
   timers (prompt + decode, model loading excluded). Primary-only: llama-cpp-python on the same file.
 - ONNX Runtime GenAI 0.18: its model builder's int4 and fp32 models of the primary and an fp32 model of the
   drafter, joined as docs/SpeculativeDecoding.md of onnxruntime-genai says (`model.draft`, `speculative.
@@ -93,11 +93,14 @@ def llama_cpp_engines(work: Path, tok, n: int, gammas: list[int]) -> dict:
                 prompt_file.write_text(tok.decode(p))
                 log = subprocess.run([str(binary), "-m", str(gguf_file()), "-md", str(drafter), "-f", str(prompt_file),
                                       "-n", str(n), "--temp", "0", "--top-k", "1", "-t", "2", "-td", "2", "-c", "512",
-                                      "--spec-draft-n-max", str(gamma), "--ignore-eos"],
+                                      "--spec-type", "draft-simple", "--spec-draft-n-max", str(gamma),
+                                      "--ignore-eos"],
                                      capture_output=True, text=True, check=True)
                 text = log.stdout + log.stderr
-                for kind in ("encoded", "decoded"):
-                    seconds += float(re.search(rf"{kind}\s+\d+ tokens in\s+([\d.]+) seconds", text).group(1))
+                (_, encode), (decoded, decode) = (
+                    re.search(rf"{kind}\s+(\d+) tokens in\s+([\d.]+) seconds", text).groups()
+                    for kind in ("encoded", "decoded"))
+                seconds += float(encode) + float(decode) * n / int(decoded)  # it may decode a token past n
                 drafted += int(re.search(r"n_drafted = (\d+)", text).group(1))
                 accepted += int(re.search(r"n_accept  = (\d+)", text).group(1))
             return seconds, None, f"{accepted}/{drafted} drafts"
@@ -119,16 +122,18 @@ def genai_engines(work: Path, n: int, gammas: list[int]) -> dict:
             subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / f"hf-{source}"),
                             "-o", str(work / name), "-p", precision, "-e", "cpu"], check=True, capture_output=True)
     draft = json.loads((work / "genai-drafter" / "genai_config.json").read_text())["model"]["decoder"]
-    draft["filename"] = f"../genai-drafter/{draft['filename']}"
+    draft["filename"] = f"draft/{draft['filename']}"
     models = {}
     for target in ("genai-int4", "genai-fp32"):
-        joined = work / f"{target}-speculative"
+        joined = work / f"{target}-speculative"  # GenAI refuses paths with "..": hard links of both models' files
         if not (joined / "genai_config.json").exists():
-            shutil.copytree(work / target, joined, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data"))
+            shutil.rmtree(joined, ignore_errors=True)
+            shutil.copytree(work / target, joined, copy_function=os.link)
+            shutil.copytree(work / "genai-drafter", joined / "draft", copy_function=os.link)
             config = json.loads((work / target / "genai_config.json").read_text())
-            config["model"]["decoder"]["filename"] = f"../{target}/{config['model']['decoder']['filename']}"
             config["model"]["draft"] = draft
             config["speculative"] = {"max_draft_tokens": gammas[0]}
+            (joined / "genai_config.json").unlink()
             (joined / "genai_config.json").write_text(json.dumps(config, indent=2))
         models[target] = og.Model(str(work / target))
         models[f"{target}-speculative"] = og.Model(str(joined))
