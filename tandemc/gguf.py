@@ -117,6 +117,18 @@ def _our_name(name: str) -> str | None:
     return None
 
 
+def _gguf_name(ours: str) -> str:
+    """The inverse of `_our_name`."""
+    if ours in _OUR_GLOBAL_NAMES:
+        return f"{_OUR_GLOBAL_NAMES[ours]}.weight"
+    _, index, leaf = ours.split(".")
+    return f"blk.{index}.{_OUR_LAYER_NAMES[leaf]}.weight"
+
+
+_OUR_GLOBAL_NAMES = {ours: theirs for theirs, ours in _GLOBAL_NAMES.items()}
+_OUR_LAYER_NAMES = {ours: theirs for theirs, ours in _LAYER_NAMES.items()}
+
+
 def dequantized(tensor, path: Path) -> np.ndarray:
     """A GGUF tensor as float32 in numpy (row-major, [out, in] for matrices) order."""
     import gguf
@@ -343,22 +355,16 @@ def write_gguf(ckpt, model_name: str, out: str | Path, tokenizer_from: str | Pat
     import gguf
 
     from tandemc.atomic import atomic_file
-    from tandemc.hf import plain_drafter
+    from tandemc.hf import standalone_model
     from tandemc.params import flatten
 
-    if model_name not in ("primary", "drafter"):
-        raise TandemcError(f"--model must be 'primary' or 'drafter', got {model_name!r} (the tandem secondary reads "
-                           "the primary's representations and has no standalone Llama form)")
-    if model_name == "drafter" and ckpt.config.drafter is None:
-        raise TandemcError("this checkpoint has no standalone drafter; export --model primary")
-    cfg, params = (ckpt.config.primary, ckpt.params["primary"]) if model_name == "primary" else plain_drafter(ckpt)
+    cfg, params = standalone_model(ckpt, model_name)
     reader = _reader(Path(tokenizer_from))
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else 0
     if vocab != cfg.vocab_size:
         raise TandemcError(f"{Path(tokenizer_from).name} has a tokenizer of {vocab} tokens, the {model_name} "
                            f"{cfg.vocab_size}; give the GGUF file this checkpoint's primary came from")
-    globals_ = {ours: theirs for theirs, ours in _GLOBAL_NAMES.items()}
-    layers = {ours: theirs for theirs, ours in _LAYER_NAMES.items()}
+    permuted_heads = {"wq": cfg.n_heads, "wk": cfg.n_kv_heads}  # llama.cpp's RoPE layout (permute_rows)
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_name(f"{model_name} of {ckpt.path.name if ckpt.path else 'a tandem'} (tandemc)")
@@ -382,18 +388,12 @@ def write_gguf(ckpt, model_name: str, out: str | Path, tokenizer_from: str | Pat
                 writer.add_key_value(key, value, field.types[0], sub_type=sub)
         for name, value in flatten(params).items():
             value = np.asarray(value, np.float32)
-            if name in globals_:
-                theirs = globals_[name]
-            else:
-                _, index, leaf = name.split(".")
-                theirs = f"blk.{index}.{layers[leaf]}"
             if value.ndim == 2 and name != "embed":
                 value = value.T  # tandemc [in, out] → GGUF [out, in]
-            if name.endswith(".wq"):
-                value = permute_rows(value, cfg.n_heads)
-            elif name.endswith(".wk"):
-                value = permute_rows(value, cfg.n_kv_heads)
-            writer.add_tensor(f"{theirs}.weight", np.ascontiguousarray(value))
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in permuted_heads:
+                value = permute_rows(value, permuted_heads[leaf])
+            writer.add_tensor(_gguf_name(name), np.ascontiguousarray(value))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

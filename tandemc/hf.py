@@ -212,6 +212,17 @@ def plain_drafter(ckpt) -> tuple[DecoderConfig, dict]:
     return dataclasses.replace(cfg.drafter, vocab_size=table.shape[0], tie_embeddings=False), p
 
 
+def standalone_model(ckpt, model_name: str) -> tuple[DecoderConfig, dict]:
+    """The config and parameters of a tandem's model that stands alone as a Llama: the primary, or the drafter
+    (`plain_drafter`). The tandem secondary reads the primary's representations and has no such form."""
+    if model_name not in ("primary", "drafter"):
+        raise TandemcError(f"--model must be 'primary' or 'drafter', got {model_name!r} (the tandem secondary "
+                           "reads the primary's representations and has no standalone Llama form)")
+    if model_name == "drafter" and ckpt.config.drafter is None:
+        raise TandemcError("this checkpoint has no standalone drafter; export --model primary")
+    return (ckpt.config.primary, ckpt.params["primary"]) if model_name == "primary" else plain_drafter(ckpt)
+
+
 def export_llama(ckpt, model_name: str, out: str | Path, force: bool = False) -> Path:
     """One model of a tandem checkpoint (`primary` or `drafter`) as a Hugging Face Llama directory.
 
@@ -220,12 +231,7 @@ def export_llama(ckpt, model_name: str, out: str | Path, force: bool = False) ->
     """
     from tandemc.atomic import atomic_directory
 
-    if model_name not in ("primary", "drafter"):
-        raise TandemcError(f"--model must be 'primary' or 'drafter', got {model_name!r} (the tandem secondary "
-                           "reads the primary's representations and has no standalone Llama form)")
-    if model_name == "drafter" and ckpt.config.drafter is None:
-        raise TandemcError("this checkpoint has no standalone drafter; export --model primary")
-    cfg, params = (ckpt.config.primary, ckpt.params["primary"]) if model_name == "primary" else plain_drafter(ckpt)
+    cfg, params = standalone_model(ckpt, model_name)
     tok = ckpt.tokenizer
     special = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "pad_token": tok.pad_id}
     with atomic_directory(out, force, sources=(ckpt.path,)) as tmp:
