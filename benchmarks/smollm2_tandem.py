@@ -9,9 +9,9 @@ and chat questions through the model's chat template. Every artifact decodes eve
 EOS stop, in alternating rounds (so load drifts hit all alike); the figure per artifact is total tokens / total
 seconds of its best round, prefill included. Artifacts: the primary alone (float32, and with the GGUF file's own
 int4 integers, with int8 activations, and with --int4-weight-only float activations), Tandem + SPEED at each γ (and
-with an int8 draft head at --draft-head-gammas), the adaptive block length (router, where the bundle has one) at the
-largest γ, and vanilla SPEED with the standalone drafter of the same size and training budget. Tokens must equal
-the primary's; the script says so per row.
+with an int8 draft head at --draft-head-gammas), the adaptive block length (router, where the bundle has one) up
+to the largest γ or to each of --adaptive-gammas, and vanilla SPEED with the standalone drafter of the same size and
+training budget. Tokens must equal the primary's; the script says so per row.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def main():
     parser.add_argument("--vanilla-gammas", default="", help="γ for vanilla SPEED [default: 4, else the middle γ].")
     parser.add_argument("--draft-head-gammas", default="",
                         help="Also Tandem + SPEED at these γ with the drafters' shared head in int8 (INT8_DRAFT_HEAD).")
+    parser.add_argument("--adaptive-gammas", default="",
+                        help="γ_max for the adaptive block length (router) [default: the largest γ].")
     parser.add_argument("--int4-weight-only", action="store_true",
                         help="Also the int4 weight-only rows (ONNX Runtime runs them 6x slower than float32).")
     args = parser.parse_args()
@@ -98,7 +100,8 @@ def main():
     builds.update({f"vanilla-g{g}": ("ckpt", ["--mode", "vanilla", "-g", str(g)])
                    for g in [int(g) for g in args.vanilla_gammas.split(",") if g] or [best_guess]})
     if ckpt.config.router is not None:
-        builds[f"adaptive-g{max(gammas)}"] = ("ckpt", ["--mode", "adaptive", "-g", str(max(gammas))])
+        builds.update({f"adaptive-g{g}": ("ckpt", ["--mode", "adaptive", "-g", str(g)])
+                       for g in [int(g) for g in args.adaptive_gammas.split(",") if g] or [max(gammas)]})
     for name, (source, flags) in builds.items():
         if not (work / name / "manifest.json").exists():
             start = time.perf_counter()

@@ -11,7 +11,9 @@
 # drafters: a draft vocabulary of the 8192 most frequent tokens of that data, and drafters that read and write
 # tokens through the primary's own table (--shared-embeddings). Stage 1 distils the standalone drafter (the
 # vanilla-SPEED baseline). Stage 2 trains the tandem secondary from it with Tandem-Distil, fitted projections and
-# the primary-state-input variant (docs/training.md); stage 3 gives the standalone drafter the same extra budget.
+# the primary-state-input variant (docs/training.md); stage 3 gives the standalone drafter the same extra budget;
+# stage 4 adds the router (adaptive block length), its stopping threshold chosen for a draft costing 0.12 of a
+# primary step (DRAFT_COST: the CPU artifact's measured cost, benchmarks/README.md).
 # Every run rotates over the same batches, which tile the data (--distinct-batches, --tiled); their primary
 # outputs (top-64 tokens, the layers' states the secondary reads, in bfloat16) are computed once and shared on disk
 # (--primary-cache, removed at the end). Every stage is resumable: rerun the script after an interruption.
@@ -27,6 +29,8 @@ CODE_SAMPLES=${CODE_SAMPLES:-512}
 CHAT_SAMPLES=${CHAT_SAMPLES:-768}
 DRAFTER_STEPS=${DRAFTER_STEPS:-300}
 TANDEM_STEPS=${TANDEM_STEPS:-500}
+ROUTER_STEPS=${ROUTER_STEPS:-100}
+DRAFT_COST=${DRAFT_COST:-0.12}
 DISTINCT_BATCHES=${DISTINCT_BATCHES:-64}
 LR=${LR:-2e-3}
 
@@ -54,15 +58,17 @@ step 2-tandem "$work/1-drafter" --stage tandem --objective distil --init-seconda
   --init-projections fit --primary-state-input 256 --steps "$TANDEM_STEPS" "${cache[@]}"
 step 3-drafter-equal "$work/2-tandem" --stage pretrain --model drafter --objective distil --steps "$TANDEM_STEPS" \
   "${cache[@]}"
+step 4-router "$work/3-drafter-equal" --stage router --router-hidden 64 --draft-cost "$DRAFT_COST" \
+  --steps "$ROUTER_STEPS" "${cache[@]}" --lr 3e-3 --warmup 10  # the later --lr and --warmup win
 rm -rf "$work/primary-cache"
 
 if [ ! -f "$work/metrics.json" ]; then
   start=$SECONDS
-  "$tandemc" evaluate "$work/3-drafter-equal" --data "$work/data" --gammas 3,4 --windows 16 --prompts 8 --json > "$work/metrics.json.tmp"
+  "$tandemc" evaluate "$work/4-router" --data "$work/data" --gammas 3,4 --windows 16 --prompts 8 --json > "$work/metrics.json.tmp"
   mv "$work/metrics.json.tmp" "$work/metrics.json"
   echo "evaluate $((SECONDS - start))" >> "$work/timing.txt"
 fi
-"$tandemc" detach "$work/3-drafter-equal" -o "$out.tmp" --force
+"$tandemc" detach "$work/4-router" -o "$out.tmp" --force
 cp "$work/metrics.json" "$work/timing.txt" "$out.tmp/"
 [ ! -f "$out/README.md" ] || cp "$out/README.md" "$out.tmp/"  # the model card is written by hand
 rm -rf "$out" && mv "$out.tmp" "$out"

@@ -225,6 +225,12 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
               "the secondary's input through an MLP of this hidden width (docs/training.md) [default: off].")
 @click.option("--primary-state-logits", is_flag=True,
               help="tandem, with --primary-state-input: that MLP feeds the secondary's logits too.")
+@click.option("--router-hidden", type=click.IntRange(min=1),
+              help="router: add a fresh router of this hidden width when the checkpoint has none (an imported "
+              "primary's tandem).")
+@click.option("--draft-cost", type=click.FloatRange(min=0.0, min_open=True),
+              help="router: one draft's cost relative to a primary step on the target, for choosing the stopping "
+              "threshold (measure it with `tandemc run --profile`) [default: the models' parameter ratio].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--distinct-batches", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train on the first N batches of the seed's stream in rotation, computing the frozen primary's "
@@ -243,7 +249,7 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @json_option
 def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq_len, lr, warmup, block_length,
           init_secondary_from_drafter, init_projections, primary_state_input,
-          primary_state_logits, seed, distinct_batches, tiled, primary_cache,
+          primary_state_logits, router_hidden, draft_cost, seed, distinct_batches, tiled, primary_cache,
           save_every, state_dir, stop_after, force, as_json):
     """Train one stage of the recipe on CHECKPOINT and write the result to OUTPUT (resumable)."""
     import shutil
@@ -251,7 +257,7 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
     from tandemc.checkpoint import load_checkpoint
     from tandemc.data import batch_at, load_corpus
     from tandemc.train import (TrainOptions, fit_projections, initialise_secondary_from_drafter, save_trained,
-                               with_primary_state_input, with_router_threshold)
+                               with_primary_state_input, with_router, with_router_threshold)
     from tandemc.train import train as run
 
     if out.exists() and not force:
@@ -263,6 +269,11 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
         if stage != "tandem":
             raise TandemcError("--primary-state-input belongs to the tandem stage; add --stage tandem or drop it")
         ckpt = with_primary_state_input(ckpt, primary_state_input, seed, primary_state_logits)
+    if (router_hidden or draft_cost) and stage != "router":
+        raise TandemcError("--router-hidden and --draft-cost belong to the router stage; add --stage router or "
+                           "drop them")
+    if router_hidden:
+        ckpt = with_router(ckpt, router_hidden, seed)
     if init_secondary_from_drafter:
         ckpt = initialise_secondary_from_drafter(ckpt)
     opts = TrainOptions(stage=stage, model=model_name, objective=objective, steps=steps, batch=batch,
@@ -281,7 +292,7 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
         return
     extra = {}
     if stage == "router":
-        ckpt, extra = with_router_threshold(ckpt, result.params, corpus, seq_len)
+        ckpt, extra = with_router_threshold(ckpt, result.params, corpus, seq_len, draft_cost or 0.0)
     save_trained(out, ckpt, result, opts, force=force)
     shutil.rmtree(state_dir, ignore_errors=True)
     step, loss, accuracy = result.history[-1] if result.history else (result.step, float("nan"), float("nan"))
@@ -337,7 +348,9 @@ def evaluate(checkpoint, data, windows, seq_len, block_length, gammas, prompts, 
     lines.append("mean accepted tokens per greedy SPEED step:")
     for gamma, row in acceptance.items():
         lines.append(f"  gamma {gamma}: tandem {row['tandem']:.3f}" +
-                     (f"  standalone {row['standalone']:.3f}" if "standalone" in row else ""))
+                     (f"  standalone {row['standalone']:.3f}" if "standalone" in row else "") +
+                     (f"  adaptive {row['adaptive']:.3f} ({row['adaptive_drafted']:.2f} drafted)"
+                      if "adaptive" in row else ""))
     _emit(as_json, result, "\n".join(lines))
 
 

@@ -129,7 +129,8 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
     Returns (new state, outputs): emitted [B, γ+1], n_emitted [B], accepted [B], drafted [B] and the primary's
     logits [B, γ+1, V] over the verified block; row b's new tokens are emitted[b, :n_emitted[b]]. Rows already
     done keep their state and emit nothing. In `adaptive` mode drafting stops at the first draft the router
-    predicts will be rejected (γ is then the maximum block length). `margins` (the reference, for `verify`) adds
+    predicts will be rejected (γ is then the maximum block length); the remaining drafts are skipped, not computed,
+    once every active row has stopped. `margins` (the reference, for `verify`) adds
     outputs["margin"] [B]: the smallest margin of the step's decisions that shaped its tokens (`step_margin`).
     """
     b = state["token"].shape[0]
@@ -147,25 +148,48 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
             tokens, positions = jnp.stack([state["prev"], c], 1), jnp.stack([p - 1, p], 1)
         else:
             tokens, positions = c[:, None], p[:, None]
+
+        def draft(t, tokens, positions, secondary_cache, n_drafted):
+            """One draft: (token, its distribution, its decision margin, the router's margin, cache, n_drafted)."""
+            offsets = (model.primary_state_input(params, cfg, state["primary_state"][:, None], tokens)
+                       if reads_primary_state(cfg, mode) else ())
+            logits, _, secondary_cache = model.decode_block(
+                draft_params, draft_cfg, tokens, positions, secondary_cache, *offsets,
+                io=model.drafter_io(params, drafter_name(mode), tokens))
+            proposal = model.proposable(params, logits[:, -1])
+            d, q = draft_token(proposal, sampling, u[:, t], params.get("draft_vocab"))
+            margin = decision_margin(proposal, sampling, u[:, t]) if margins else jnp.zeros((b,), jnp.float32)
+            router_margin = jnp.zeros((b,), jnp.float32)
+            if mode == "adaptive":  # stop drafting at the first draft the router expects to be rejected
+                features = model.router_features(params, cfg.router, jax.nn.softmax(proposal))
+                probability = model.router_reject_probability(params["router"], features)
+                n_drafted = jnp.where((n_drafted == gamma) & (probability > cfg.router.threshold), t, n_drafted)
+                router_margin = jnp.abs(probability - cfg.router.threshold).reshape(b)
+            return d, q, margin, router_margin, secondary_cache, n_drafted
+
         for t in range(gamma):
             with jax.named_scope(f"draft{t}"):  # names the graph's nodes, so profiles show each draft's cost
-                offsets = (model.primary_state_input(params, cfg, state["primary_state"][:, None], tokens)
-                           if reads_primary_state(cfg, mode) else ())
-                logits, _, secondary_cache = model.decode_block(
-                    draft_params, draft_cfg, tokens, positions, secondary_cache, *offsets,
-                    io=model.drafter_io(params, drafter_name(mode), tokens))
-                proposal = model.proposable(params, logits[:, -1])
-                d, q = draft_token(proposal, sampling, u[:, t], params.get("draft_vocab"))
-                if margins:
-                    draft_margins.append(decision_margin(proposal, sampling, u[:, t]))
-                if mode == "adaptive":  # stop drafting at the first draft the router expects to be rejected
-                    features = model.router_features(params, cfg.router, jax.nn.softmax(proposal))
-                    probability = model.router_reject_probability(params["router"], features)
-                    reject = probability > cfg.router.threshold
-                    n_drafted = jnp.where((n_drafted == gamma) & reject, t, n_drafted)
-                    router_margins.append(jnp.abs(probability - cfg.router.threshold).reshape(b))
+                if mode == "adaptive" and t > 0:
+                    # Once the router has stopped every row, the remaining drafts are never computed: a
+                    # conditional (ONNX If, StableHLO case) skips them, which is where adaptive length saves time.
+                    # A skipped draft is token 0 with no distribution; it is not proposed (t >= n_drafted).
+                    def skip(t, tokens, positions, secondary_cache, n_drafted):
+                        zero = jnp.zeros((b,), jnp.float32)
+                        q = jnp.zeros((b, draft_probs[0].shape[-1]), draft_probs[0].dtype)
+                        return jnp.zeros((b,), jnp.int32), q, zero, zero, secondary_cache, n_drafted
+
+                    drafting = jnp.any(active & (n_drafted == gamma))
+                    d, q, margin, router_margin, secondary_cache, n_drafted = lax.cond(
+                        drafting, lambda *a, t=t: draft(t, *a), lambda *a, t=t: skip(t, *a),
+                        tokens, positions, secondary_cache, n_drafted)
+                else:
+                    d, q, margin, router_margin, secondary_cache, n_drafted = draft(
+                        t, tokens, positions, secondary_cache, n_drafted)
             drafts.append(d)
             draft_probs.append(q)
+            draft_margins.append(margin)
+            if mode == "adaptive":
+                router_margins.append(router_margin)
             tokens, positions = d[:, None], (p + t + 1)[:, None]
 
     block = jnp.stack([c] + drafts, axis=1)

@@ -60,19 +60,27 @@ def next_token_metrics(params, cfg: TandemConfig, windows: np.ndarray, block: in
 
 def acceptance_by_block_length(params, cfg: TandemConfig, prompts: list[list[int]], gammas, new_tokens: int,
                                workers: int = 2) -> dict:
-    """γ → mean accepted drafts per greedy SPEED step, for the tandem secondary and the standalone drafter.
+    """γ → mean accepted drafts per greedy SPEED step, for the tandem secondary and the standalone drafter, and with
+    a router, for the adaptive block length up to γ with its mean drafts per step (`adaptive_drafted`).
 
     The caches hold just the request (longest prompt + new tokens), not the models' max_seq_len: attention over
     unused cache slots only costs time (3–4× here) and changes no decision. Each (γ, drafter) is its own compiled
     program, and compiling takes most of the time (~7 s against ~2 s of decoding on the example) on one core, so
     `workers` runs them side by side; every run is independent, so the figures do not depend on it."""
     cache_len = max(len(p) for p in prompts) + new_tokens
-    modes = {"tandem": "speed", **({"standalone": "vanilla"} if cfg.drafter is not None else {})}
+    modes = {"tandem": "speed", **({"standalone": "vanilla"} if cfg.drafter is not None else {}),
+             **({"adaptive": "adaptive"} if cfg.router is not None else {})}
 
-    def accepted(gamma, mode):
+    def stats(gamma, mode):
         return generate(params, cfg, prompts, mode=mode, block_length=gamma, max_new_tokens=new_tokens,
-                        max_seq_len=cache_len).stats["mean_accepted_per_step"]
+                        max_seq_len=cache_len).stats
+
+    def row(results):
+        out = {name: results[name]["mean_accepted_per_step"] for name in modes}
+        if "adaptive" in results:
+            out["adaptive_drafted"] = results["adaptive"]["drafted"] / max(results["adaptive"]["row_steps"], 1)
+        return out
 
     with ThreadPoolExecutor(workers) as pool:
-        runs = {(gamma, name): pool.submit(accepted, gamma, mode) for gamma in gammas for name, mode in modes.items()}
-        return {str(gamma): {name: runs[gamma, name].result() for name in modes} for gamma in gammas}
+        runs = {(gamma, name): pool.submit(stats, gamma, mode) for gamma in gammas for name, mode in modes.items()}
+        return {str(gamma): row({name: runs[gamma, name].result() for name in modes}) for gamma in gammas}

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tandemc import model, safetensors_io
 from tandemc.atomic import atomic_directory, atomic_file
 from tandemc.checkpoint import Checkpoint, save_checkpoint
+from tandemc.config import RouterConfig
 from tandemc.data import batch_at, tiled_batch_at
 from tandemc.errors import TandemcError
 from tandemc.params import flatten, init_params, unflatten
@@ -86,7 +87,8 @@ class TrainOptions:
             if self.model == "primary" and self.objective == "distil":
                 raise TandemcError("the primary cannot be distilled from itself; use --objective ce")
         if self.stage == "router" and cfg.router is None:
-            raise TandemcError("this checkpoint has no router config; add a 'router' section to config.json")
+            raise TandemcError("this checkpoint has no router; pass --router-hidden N (64 is the presets' width) to add "
+                               "a fresh one")
         for name in ("steps", "batch", "seq_len"):
             if getattr(self, name) < 1:
                 raise TandemcError(f"--{name.replace('_', '-')} must be positive")
@@ -449,6 +451,20 @@ def with_primary_state_input(ckpt: Checkpoint, width: int, seed: int = 0, logits
     return dataclasses.replace(ckpt, config=cfg, params={**ckpt.params, "tandem_input": fresh})
 
 
+def with_router(ckpt: Checkpoint, hidden: int, seed: int = 0) -> Checkpoint:
+    """Add a fresh router of this hidden width to a checkpoint that has none (an imported primary's tandem), so
+    that the router stage can train it; a checkpoint that has one keeps it."""
+    cfg = ckpt.config
+    if cfg.router is not None:
+        if cfg.router.hidden != hidden:
+            raise TandemcError(f"this checkpoint already has a router of hidden width {cfg.router.hidden}; drop "
+                               f"--router-hidden or pass {cfg.router.hidden}")
+        return ckpt
+    cfg = dataclasses.replace(cfg, router=RouterConfig(hidden=hidden)).validate()
+    return dataclasses.replace(ckpt, config=cfg, params={**ckpt.params,
+                                                         "router": init_params(cfg, seed, only="router.")["router"]})
+
+
 # one program, not op by op (fitting on the example: 15 s → 10 s)
 _forward = jax.jit(model.forward, static_argnums=1)
 _drafter_forward = jax.jit(model.drafter_forward, static_argnums=(1, 2))
@@ -479,12 +495,15 @@ def fit_projections(ckpt: Checkpoint, tokens: np.ndarray, ridge: float = 1e-3) -
     return dataclasses.replace(ckpt, params={**ckpt.params, "tandem": fitted})
 
 
-def choose_router_threshold(ckpt: Checkpoint, windows: np.ndarray) -> tuple[float, dict]:
+def choose_router_threshold(ckpt: Checkpoint, windows: np.ndarray, draft_cost: float = 0.0
+                            ) -> tuple[float, dict]:
     """Pick the router's stopping threshold τ on held-out windows by expected cost per draft position.
 
     Stopping before a draft that would have been accepted loses about one token (a primary call); drafting one
-    that is rejected wastes one secondary step, whose cost relative to the primary, c, we take from the models'
-    parameter counts. With the rejection probability given by the total-variation distance, the expected cost of τ
+    that is rejected wastes one secondary step, whose cost relative to a primary step, c, is `draft_cost` when given
+    (measured on the target: `tandemc run --profile` shows a step's time by draft) and otherwise the models'
+    parameter ratio, which is right where both are weight-bandwidth-bound and too low where the drafter is bound by
+    per-operator overhead (a small drafter on a CPU). With the rejection probability given by the total-variation distance, the expected cost of τ
     is Σ_stopped (1 − TV) + c · Σ_drafted TV; a calibrated router's optimum is τ = 1/(1 + c) (the paper's 0.8 is
     c = 0.25).
     """
@@ -493,7 +512,7 @@ def choose_router_threshold(ckpt: Checkpoint, windows: np.ndarray) -> tuple[floa
     features, reject = router_inputs(params, cfg, jnp.asarray(windows[:, :-1]))
     predicted = np.asarray(model.router_reject_probability(params["router"], features)).ravel()
     reject = np.asarray(reject).ravel()
-    c = max(cfg.secondary.num_parameters() / cfg.primary.num_parameters(), 0.02)
+    c = draft_cost or max(cfg.secondary.num_parameters() / cfg.primary.num_parameters(), 0.02)
     grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
     costs = [float(np.sum(np.where(predicted > t, 1 - reject, c * reject))) / len(reject) for t in grid]
     best = float(grid[int(np.argmin(costs))])
@@ -501,13 +520,14 @@ def choose_router_threshold(ckpt: Checkpoint, windows: np.ndarray) -> tuple[floa
                   "mean_total_variation": float(reject.mean())}
 
 
-def with_router_threshold(ckpt: Checkpoint, params, corpus, seq_len: int) -> tuple[Checkpoint, dict]:
+def with_router_threshold(ckpt: Checkpoint, params, corpus, seq_len: int, draft_cost: float = 0.0
+                          ) -> tuple[Checkpoint, dict]:
     """The checkpoint's config with the router threshold chosen on held-out windows, and the choice's report."""
     from tandemc.data import evaluation_windows
 
     stream = corpus.held_out if len(corpus.held_out) > seq_len + 1 else corpus.train
     threshold, report = choose_router_threshold(dataclasses.replace(ckpt, params=params),
-                                                evaluation_windows(stream, seq_len, 16))
+                                                evaluation_windows(stream, seq_len, 16), draft_cost)
     router = dataclasses.replace(ckpt.config.router, threshold=threshold)
     return dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, router=router)), \
         {"router_threshold": threshold, **report}

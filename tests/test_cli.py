@@ -107,7 +107,8 @@ def test_evaluate_reports_accuracies_and_acceptance(tiny, tmp_path):
     for key in ("primary_accuracy", "standalone_accuracy", "tandem_accuracy", "relative_tv"):
         assert 0.0 <= data[key] <= 1.0 or key == "relative_tv"
     assert set(data["acceptance"]) == {"1", "3"}
-    assert set(data["acceptance"]["3"]) == {"tandem", "standalone"}
+    assert set(data["acceptance"]["3"]) == {"tandem", "standalone", "adaptive", "adaptive_drafted"}  # tiny has a router
+    assert 0.0 <= data["acceptance"]["3"]["adaptive_drafted"] <= 3.0
     assert data["positions"] == 4 * 32
 
 

@@ -87,6 +87,36 @@ def test_every_mode_exports_and_matches(mode, target, tmp_path):
                        "adaptive": {"primary", "secondary", "tandem", "tandem_input", "router"}}[mode]  # the variant
 
 
+def test_adaptive_step_skips_the_drafts_after_the_router_stops(tmp_path):
+    """Adaptive block length saves time only if the drafts after the router's stop are not computed: in the cpu
+    artifact they sit in ONNX If branches that do not run once every row has stopped (counted in ONNX Runtime's
+    profile), and the tokens stay the primary's either way."""
+    import dataclasses
+
+    ckpt = checkpoint("custom-map")
+    prompts = [[1, 2, 3], [4, 5, 0, 1, 2]]
+    reference = generate(jax.tree.map(jax.numpy.asarray, ckpt.params), ckpt.config, prompts, mode="primary",
+                         max_new_tokens=12)
+    kernels = {}
+    for router, bias in (("always stops", 30.0), ("never stops", -30.0)):
+        params = {**ckpt.params, "router": {**ckpt.params["router"], "b2": np.full((1,), bias, np.float32)}}
+        out = tmp_path / router.replace(" ", "-")
+        export_ok(dataclasses.replace(ckpt, params=params), out, "cpu", mode="adaptive", batch=1, block_length=4,
+                  max_seq_len=(48,), prefill_chunk=16, max_new_tokens=12)
+        art = load(out, profile=tmp_path / f"{out.name}-traces", threads=1)
+        result = art.generate(prompts, max_new_tokens=12)
+        assert result.tokens == reference.tokens
+        assert result.stats["drafted"] == (0 if bias > 0 else 4 * result.stats["row_steps"])
+        trace = next(f for key, f in art.backend.end_profiling().items() if key.startswith("step"))
+        events = json.loads(Path(trace).read_text())
+        runs = sum(e.get("name") == "model_run" for e in events)
+        nodes = [e["name"] for e in events if e.get("cat") == "Node"]
+        kernels[router] = {t: sum(name.startswith(f"draft{t}/") for name in nodes) / runs for t in range(4)}
+    skipped, computed = kernels["always stops"], kernels["never stops"]
+    assert skipped[0] == computed[0]  # the first draft always runs: the router reads its distribution
+    assert all(skipped[t] < computed[t] / 4 for t in (1, 2, 3)), kernels
+
+
 @pytest.mark.slow
 def test_buckets_pick_the_smallest_cache_and_all_verify(tmp_path):
     manifest = export_ok(checkpoint("gqa-4to2"), tmp_path / "a", batch=2, block_length=2, max_seq_len=(24, 64),

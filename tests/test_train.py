@@ -312,3 +312,39 @@ def test_router_stage_chooses_its_threshold_on_held_out_data(tmp_path):
     assert load_checkpoint(tmp_path / "out").config.router.threshold == report["router_threshold"]
     # The router's predictions track the held-out rejection probability (total variation) on average.
     assert abs(report["mean_predicted"] - report["mean_total_variation"]) < 0.15
+
+
+def test_router_stage_adds_a_router_to_a_checkpoint_without_one(tmp_path):
+    """An imported primary's tandem has no router: `--router-hidden` adds a fresh one for the router stage to train,
+    and `--draft-cost` (a draft's measured cost per primary step) sets the cost the threshold is chosen by."""
+    from click.testing import CliRunner
+
+    from tandemc.cli import cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("heapq.py", "bisect.py", "textwrap.py", "shlex.py", "fnmatch.py"):
+        (data / name).write_bytes((stdlib_root() / name).read_bytes())
+    cfg = dataclasses.replace(preset("tiny"), router=None)
+    init = save_checkpoint(tmp_path / "init", cfg, init_params(cfg, 0))
+
+    def train_router(*flags, source=init, out="out"):
+        return CliRunner().invoke(cli, ["train", str(source), "-o", str(tmp_path / out), "--stage", "router",
+                                        "--data", str(data), "--steps", "2", "--batch", "2", "--seq-len", "32",
+                                        "--json", *flags])
+
+    missing = train_router()
+    assert missing.exit_code != 0 and "pass --router-hidden N" in missing.output
+    result = train_router("--router-hidden", "8", "--draft-cost", "0.5")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["cost_ratio"] == 0.5 and report["trained"] == ["router"]
+    trained = load_checkpoint(tmp_path / "out")
+    assert trained.config.router.hidden == 8 and trained.config.router.threshold == report["router_threshold"]
+    assert trained.params["router"]["w1"].shape == (trained.config.router.num_features(cfg.secondary.d_model), 8)
+    other = train_router("--router-hidden", "16", source=tmp_path / "out", out="again")
+    assert other.exit_code != 0 and "already has a router of hidden width 8" in other.output
+    wrong_stage = CliRunner().invoke(cli, ["train", str(init), "-o", str(tmp_path / "x"), "--stage", "pretrain",
+                                           "--router-hidden", "8", "--steps", "1"])
+    assert wrong_stage.exit_code != 0 and "belong to the router stage" in wrong_stage.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "again").exists()
