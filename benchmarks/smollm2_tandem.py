@@ -10,8 +10,9 @@ EOS stop, in alternating rounds (so load drifts hit all alike); the figure per a
 seconds of its best round, prefill included. Artifacts: the primary alone (float32, and with the GGUF file's own
 int4 integers, with int8 activations, and with --int4-weight-only float activations), Tandem + SPEED at each γ (and
 with an int8 draft head at --draft-head-gammas), the adaptive block length (router, where the bundle has one) up
-to the largest γ or to each of --adaptive-gammas, and vanilla SPEED with the standalone drafter of the same size and
-training budget. Tokens must equal the primary's; the script says so per row.
+to the largest γ or to each of --adaptive-gammas (at the bundle's threshold, and at each of
+--adaptive-thresholds), and vanilla SPEED with the standalone drafter of the same size and training budget.
+Tokens must equal the primary's; the script says so per row.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def main():
                         help="Also Tandem + SPEED at these γ with the drafters' shared head in int8 (INT8_DRAFT_HEAD).")
     parser.add_argument("--adaptive-gammas", default="",
                         help="γ_max for the adaptive block length (router) [default: the largest γ].")
+    parser.add_argument("--adaptive-thresholds", default="",
+                        help="Also the adaptive rows at these router thresholds τ (export --router-threshold) "
+                             "[default: the bundle's τ only].")
     parser.add_argument("--int4-weight-only", action="store_true",
                         help="Also the int4 weight-only rows (ONNX Runtime runs them 6x slower than float32).")
     args = parser.parse_args()
@@ -100,8 +104,10 @@ def main():
     builds.update({f"vanilla-g{g}": ("ckpt", ["--mode", "vanilla", "-g", str(g)])
                    for g in [int(g) for g in args.vanilla_gammas.split(",") if g] or [best_guess]})
     if ckpt.config.router is not None:
-        builds.update({f"adaptive-g{g}": ("ckpt", ["--mode", "adaptive", "-g", str(g)])
-                       for g in [int(g) for g in args.adaptive_gammas.split(",") if g] or [max(gammas)]})
+        for g in [int(g) for g in args.adaptive_gammas.split(",") if g] or [max(gammas)]:
+            builds[f"adaptive-g{g}"] = ("ckpt", ["--mode", "adaptive", "-g", str(g)])
+            builds.update({f"adaptive-g{g}-t{t}": ("ckpt", ["--mode", "adaptive", "-g", str(g), "--router-threshold", t])
+                           for t in args.adaptive_thresholds.split(",") if t})
     for name, (source, flags) in builds.items():
         if not (work / name / "manifest.json").exists():
             start = time.perf_counter()

@@ -611,6 +611,9 @@ def _format_stats(s: dict, compiled: bool = True) -> str:
 @click.option("--mode", type=click.Choice(["speed", "tandem", "adaptive", "primary", "vanilla"]), default="speed",
               show_default=True, help="Decoding the graphs implement (primary and vanilla are the baselines).")
 @click.option("--block-length", "-g", default=0, help="Draft block length γ [default: the checkpoint's gamma_train].")
+@click.option("--router-threshold", type=click.FloatRange(0.0, 1.0),
+              help="adaptive: stop drafting where the router's predicted rejection exceeds this [default: the "
+              "checkpoint's router.threshold, chosen by the router stage].")
 @click.option("--max-seq-len", default="256", show_default=True,
               help="Cache length, or increasing buckets (e.g. 128,512): the runtime picks the smallest that fits.")
 @click.option("--batch", default=1, show_default=True, help="Rows per call.")
@@ -632,9 +635,12 @@ def _format_stats(s: dict, compiled: bool = True) -> str:
               help="Prompts decoded by the artifact and the reference (--no-verify skips verification).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @json_option
-def export(checkpoint, target, out, mode, block_length, max_seq_len, batch, prefill_chunk, max_new_tokens, dtype,
-           platforms, mesh, savedmodel, opt_level, pass_list, no_verify, verify_prompts, force, as_json):
+def export(checkpoint, target, out, mode, block_length, router_threshold, max_seq_len, batch, prefill_chunk,
+           max_new_tokens, dtype, platforms, mesh, savedmodel, opt_level, pass_list, no_verify, verify_prompts, force,
+           as_json):
     """Compile CHECKPOINT into a verified artifact directory for a target."""
+    import dataclasses
+
     from tandemc.checkpoint import load_checkpoint
     from tandemc.export import export as run
     from tandemc.program import ExportOptions
@@ -644,6 +650,12 @@ def export(checkpoint, target, out, mode, block_length, max_seq_len, batch, pref
                             mesh=_parse_mesh(mesh) if mesh else None)
     start = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
+    if router_threshold is not None:
+        if mode != "adaptive" or ckpt.config.router is None:
+            raise TandemcError("--router-threshold applies to --mode adaptive with a checkpoint that has a router; "
+                               "drop it or add --mode adaptive")
+        router = dataclasses.replace(ckpt.config.router, threshold=router_threshold)
+        ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, router=router))
     manifest = run(ckpt, target, out, options, platforms=[p for p in platforms.split(",") if p] or None,
                    force=force, verify=not no_verify, verify_prompts=verify_prompts, savedmodel=savedmodel,
                    passes=pass_list if pass_list is not None else f"O{opt_level}" if opt_level is not None else

@@ -171,6 +171,20 @@ def test_cpu_artifact_and_the_dependency_light_consumer(tiny, tmp_path):
         assert proc.stdout[:-1] == ref["text"]
 
 
+def test_export_router_threshold_sets_where_adaptive_drafting_stops(tiny, tmp_path):
+    """`export --router-threshold` bakes τ into an adaptive artifact (recorded in the manifest's model): at τ = 0
+    every first draft is predicted rejected, so no draft is ever proposed and each step emits the primary's token."""
+    art = tmp_path / "never"
+    run("export", tiny, "--target", "cpu", "-o", art, "--mode", "adaptive", "-g", 3, "--router-threshold", 0.0,
+        "--max-seq-len", 64, "--prefill-chunk", 16, "--max-new-tokens", 16)
+    assert json.loads((art / "manifest.json").read_text())["model"]["router"]["threshold"] == 0.0
+    ran = json.loads(run("run", art, "--prompt", "def f(", "-n", 10, "--json").output)
+    assert ran["stats"]["drafted"] == 0 and ran["stats"]["steps"] == 9  # the prefill emits the first token
+    refused = run("export", tiny, "--target", "cpu", "-o", tmp_path / "speed", "--router-threshold", 0.5, ok=False)
+    assert refused.exit_code == 2 and "applies to --mode adaptive" in refused.output
+    assert not (tmp_path / "speed").exists()
+
+
 def test_run_profile_splits_step_time_by_scope(tiny, tmp_path):
     """`run --profile` leaves ONNX Runtime's traces and says which part of a step took the time: each draft, the
     primary's verification and the tandem cache write are named scopes in the graph."""
