@@ -410,10 +410,10 @@ def test_a_detached_bundle_attaches_only_to_its_own_primary(tmp_path):
 @pytest.mark.slow
 @needs_smollm2
 def test_the_bundled_drafters_attach_to_smollm2_and_draft_its_tokens(tmp_path):
-    """examples/smollm2-drafters (examples/train_smollm2.sh) with the imported primary: Tandem + SPEED and vanilla
-    SPEED decode a held-out code prompt to exactly the primary's greedy tokens, and their drafts are accepted far
-    often, where untrained drafters' never are (import-gguf's fresh ones: 0.00 accepted per step at γ = 4 in both
-    modes on this prompt)."""
+    """examples/smollm2-drafters (examples/train_smollm2.sh) with the imported primary: Tandem + SPEED, its adaptive
+    block length (the bundled router) and vanilla SPEED decode a held-out code prompt to exactly the primary's
+    greedy tokens, and their drafts are accepted far often, where untrained drafters' never are (import-gguf's
+    fresh ones: 0.00 accepted per step at γ = 4 in both modes on this prompt)."""
     from tandemc.checkpoint import load_checkpoint
     from tandemc.decoding import generate
 
@@ -426,7 +426,8 @@ def test_the_bundled_drafters_attach_to_smollm2_and_draft_its_tokens(tmp_path):
     prompt = ckpt.tokenizer.encode("import os\n\n\ndef read_lines(path):\n    \"\"\"Return the lines of a text file.\"\"\"\n")
     kw = dict(max_new_tokens=48, max_seq_len=128)
     reference = generate(params, ckpt.config, [prompt], mode="primary", **kw)
-    for mode in ("speed", "vanilla"):
+    assert ckpt.config.router is not None
+    for mode in ("speed", "adaptive", "vanilla"):
         out = generate(params, ckpt.config, [prompt], mode=mode, block_length=4, **kw)
         assert out.tokens == reference.tokens, mode
         assert out.stats["mean_accepted_per_step"] >= 0.25, (mode, out.stats)
