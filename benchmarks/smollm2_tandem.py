@@ -72,7 +72,8 @@ def main():
     parser.add_argument("--prompts", type=int, default=4, help="Prompts per set.")
     parser.add_argument("--vanilla-gammas", default="", help="γ for vanilla SPEED [default: 4, else the middle γ].")
     parser.add_argument("--draft-head-gammas", default="",
-                        help="Also Tandem + SPEED at these γ with the drafters' shared head in int8 (INT8_DRAFT_HEAD).")
+                        help="Also Tandem + SPEED at these γ with the drafters' shared head in int8 "
+                             "(INT8_DRAFT_HEAD).")
     parser.add_argument("--adaptive-gammas", default="",
                         help="γ_max for the adaptive block length (router) [default: the largest γ].")
     parser.add_argument("--adaptive-thresholds", default="",
@@ -106,7 +107,8 @@ def main():
     if ckpt.config.router is not None:
         for g in [int(g) for g in args.adaptive_gammas.split(",") if g] or [max(gammas)]:
             builds[f"adaptive-g{g}"] = ("ckpt", ["--mode", "adaptive", "-g", str(g)])
-            builds.update({f"adaptive-g{g}-t{t}": ("ckpt", ["--mode", "adaptive", "-g", str(g), "--router-threshold", t])
+            builds.update({f"adaptive-g{g}-t{t}": ("ckpt", ["--mode", "adaptive", "-g", str(g),
+                                                            "--router-threshold", t])
                            for t in args.adaptive_thresholds.split(",") if t})
     for name, (source, flags) in builds.items():
         if not (work / name / "manifest.json").exists():

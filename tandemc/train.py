@@ -87,7 +87,7 @@ class TrainOptions:
             if self.model == "primary" and self.objective == "distil":
                 raise TandemcError("the primary cannot be distilled from itself; use --objective ce")
         if self.stage == "router" and cfg.router is None:
-            raise TandemcError("this checkpoint has no router; pass --router-hidden N (64 is the presets' width) to add "
+            raise TandemcError("this checkpoint has no router; pass --router-hidden N (e.g. 64) to add "
                                "a fresh one")
         for name in ("steps", "batch", "seq_len"):
             if getattr(self, name) < 1:
