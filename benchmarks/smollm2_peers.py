@@ -9,8 +9,9 @@ The drafter goes to each peer as a plain Llama over the whole vocabulary (`tande
 the primary as each runs it best:
 - llama.cpp: the GGUF file as shipped (Q4_1 layers, Q8_0 table); `llama-speculative-simple` (built once from the
   llama.cpp source in the installed llama-cpp-python's sdist: cmake and a C++ compiler, ~5 CPU-minutes, kept in
-  WORK) with the float32 drafter GGUF (--spec-type draft-simple) at --spec-draft-n-max γ, its other settings default; timed by its own
-  timers (prompt + decode, model loading excluded). Primary-only: llama-cpp-python on the same file.
+  WORK) with the float32 drafter GGUF (--spec-type draft-simple) at --spec-draft-n-max γ, its other settings
+  default; timed by its own timers (prompt + decode, model loading excluded). Primary-only: llama-cpp-python on
+  the same file.
 - ONNX Runtime GenAI 0.18: its model builder's int4 and fp32 models of the primary and an fp32 model of the
   drafter, joined as docs/SpeculativeDecoding.md of onnxruntime-genai says (`model.draft`, `speculative.
   max_draft_tokens` = γ).
@@ -133,7 +134,7 @@ def genai_engines(work: Path, n: int, gammas: list[int]) -> dict:
             config = json.loads((work / target / "genai_config.json").read_text())
             config["model"]["draft"] = draft
             config["speculative"] = {"max_draft_tokens": gammas[0]}
-            (joined / "genai_config.json").unlink()
+            (joined / "genai_config.json").unlink()  # a hard link: writing would change the target's own
             (joined / "genai_config.json").write_text(json.dumps(config, indent=2))
         models[target] = og.Model(str(work / target))
         models[f"{target}-speculative"] = og.Model(str(joined))

@@ -654,8 +654,7 @@ def export(checkpoint, target, out, mode, block_length, router_threshold, max_se
         if mode != "adaptive" or ckpt.config.router is None:
             raise TandemcError("--router-threshold applies to --mode adaptive with a checkpoint that has a router; "
                                "drop it or add --mode adaptive")
-        router = dataclasses.replace(ckpt.config.router, threshold=router_threshold)
-        ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, router=router))
+        ckpt = dataclasses.replace(ckpt, config=ckpt.config.with_router_threshold(router_threshold))
     manifest = run(ckpt, target, out, options, platforms=[p for p in platforms.split(",") if p] or None,
                    force=force, verify=not no_verify, verify_prompts=verify_prompts, savedmodel=savedmodel,
                    passes=pass_list if pass_list is not None else f"O{opt_level}" if opt_level is not None else

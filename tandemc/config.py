@@ -191,6 +191,10 @@ class TandemConfig:
             self.router.validate(self.secondary.vocab_size)
         return self
 
+    def with_router_threshold(self, threshold: float) -> "TandemConfig":
+        """This config with the router's stopping threshold τ replaced (it has a router)."""
+        return dataclasses.replace(self, router=dataclasses.replace(self.router, threshold=threshold))
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["layer_map"] = list(self.layer_map)

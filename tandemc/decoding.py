@@ -167,17 +167,17 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
                 router_margin = jnp.abs(probability - cfg.router.threshold).reshape(b)
             return d, q, margin, router_margin, secondary_cache, n_drafted
 
+        def skip(t, tokens, positions, secondary_cache, n_drafted):
+            """A draft not computed (adaptive, every row stopped): token 0 with no distribution, never proposed."""
+            zero = jnp.zeros((b,), jnp.float32)
+            q = jnp.zeros((b, draft_probs[0].shape[-1]), draft_probs[0].dtype)
+            return jnp.zeros((b,), jnp.int32), q, zero, zero, secondary_cache, n_drafted
+
         for t in range(gamma):
             with jax.named_scope(f"draft{t}"):  # names the graph's nodes, so profiles show each draft's cost
                 if mode == "adaptive" and t > 0:
                     # Once the router has stopped every row, the remaining drafts are never computed: a
                     # conditional (ONNX If, StableHLO case) skips them, which is where adaptive length saves time.
-                    # A skipped draft is token 0 with no distribution; it is not proposed (t >= n_drafted).
-                    def skip(t, tokens, positions, secondary_cache, n_drafted):
-                        zero = jnp.zeros((b,), jnp.float32)
-                        q = jnp.zeros((b, draft_probs[0].shape[-1]), draft_probs[0].dtype)
-                        return jnp.zeros((b,), jnp.int32), q, zero, zero, secondary_cache, n_drafted
-
                     drafting = jnp.any(active & (n_drafted == gamma))
                     d, q, margin, router_margin, secondary_cache, n_drafted = lax.cond(
                         drafting, lambda *a, t=t: draft(t, *a), lambda *a, t=t: skip(t, *a),

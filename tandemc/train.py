@@ -528,6 +528,5 @@ def with_router_threshold(ckpt: Checkpoint, params, corpus, seq_len: int, draft_
     stream = corpus.held_out if len(corpus.held_out) > seq_len + 1 else corpus.train
     threshold, report = choose_router_threshold(dataclasses.replace(ckpt, params=params),
                                                 evaluation_windows(stream, seq_len, 16), draft_cost)
-    router = dataclasses.replace(ckpt.config.router, threshold=threshold)
-    return dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, router=router)), \
+    return dataclasses.replace(ckpt, config=ckpt.config.with_router_threshold(threshold)), \
         {"router_threshold": threshold, **report}
