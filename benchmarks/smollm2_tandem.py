@@ -9,7 +9,7 @@ and chat questions through the model's chat template. Every artifact decodes eve
 EOS stop, in alternating rounds (so load drifts hit all alike); the figure per artifact is total tokens / total
 seconds of its best round, prefill included. Artifacts: the primary alone (float32, and with the GGUF file's own
 int4 integers, with int8 activations, and with --int4-weight-only float activations), Tandem + SPEED at each γ (and
-with an int8 draft head at --draft-head-gammas), the adaptive block length (router, where the bundle has one) up
+with the drafters in int8 at --draft-head-gammas), the adaptive block length (router, where the bundle has one) up
 to the largest γ or to each of --adaptive-gammas (at the bundle's threshold, and at each of
 --adaptive-thresholds), and vanilla SPEED with the standalone drafter of the same size and training budget.
 Tokens must equal the primary's; the script says so per row.
@@ -39,9 +39,10 @@ BUNDLE = HERE.parent / "examples" / "smollm2-drafters"
 # draw of the quantization noise than primary mode's (docs/decoding.md). Weight-only int4 keeps SPEED exact.
 INT4_WEIGHT_ONLY = ("O1,quantize_int4:scheme=asymmetric:block=32:models=primary,"
                     "quantize_int8:block=32:models=primary:keep=embed")
-# The drafters' shared head (the primary's table over the draft vocabulary, [576, 8192]: 19 MB read per draft in
-# float32) as int8 with int8 activations; only the drafts can change, the output stays the float primary's.
-INT8_DRAFT_HEAD = "O1,quantize_int8:models=draft_vocab:activations=int8:block=64"
+# The drafters (their heads, folded by -O1 into [256, 8193]: 8.4 MB read per draft in float32, and their layers)
+# in int8 with int8 activations; only the drafts can change, the output stays the float primary's.
+INT8_DRAFTERS = "quantize_int8:models=secondary+drafter:keep=embed:activations=int8:block=64"
+INT8_DRAFT_HEAD = "O1," + INT8_DRAFTERS
 CHAT = ["What is the capital of France, and what is it known for?",
         "Explain in a few sentences how a hash table works.",
         "Write a Python function that checks whether a string is a palindrome.",
@@ -72,7 +73,7 @@ def main():
     parser.add_argument("--prompts", type=int, default=4, help="Prompts per set.")
     parser.add_argument("--vanilla-gammas", default="", help="γ for vanilla SPEED [default: 4, else the middle γ].")
     parser.add_argument("--draft-head-gammas", default="",
-                        help="Also Tandem + SPEED at these γ with the drafters' shared head in int8 "
+                        help="Also Tandem + SPEED at these γ with the drafters (their folded heads too) in int8 "
                              "(INT8_DRAFT_HEAD).")
     parser.add_argument("--adaptive-gammas", default="",
                         help="γ_max for the adaptive block length (router) [default: the largest γ].")
@@ -96,6 +97,9 @@ def main():
     builds.update({f"speed-g{g}": ("ckpt", ["--mode", "speed", "-g", str(g)]) for g in gammas})
     best_guess = 4 if 4 in gammas else gammas[len(gammas) // 2]
     builds[f"speed-int4-g{best_guess}"] = ("ckpt-q", ["--mode", "speed", "-g", str(best_guess)])
+    int4_passes = load_checkpoint(work / "ckpt-q").config.export_passes  # the file's own integers
+    builds[f"speed-int4-h8-g{best_guess}"] = ("ckpt-q", ["--mode", "speed", "-g", str(best_guess),
+                                                          "--passes", f"{int4_passes},{INT8_DRAFTERS}"])
     builds.update({f"speed-h8-g{g}": ("ckpt", ["--mode", "speed", "-g", str(g), "--passes", INT8_DRAFT_HEAD])
                    for g in (int(g) for g in args.draft_head_gammas.split(",") if g)})
     if args.int4_weight_only:

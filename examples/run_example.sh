@@ -24,7 +24,7 @@ question="Write a Python function that returns the n-th Fibonacci number, with a
 "$tandemc" export "$out/smollm2" --target cpu --mode primary -o "$out/smollm2-cpu-primary" --max-seq-len 256 \
   --verify-prompts 2 --force
 "$tandemc" export "$out/smollm2" --target cpu --mode speed --block-length 2 -o "$out/smollm2-cpu-speed" \
-  --passes O1,quantize_int8:models=draft_vocab:activations=int8:block=64 --max-seq-len 256 --verify-prompts 2 --force
+  --passes O1,quantize_int8:models=secondary+drafter:keep=embed:activations=int8:block=64 --max-seq-len 256 --verify-prompts 2 --force
 for mode in primary speed; do
   "$tandemc" run "$out/smollm2-cpu-$mode" --prompt "$question" --chat -n 128 --threads 2 --json \
     > "$out/smollm2-$mode.json"

@@ -41,6 +41,8 @@ REGISTRY: dict[str, Pass] = {p.name: p for p in [
          fusion.dedupe_tied),
     Pass("fold_projection", "tandem projection FF_j folded into the secondary's K/V weights: one matmul per layer",
          True, folding.fold_projection),
+    Pass("fold_draft_head", "a drafter's head projection folded into its rows of the primary's table: one matmul "
+         "per draft", True, folding.fold_draft_head),
     Pass("fold_norm_scale", "RMSNorm gains folded into the matrices that read the normalised values", True,
          folding.fold_norm_scale),
     Pass("fuse_qkv", "Q, K and V projections in one matmul", True, fusion.fuse_qkv),
@@ -52,12 +54,12 @@ REGISTRY: dict[str, Pass] = {p.name: p for p in [
 ]}
 # Each a list of pass specs (parse syntax). -O2 is portable to every target; -O3 quantizes activations too, for
 # the CPU and TPU targets: ONNX Runtime's int8 kernels are the only fast int8 path on CPUs.
+_EXACT = ["dedupe_tied", "fold_projection", "fold_draft_head", "fuse_qkv", "fuse_gate_up"]
 PRESETS = {
     "O0": [],
-    "O1": ["dedupe_tied", "fold_projection", "fuse_qkv", "fuse_gate_up"],
-    "O2": ["dedupe_tied", "fold_projection", "fuse_qkv", "fuse_gate_up", "quantize_int8"],
-    "O3": ["dedupe_tied", "fold_projection", "fuse_qkv", "fuse_gate_up",
-           "quantize_int8:block=128:activations=int8"],
+    "O1": _EXACT,
+    "O2": _EXACT + ["quantize_int8"],
+    "O3": _EXACT + ["quantize_int8:block=128:activations=int8"],
 }
 
 

@@ -162,7 +162,11 @@ def quantize(config: TandemConfig, params: dict, bits: int = 8, block: int | str
             continue
         before = _nbytes(params[name])
         if name == "draft_vocab":  # the primary's table over the draft vocabulary (program.with_draft_head)
-            if "head" in params[name] and "head" not in kept:
+            if "head" not in params[name]:
+                raise TandemcError("quantization option models=draft_vocab: no drafter reads the shared head here "
+                                   "(fold_draft_head, in -O1, gave each its own lm_head); quantize those as "
+                                   "models=secondary+drafter:keep=embed")
+            if "head" not in kept:
                 params[name] = {**params[name], "head": q(params[name]["head"])}
         elif name == "tandem":
             params[name] = [{k: (v if k in kept or k in ("bias", "bkv") else q(v)) for k, v in proj.items()}

@@ -17,6 +17,7 @@ import numpy as np
 from tandemc import safetensors_io
 from tandemc.config import DecoderConfig
 from tandemc.errors import TandemcError
+from tandemc.model import shared_head_matrix
 from tandemc.params import check_tensors, decoder_shapes, flatten, np_dtype, unflatten
 
 ARCHITECTURES = ("LlamaForCausalLM",)
@@ -198,8 +199,9 @@ def plain_drafter(ckpt) -> tuple[DecoderConfig, dict]:
         return cfg.drafter, p
     if "embed_proj" in p:
         embed = table @ np.asarray(p.pop("embed_proj"), np.float32)
-        head = np.asarray(p.pop("head_proj"), np.float32) @ (table.T if vocab is None else table[vocab["tokens"]].T)
-        p.pop("other", None)
+        head = shared_head_matrix(ckpt.params, "drafter")
+        head = head if vocab is None else head[:, :-1]  # less the `other` column: those tokens score 0 below
+        p.pop("head_proj"), p.pop("other", None)
     else:
         embed = np.asarray(p["embed"], np.float32)[vocab["index"]]
         head = np.asarray(p["embed"] if cfg.drafter.tie_embeddings else p["lm_head"].T, np.float32)[:-1].T

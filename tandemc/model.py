@@ -158,6 +158,18 @@ def _shared_head(params: Params, p) -> dict:
     return {"proj": p["head_proj"], "table": head, "other": p["other"][:, None]}
 
 
+def shared_head_matrix(params: Params, name: str) -> np.ndarray:
+    """Drafter `name`'s factored head as one float64 matrix [d, N + 1] (or [d, V] without a draft vocabulary):
+    head_proj times the primary's rows of the draft tokens, and its `other` column. Exact as a product, and it
+    reads a d × N matrix per draft instead of d × d_primary plus d_primary × N (passes: fold_draft_head;
+    hf.plain_drafter)."""
+    head = _shared_head(params, params[name])
+    table = np.asarray(head["table"], np.float64)
+    if "other" in head:
+        table = np.concatenate([table, np.asarray(head["other"], np.float64)], axis=1)
+    return np.asarray(head["proj"], np.float64) @ table
+
+
 def drafter_io(params: Params, name: str, tokens) -> dict:
     """How drafter `name` (secondary or drafter) reads primary token ids and writes logits over its own ids:
     keyword arguments for `decoder` (arrays only, so they pass through jit)."""

@@ -35,7 +35,7 @@ def weight_names(program):
 
 @pytest.mark.parametrize("name", EXACT)
 def test_each_exact_pass_rewrites_the_weights_and_keeps_the_logits(name):
-    ckpt = tiny("mha-odd-heads")
+    ckpt = tiny("shared-table" if name == "fold_draft_head" else "mha-odd-heads")
     if name == "dedupe_tied":  # an untied head that equals the table: the case the pass exists for
         ckpt.params["primary"]["lm_head"] = ckpt.params["primary"]["embed"].T.copy()
     before = Program.make(ckpt.config, ckpt.params, ExportOptions(**OPTIONS))
@@ -265,18 +265,47 @@ def test_cli_lists_passes_and_exports_o2_that_verify_rebuilds(tiny_checkpoint, t
     assert not (tmp_path / "x").exists()
 
 
-def test_quantized_draft_head_leaves_the_outputs_exact(tmp_path):
-    """models=draft_vocab quantizes the drafters' shared head (the primary's table over the draft vocabulary, which
-    every draft reads: 19 MB in float32 for SmolLM2) with int8 activations. Only the drafts may change: the
-    artifact verifies against its program, and its greedy tokens are the float primary's own."""
+def test_fold_draft_head_gives_each_drafter_one_head_and_drops_the_shared_table():
+    """A drafter that writes through the primary's table (head_proj, then the draft tokens' rows, then `other`)
+    gets one [d, N + 1] head: the drafts read d × (N + 1) weights instead of d × d_primary + d_primary × N, with
+    the same logits and the same SPEED tokens."""
+    from tandemc.decoding import generate
+    ckpt = tiny("shared-table", seed=4)
+    options = ExportOptions(mode="speed", **{k: v for k, v in OPTIONS.items() if k != "batch"}, batch=1)
+    before = make_program(ckpt, options, "O0")
+    after = run_passes(before, ["fold_draft_head"])
+    cfg = after.config
+    assert after.passes[-1]["drafters"] == ["secondary", "drafter"]
+    assert "head" not in after.params["draft_vocab"]
+    for name in ("secondary", "drafter"):
+        p, d = after.params[name], getattr(cfg, name).d_model
+        assert "head_proj" not in p and "other" not in p and not getattr(cfg, name).tie_embeddings
+        assert p["lm_head"].shape == (d, cfg.draft_vocab + 1)
+    prompts = [[5, 1, 3, 2] * 4]
+    runs = [generate(program.params, program.config, prompts, mode=mode, block_length=3, max_new_tokens=16,
+                     max_seq_len=48) for program in (before, after) for mode in ("speed", "vanilla")]
+    assert all(r.tokens == runs[0].tokens for r in runs)
+    for unfolded, folded in ((runs[0], runs[2]), (runs[1], runs[3])):  # the same drafts: the same acceptance
+        assert unfolded.stats["mean_accepted_per_step"] == folded.stats["mean_accepted_per_step"]
+
+
+def test_quantized_draft_heads_leave_the_outputs_exact(tmp_path):
+    """The drafters (their folded heads: the primary's table over the draft vocabulary, which every draft reads)
+    quantized with int8 activations. Only the drafts may change: the artifact verifies against its program, and
+    its greedy tokens are the float primary's own. models=draft_vocab, the unfolded shared head, is refused once
+    -O1 has folded it."""
     from tandemc.decoding import generate
     cfg = CONFIGS["shared-table"].validate()
     ckpt = Checkpoint(cfg, init_params(cfg, 3), ByteTokenizer())
     options = ExportOptions(mode="speed", batch=2, block_length=3, max_seq_len=(40,), prefill_chunk=16,
                             max_new_tokens=12)
-    spec = "O1,quantize_int8:models=draft_vocab:activations=int8:block=16"
+    with pytest.raises(TandemcError, match="models=draft_vocab: no drafter reads the shared head"):
+        make_program(ckpt, options, "O1,quantize_int8:models=draft_vocab:activations=int8:block=16")
+    unfolded = make_program(ckpt, options, "fuse_qkv,quantize_int8:models=draft_vocab:activations=int8:block=16")
+    assert set(unfolded.params["draft_vocab"]["head"]) == {"qa", "scale"}
+    spec = "O1,quantize_int8:models=secondary+drafter:keep=embed:activations=int8:block=16"
     program = make_program(ckpt, options, spec)
-    assert set(program.params["draft_vocab"]["head"]) == {"qa", "scale"}
+    assert set(program.params["secondary"]["lm_head"]) == {"qa", "scale"}
     assert program.params["primary"]["embed"].dtype == np.float32
     manifest = export(ckpt, "cpu", tmp_path / "a", options, passes=spec)
     assert manifest["verification"]["ok"] and manifest["verification"]["greedy_identical"]
