@@ -1,7 +1,10 @@
-"""What the benchmark scripts share: the checkpoint argument, the timing prompt, alternating best-of timing."""
+"""What the benchmark scripts share: the checkpoint argument, the timing prompt, alternating best-of timing, the
+machine line printed beside every figure."""
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -25,6 +28,22 @@ def benchmark_checkpoint(args) -> Checkpoint:
     if args.checkpoint is None:
         raise SystemExit("give a checkpoint directory or --preset NAME")
     return load_checkpoint(args.checkpoint)
+
+
+def machine_line() -> str:
+    """The CPU, its cores and the load average: the same script gives other ratios on another CPU (how much a
+    γ + 1-row verify costs beside a one-row step depends on its memory bandwidth and vector width), and load
+    from anything else running skews them."""
+    model, vectors = platform.processor() or platform.machine(), ""
+    try:
+        fields = (line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        info = {key.strip(): value.strip() for key, value in fields}
+        model, flags = info.get("model name", model), info.get("flags", "").split()
+        vectors = next((f" ({isa})" for flag, isa in [("avx512f", "AVX-512"), ("avx2", "AVX2")] if flag in flags), "")
+    except OSError:
+        pass
+    load1, load5, _ = os.getloadavg()
+    return f"CPU {model}{vectors}, {os.cpu_count()} cores; load average {load1:.2f} (1 min) {load5:.2f} (5 min)"
 
 
 def timed(fn) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jax
 
-from common import PROMPT, add_checkpoint_arguments, benchmark_checkpoint, best_times
+from common import PROMPT, add_checkpoint_arguments, benchmark_checkpoint, best_times, machine_line
 from tandemc.decoding import generate
 from tandemc.export import export, make_program
 from tandemc.profiling import summarize
@@ -76,6 +76,7 @@ def main():
             profiled.run_steps([prompt], args.new_tokens, eos_id=eos)
             rows[-1]["profile"] = summarize(profiled.backend.end_profiling()[f"step.s{seq_len}"])
     base = next((r for r in rows if r["mode"] == "primary"), None)
+    print(machine_line())
     print(f"{'mode':8s} {'γ':>2s} {'same':>5s} {'JAX tok/s':>10s} {'ONNX tok/s':>11s} {'ONNX ms/tok':>12s} "
           f"{'ONNX/JAX':>9s} {'tok/step':>9s} {'vs primary':>11s}")
     for r in rows:

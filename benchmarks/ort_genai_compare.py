@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import PROMPT, timed
+from common import PROMPT, machine_line, timed
 from tandemc.checkpoint import load_checkpoint
 from tandemc.export import export
 from tandemc.hf import export_llama
@@ -72,7 +72,7 @@ def main():
     ms = 1e3 / args.new_tokens
     print(f"primary {ckpt.config.primary.num_parameters() / 1e6:.1f}M parameters, prompt {len(prompt)} tokens, "
           f"{args.new_tokens} new tokens, cache {args.max_seq_len}, {args.repeats} alternating rounds; same greedy "
-          f"tokens: {same}")
+          f"tokens: {same}; {machine_line()}")
     print("| runtime | ms/token (best) | / GenAI (best) | / GenAI (median round) |")
     print("|---|---|---|---|")
     for i, name in enumerate(["ONNX Runtime GenAI", "tandemc, host loop (prefill + step graphs)",

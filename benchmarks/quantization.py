@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import PROMPT, add_checkpoint_arguments, benchmark_checkpoint, best_times
+from common import PROMPT, add_checkpoint_arguments, benchmark_checkpoint, best_times, machine_line
 from tandemc import data, model, safetensors_io
 from tandemc.export import export, make_program
 from tandemc.program import ExportOptions
@@ -124,6 +124,7 @@ def main():
                          "decision_agreement": decisions.get(variant),
                          "mean_accepted_per_step": accepted / steps if steps and mode != "primary" else None,
                          "check": quant[-1]["check"] if quant else None})
+    print(machine_line())
     for mode in args.modes.split(","):
         base = next(r for r in rows if r["mode"] == mode and r["passes"] == "O0")
         print(f"\n{mode}" + (f" (γ = {args.gamma})" if mode != "primary" else ""))

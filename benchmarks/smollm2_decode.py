@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import machine_line
 from tandemc.checkpoint import load_checkpoint
 from tandemc.cli import cli
 
@@ -182,10 +182,9 @@ def main():
                 fn(prompt, new)
                 best[name][i] = min(best[name][i], time.perf_counter() - start)
     bandwidth = copy_bandwidth()
-    load1, load5, _ = os.getloadavg()
     print(f"SmolLM2-135M-Instruct, prompt {len(short)} tokens + {n} new (greedy, no EOS stop), prefill on "
-          f"{len(long)} tokens; 2 threads; best of {args.repeats} alternating rounds; load average {load1:.2f} "
-          f"(1 min) {load5:.2f} (5 min); memory bandwidth (2-thread copy) {bandwidth:.1f} GB/s")
+          f"{len(long)} tokens; 2 threads; best of {args.repeats} alternating rounds; {machine_line()}; memory "
+          f"bandwidth (2-thread copy) {bandwidth:.1f} GB/s")
     limits = {"float32": weight_bytes_per_token(ckpt, False), "Q4_1 + Q8_0": weight_bytes_per_token(ckpt, True)}
     for kind, nbytes in limits.items():
         print(f"physical limit, {kind}: {nbytes / 1e6:.0f} MB per token -> {nbytes / bandwidth / 1e6:.2f} ms/token")

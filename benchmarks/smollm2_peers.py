@@ -38,6 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from common import machine_line  # noqa: E402
 from smollm2_decode import gguf_file, tandemc  # noqa: E402
 from smollm2_tandem import CHAT, code_prompts  # noqa: E402
 
@@ -240,11 +241,10 @@ def main():
             for name, run in engines.items():
                 seconds, _, notes[name] = run(prompts)
                 best[name] = min(best[name], seconds)
-        load1, load5, _ = os.getloadavg()
         total = n * len(prompts)
         reference = tokens["tandemc primary"]
         print(f"\n{set_name}: {len(prompts)} prompts, {n} new tokens each, greedy, 2 threads; best of {args.repeats} "
-              f"alternating rounds; load average {load1:.2f} (1 min) {load5:.2f} (5 min)")
+              f"alternating rounds; {machine_line()}")
         print("| engine | tokens/s | drafts accepted | prompts with tandemc float32 primary's tokens |")
         print("|---|---|---|---|")
         for name in engines:

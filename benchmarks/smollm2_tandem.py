@@ -18,7 +18,6 @@ Tokens must equal the primary's; the script says so per row.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from common import machine_line  # noqa: E402
 from smollm2_decode import gguf_file, tandemc  # noqa: E402
 
 from tandemc.checkpoint import load_checkpoint  # noqa: E402
@@ -137,11 +137,10 @@ def main():
                 start = time.perf_counter()
                 decode(artifact, prompts)
                 best[name] = min(best[name], time.perf_counter() - start)
-        load1, load5, _ = os.getloadavg()
         total = n * len(prompts)
         print(f"\n{set_name}: {len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
-              f"{n} new tokens each, greedy; best of {args.repeats} alternating rounds; load average {load1:.2f} "
-              f"(1 min) {load5:.2f} (5 min)")
+              f"{n} new tokens each, greedy; best of {args.repeats} alternating rounds; "
+              f"{machine_line()}")
         print("| artifact | tokens/s | × primary (float32) | × primary, same weights | accepted/step | tokens "
               "= primary's |")
         print("|---|---|---|---|---|---|")
