@@ -63,6 +63,11 @@ def code_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     return prompts
 
 
+def same_weights_primary(name: str) -> str:
+    """The primary-only artifact with the same weights as artifact `name` (its "× primary, same weights")."""
+    return "primary-int4w" if "int4w" in name else "primary-int4" if "int4" in name else "primary"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/tandemc-smollm2-tandem"))
@@ -82,6 +87,9 @@ def main():
                              "[default: the bundle's τ only].")
     parser.add_argument("--int4-weight-only", action="store_true",
                         help="Also the int4 weight-only rows (ONNX Runtime runs them 6x slower than float32).")
+    parser.add_argument("--only", default="",
+                        help="Build and time only these artifacts (comma-separated names as the table prints them; "
+                             "the primaries the ratios need are kept).")
     args = parser.parse_args()
     from tandemc.runtime import load
 
@@ -114,6 +122,13 @@ def main():
             builds.update({f"adaptive-g{g}-t{t}": ("ckpt", ["--mode", "adaptive", "-g", str(g),
                                                             "--router-threshold", t])
                            for t in args.adaptive_thresholds.split(",") if t})
+    if args.only:
+        keep = set(args.only.split(","))
+        keep |= {"primary"} | {same_weights_primary(name) for name in keep}
+        if unknown := keep - set(builds):
+            sys.exit(f"--only: no artifact named {', '.join(sorted(unknown))} with these options; "
+                     f"choose from {', '.join(builds)}")
+        builds = {name: build for name, build in builds.items() if name in keep}
     for name, (source, flags) in builds.items():
         if not (work / name / "manifest.json").exists():
             start = time.perf_counter()
@@ -146,7 +161,7 @@ def main():
         print("|---|---|---|---|---|---|")
         for name in artifacts:
             rate = total / best[name]
-            base = "primary-int4w" if "int4w" in name else "primary-int4" if "int4" in name else "primary"
+            base = same_weights_primary(name)
             tokens, accepted, steps = outputs[name]
             same = tokens == outputs[base][0]
             print(f"| {name} | {rate:.1f} | {best['primary'] / best[name]:.2f} | {best[base] / best[name]:.2f} | "
