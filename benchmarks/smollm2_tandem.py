@@ -5,15 +5,15 @@ primary-only decoding, CPU artifacts, batch 1, greedy, 2 threads.
     .venv/bin/python benchmarks/smollm2_tandem.py [--work DIR] [-n 128] [--repeats 3] [--gammas 2,3,4,5,6]
 
 Prompts: the first ~100 tokens of held-out standard-library files (data.is_held_out: no training stage read them)
-and chat questions through the model's chat template. Every artifact decodes every prompt, N new tokens with no
-EOS stop, the artifacts taking turns prompt by prompt (seconds apart, so that the host's load drifts, which on a
-shared machine last minutes and slow the bandwidth-bound primary most, hit all alike), --repeats times; the figure
-per artifact is total tokens / the sum over prompts of its best time on each, prefill included. Artifacts: the primary alone (float32, and with the GGUF file's own
-int4 integers, with int8 activations, and with --int4-weight-only float activations), Tandem + SPEED at each γ (and
-with the drafters in int8 at --draft-head-gammas), the adaptive block length (router, where the bundle has one) up
-to the largest γ or to each of --adaptive-gammas (at the bundle's threshold, and at each of
---adaptive-thresholds), and vanilla SPEED with the standalone drafter of the same size and training budget.
-Tokens must equal the primary's; the script says so per row.
+and chat questions through the model's chat template. Every artifact decodes every prompt, N new tokens with no EOS
+stop, the artifacts taking turns prompt by prompt (seconds apart, so that the host's load drifts, which on a shared
+machine last minutes and slow the bandwidth-bound primary most, hit all alike), --repeats times; the figure per
+artifact is total tokens / the sum over prompts of its best time on each, prefill included. Artifacts: the primary
+alone (float32, and with the GGUF file's own int4 integers, with int8 activations, and with --int4-weight-only float
+activations), Tandem + SPEED at each γ (and with the drafters in int8 at --draft-head-gammas), the adaptive block
+length (router, where the bundle has one) up to the largest γ or to each of --adaptive-gammas (at the bundle's
+threshold, and at each of --adaptive-thresholds), and vanilla SPEED with the standalone drafter of the same size and
+training budget. Tokens must equal the primary's; the script says so per row.
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ def main() -> None:
     seconds = [best / args.passes for best, _ in best_times([passes(m) for m in rows], args.repeats)]
     weight_bytes = 4 * sum(k * n for k, n in shapes)
     print(f"{len(shapes)} float32 matrices, {weight_bytes / 1e6:.1f} MB (the primary's per-token products, -O1); "
-          f"{args.threads} threads; best of {args.repeats} alternating rounds of {args.passes} passes; {machine_line()}")
+          f"{args.threads} threads; best of {args.repeats} alternating rounds of {args.passes} passes; "
+          f"{machine_line()}")
     print("| rows | ms per pass | × one row | weights GB/s | GFLOP/s |")
     print("|---|---|---|---|---|")
     one = seconds[rows.index(1)] if 1 in rows else seconds[0]
