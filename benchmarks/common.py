@@ -46,6 +46,18 @@ def machine_line() -> str:
     return f"CPU {model}{vectors}, {os.cpu_count()} cores; load average {load1:.2f} (1 min) {load5:.2f} (5 min)"
 
 
+def best_in_turns(runs: dict, cases: list, repeats: int) -> dict[str, float]:
+    """Per run, the sum over `cases` of its best seconds on each, the runs taking turns case by case (`run(case)`
+    returns the seconds it took): seconds apart, so that a drift in the host's load, which on a shared machine lasts
+    minutes and slows a bandwidth-bound one-row step most, hits every run alike; whole rounds per run do not."""
+    best = {name: [float("inf")] * len(cases) for name in runs}
+    for _ in range(repeats):
+        for i, case in enumerate(cases):
+            for name, run in runs.items():
+                best[name][i] = min(best[name][i], run(case))
+    return {name: sum(times) for name, times in best.items()}
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()

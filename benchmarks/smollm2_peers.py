@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import machine_line  # noqa: E402
+from common import best_in_turns, machine_line  # noqa: E402
 from smollm2_decode import gguf_file, tandemc  # noqa: E402
 from smollm2_tandem import CHAT, code_prompts  # noqa: E402
 
@@ -238,12 +238,8 @@ def main():
         tokens, notes = {}, {}  # a warm-up run, the tokens and the drafts accepted (greedy: the same every run)
         for name, run in engines.items():
             _, tokens[name], notes[name] = run(prompts)
-        best = {name: [float("inf")] * len(prompts) for name in engines}
-        for _ in range(args.repeats):  # the engines take turns prompt by prompt (smollm2_tandem.py says why)
-            for i, prompt in enumerate(prompts):
-                for name, run in engines.items():
-                    best[name][i] = min(best[name][i], run([prompt])[0])
-        best = {name: sum(times) for name, times in best.items()}
+        best = best_in_turns({name: lambda p, run=run: run([p])[0] for name, run in engines.items()}, prompts,
+                             args.repeats)
         total = n * len(prompts)
         reference = tokens["tandemc primary"]
         print(f"\n{set_name}: {len(prompts)} prompts, {n} new tokens each, greedy, 2 threads; best of {args.repeats} "

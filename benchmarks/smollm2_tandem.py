@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import machine_line  # noqa: E402
+from common import best_in_turns, machine_line, timed  # noqa: E402
 from smollm2_decode import gguf_file, tandemc  # noqa: E402
 
 from tandemc.checkpoint import load_checkpoint  # noqa: E402
@@ -147,14 +147,8 @@ def main():
 
     for set_name, prompts in sets.items():
         outputs = {name: decode(a, prompts) for name, a in artifacts.items()}  # warm-up and the tokens
-        best = {name: [float("inf")] * len(prompts) for name in artifacts}
-        for _ in range(args.repeats):
-            for i, prompt in enumerate(prompts):
-                for name, artifact in artifacts.items():
-                    start = time.perf_counter()
-                    artifact.run_steps([prompt], n, eos_id=-1)
-                    best[name][i] = min(best[name][i], time.perf_counter() - start)
-        best = {name: sum(times) for name, times in best.items()}
+        best = best_in_turns({name: lambda p, a=a: timed(lambda: a.run_steps([p], n, eos_id=-1))
+                              for name, a in artifacts.items()}, prompts, args.repeats)
         total = n * len(prompts)
         print(f"\n{set_name}: {len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
               f"{n} new tokens each, greedy; best of {args.repeats} per prompt, the artifacts taking turns; "
