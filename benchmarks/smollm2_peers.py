@@ -16,7 +16,8 @@ the primary as each runs it best:
   drafter, joined as docs/SpeculativeDecoding.md of onnxruntime-genai says (`model.draft`, `speculative.
   max_draft_tokens` = γ).
 - transformers (float32): `generate(assistant_model=drafter)` with a constant `num_assistant_tokens` = γ.
-tandemc runs its primary-only artifacts and the named Tandem + SPEED artifacts. Prompts are smollm2_tandem.py's
+tandemc runs the named Tandem + SPEED artifacts and the primary-only artifacts with their weights (float32, the
+file's int4 integers, symmetric int4 as GenAI's builder makes it: smollm2_tandem.py). Prompts are smollm2_tandem.py's
 (held-out code, chat questions), N new tokens each with no EOS stop. The engines take turns prompt by prompt,
 --repeats times; the figure is total new tokens / the sum over prompts of each one's best time, prefill included.
 """
@@ -40,7 +41,7 @@ sys.path.insert(0, str(HERE))
 
 from common import best_in_turns, machine_line  # noqa: E402
 from smollm2_decode import gguf_file, tandemc  # noqa: E402
-from smollm2_tandem import CHAT, code_prompts  # noqa: E402
+from smollm2_tandem import CHAT, code_prompts, same_weights_primary  # noqa: E402
 
 from tandemc.checkpoint import load_checkpoint  # noqa: E402
 from tandemc.tokenizer import render_chat  # noqa: E402
@@ -225,8 +226,9 @@ def main():
     tok = ckpt.tokenizer
     sets = {"code": code_prompts(tok, args.prompts, 100),
             "chat": [tok.encode(render_chat(ckpt.config.tokenizer.chat_template, q, tok)) for q in CHAT[:args.prompts]]}
-    engines = {f"tandemc {name}": tandemc_engine(load(work / name, threads=2), n)
-               for name in ["primary", "primary-int4", *args.tandemc.split(",")]}
+    named = args.tandemc.split(",")
+    primaries = dict.fromkeys(["primary", *map(same_weights_primary, named)])  # each one's primary-only artifact
+    engines = {f"tandemc {name}": tandemc_engine(load(work / name, threads=2), n) for name in [*primaries, *named]}
     peers = args.peers.split(",")
     if "llama.cpp" in peers:
         engines.update(llama_cpp_engines(work, tok, n, gammas))

@@ -9,8 +9,9 @@ and chat questions through the model's chat template. Every artifact decodes eve
 stop, the artifacts taking turns prompt by prompt (seconds apart, so that the host's load drifts, which on a shared
 machine last minutes and slow the bandwidth-bound primary most, hit all alike), --repeats times; the figure per
 artifact is total tokens / the sum over prompts of its best time on each, prefill included. Artifacts: the primary
-alone (float32, and with the GGUF file's own int4 integers, with int8 activations, and with --int4-weight-only float
-activations), Tandem + SPEED at each γ (and with the drafters in int8 at --draft-head-gammas), the adaptive block
+alone (float32; with the GGUF file's own int4 integers, with int8 activations; re-quantized to symmetric int4 as
+ONNX Runtime GenAI's builder does; with --int4-weight-only float activations), Tandem + SPEED at each γ (with the
+drafters in int8 at --draft-head-gammas; with int4 primaries at --int4-gammas), the adaptive block
 length (router, where the bundle has one) up to the largest γ or to each of --adaptive-gammas (at the bundle's
 threshold, and at each of --adaptive-thresholds), and vanilla SPEED with the standalone drafter of the same size and
 training budget. Tokens must equal the primary's; the script says so per row.
@@ -44,6 +45,11 @@ INT4_WEIGHT_ONLY = ("O1,quantize_int4:scheme=asymmetric:block=32:models=primary,
 # in int8 with int8 activations; only the drafts can change, the output stays the float primary's.
 INT8_DRAFTERS = "quantize_int8:models=secondary+drafter:keep=embed:activations=int8:block=64"
 INT8_DRAFT_HEAD = "O1," + INT8_DRAFTERS
+# The primary re-quantized from its float32 weights to symmetric int4 (blocks of 32, int8 activations; LM head int8),
+# as ONNX Runtime GenAI's model builder makes its int4 model: one MatMulNBits per matrix and no offsets' products,
+# so faster than the file's Q4_1 integers, but a second rounding of them (benchmarks/README.md: its decisions).
+INT4_SYMMETRIC = ("O1,quantize_int4:block=32:models=primary:activations=int8,"
+                  "quantize_int8:block=32:models=primary:keep=embed:activations=int8")
 CHAT = ["What is the capital of France, and what is it known for?",
         "Explain in a few sentences how a hash table works.",
         "Write a Python function that checks whether a string is a palindrome.",
@@ -66,7 +72,10 @@ def code_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
 
 def same_weights_primary(name: str) -> str:
     """The primary-only artifact with the same weights as artifact `name` (its "× primary, same weights")."""
-    return "primary-int4w" if "int4w" in name else "primary-int4" if "int4" in name else "primary"
+    for kind in ("int4w", "int4sym", "int4"):
+        if kind in name:
+            return f"primary-{kind}"
+    return "primary"
 
 
 def main():
@@ -81,6 +90,9 @@ def main():
     parser.add_argument("--draft-head-gammas", default="",
                         help="Also Tandem + SPEED at these γ with the drafters (their folded heads too) in int8 "
                              "(INT8_DRAFT_HEAD).")
+    parser.add_argument("--int4-gammas", default="",
+                        help="γ of the int4 rows (the file's integers, and symmetric int4, both with int8 drafters) "
+                             "[default: 4, else the middle γ].")
     parser.add_argument("--adaptive-gammas", default="",
                         help="γ_max for the adaptive block length (router) [default: the largest γ].")
     parser.add_argument("--adaptive-thresholds", default="",
@@ -102,13 +114,16 @@ def main():
             tandemc("import-gguf", str(gguf_file()), "--attach", str(args.bundle), "-o", str(work / name), *flags)
     ckpt = load_checkpoint(work / "ckpt")
     common = ["--max-seq-len", "512", "--prefill-chunk", "128", "--no-verify", "--force"]
-    builds = {"primary": ("ckpt", ["--mode", "primary"]), "primary-int4": ("ckpt-q", ["--mode", "primary"])}
+    builds = {"primary": ("ckpt", ["--mode", "primary"]), "primary-int4": ("ckpt-q", ["--mode", "primary"]),
+              "primary-int4sym": ("ckpt", ["--mode", "primary", "--passes", INT4_SYMMETRIC])}
     builds.update({f"speed-g{g}": ("ckpt", ["--mode", "speed", "-g", str(g)]) for g in gammas})
     best_guess = 4 if 4 in gammas else gammas[len(gammas) // 2]
-    builds[f"speed-int4-g{best_guess}"] = ("ckpt-q", ["--mode", "speed", "-g", str(best_guess)])
     int4_passes = load_checkpoint(work / "ckpt-q").config.export_passes  # the file's own integers
-    builds[f"speed-int4-h8-g{best_guess}"] = ("ckpt-q", ["--mode", "speed", "-g", str(best_guess),
-                                                          "--passes", f"{int4_passes},{INT8_DRAFTERS}"])
+    for g in [int(g) for g in args.int4_gammas.split(",") if g] or [best_guess]:
+        speed = ["--mode", "speed", "-g", str(g)]
+        builds[f"speed-int4-g{g}"] = ("ckpt-q", speed)
+        builds[f"speed-int4-h8-g{g}"] = ("ckpt-q", [*speed, "--passes", f"{int4_passes},{INT8_DRAFTERS}"])
+        builds[f"speed-int4sym-h8-g{g}"] = ("ckpt", [*speed, "--passes", f"{INT4_SYMMETRIC},{INT8_DRAFTERS}"])
     builds.update({f"speed-h8-g{g}": ("ckpt", ["--mode", "speed", "-g", str(g), "--passes", INT8_DRAFT_HEAD])
                    for g in (int(g) for g in args.draft_head_gammas.split(",") if g)})
     if args.int4_weight_only:
