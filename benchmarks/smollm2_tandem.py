@@ -70,6 +70,11 @@ def code_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     return prompts
 
 
+def gammas_or(text: str, default: list[int]) -> list[int]:
+    """A comma-separated list of γ from an optional option, or `default` where it is empty."""
+    return [int(g) for g in text.split(",") if g] or default
+
+
 def same_weights_primary(name: str) -> str:
     """The primary-only artifact with the same weights as artifact `name` (its "× primary, same weights")."""
     for kind in ("int4w", "int4sym", "int4"):
@@ -119,21 +124,21 @@ def main():
     builds.update({f"speed-g{g}": ("ckpt", ["--mode", "speed", "-g", str(g)]) for g in gammas})
     best_guess = 4 if 4 in gammas else gammas[len(gammas) // 2]
     int4_passes = load_checkpoint(work / "ckpt-q").config.export_passes  # the file's own integers
-    for g in [int(g) for g in args.int4_gammas.split(",") if g] or [best_guess]:
+    for g in gammas_or(args.int4_gammas, [best_guess]):
         speed = ["--mode", "speed", "-g", str(g)]
         builds[f"speed-int4-g{g}"] = ("ckpt-q", speed)
         builds[f"speed-int4-h8-g{g}"] = ("ckpt-q", [*speed, "--passes", f"{int4_passes},{INT8_DRAFTERS}"])
         builds[f"speed-int4sym-h8-g{g}"] = ("ckpt", [*speed, "--passes", f"{INT4_SYMMETRIC},{INT8_DRAFTERS}"])
     builds.update({f"speed-h8-g{g}": ("ckpt", ["--mode", "speed", "-g", str(g), "--passes", INT8_DRAFT_HEAD])
-                   for g in (int(g) for g in args.draft_head_gammas.split(",") if g)})
+                   for g in gammas_or(args.draft_head_gammas, [])})
     if args.int4_weight_only:
         builds["primary-int4w"] = ("ckpt-q", ["--mode", "primary", "--passes", INT4_WEIGHT_ONLY])
         builds[f"speed-int4w-g{best_guess}"] = ("ckpt-q", ["--mode", "speed", "-g", str(best_guess),
                                                             "--passes", INT4_WEIGHT_ONLY])
     builds.update({f"vanilla-g{g}": ("ckpt", ["--mode", "vanilla", "-g", str(g)])
-                   for g in [int(g) for g in args.vanilla_gammas.split(",") if g] or [best_guess]})
+                   for g in gammas_or(args.vanilla_gammas, [best_guess])})
     if ckpt.config.router is not None:
-        for g in [int(g) for g in args.adaptive_gammas.split(",") if g] or [max(gammas)]:
+        for g in gammas_or(args.adaptive_gammas, [max(gammas)]):
             builds[f"adaptive-g{g}"] = ("ckpt", ["--mode", "adaptive", "-g", str(g)])
             builds.update({f"adaptive-g{g}-t{t}": ("ckpt", ["--mode", "adaptive", "-g", str(g),
                                                             "--router-threshold", t])
