@@ -137,6 +137,7 @@ def inspect(path, as_json):
     data = {"path": str(path), "schema_version": cfg.schema_version, "dtype": cfg.dtype, "models": models,
             "tandem_parameters": by_model["tandem"], "router_parameters": by_model["router"],
             "primary_state_input": cfg.primary_state_input, "primary_state_logits": cfg.primary_state_logits,
+            "primary_state_layers": list(cfg.state_layers) if cfg.primary_state_input else [],
             "primary_state_input_parameters": by_model["tandem_input"],
             "layer_map": list(cfg.layer_map), "gamma_train": cfg.gamma_train, "tokenizer": cfg.tokenizer.type,
             "bytes_by_dtype": dict(by_dtype), "total_parameters": sum(by_model.values())}
@@ -149,7 +150,8 @@ def inspect(path, as_json):
                  f"{list(cfg.layer_map)}  gamma_train {cfg.gamma_train}")
     if cfg.primary_state_input:
         lines.append(f"  state-in  {_human(by_model['tandem_input']):>7s} params  primary-state-input variant, "
-                     f"hidden {cfg.primary_state_input}{', into the logits too' if cfg.primary_state_logits else ''}")
+                     f"hidden {cfg.primary_state_input}, reads primary layers {list(cfg.state_layers)}"
+                     f"{', into the logits too' if cfg.primary_state_logits else ''}")
     if cfg.router:
         lines.append(f"  router    {_human(by_model['router']):>7s} params  top_k {cfg.router.top_k}  "
                      f"hidden {cfg.router.hidden}  threshold {cfg.router.threshold}")
@@ -225,6 +227,9 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
               "the secondary's input through an MLP of this hidden width (docs/training.md) [default: off].")
 @click.option("--primary-state-logits", is_flag=True,
               help="tandem, with --primary-state-input: that MLP feeds the secondary's logits too.")
+@click.option("--primary-state-layers", metavar="L1,L2,..",
+              help="tandem, with --primary-state-input: the primary layers that MLP reads, side by side [default: "
+              "the last].")
 @click.option("--router-hidden", type=click.IntRange(min=1),
               help="router: add a fresh router of this hidden width when the checkpoint has none (an imported "
               "primary's tandem).")
@@ -249,8 +254,8 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @json_option
 def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq_len, lr, warmup, block_length,
           init_secondary_from_drafter, init_projections, primary_state_input,
-          primary_state_logits, router_hidden, draft_cost, seed, distinct_batches, tiled, primary_cache,
-          save_every, state_dir, stop_after, force, as_json):
+          primary_state_logits, primary_state_layers, router_hidden, draft_cost, seed, distinct_batches, tiled,
+          primary_cache, save_every, state_dir, stop_after, force, as_json):
     """Train one stage of the recipe on CHECKPOINT and write the result to OUTPUT (resumable)."""
     import shutil
 
@@ -263,12 +268,14 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
     if out.exists() and not force:
         raise TandemcError(f"{out} already exists; pass --force to overwrite it")
     ckpt = load_checkpoint(checkpoint)
-    if primary_state_logits and not primary_state_input:
-        raise TandemcError("--primary-state-logits needs --primary-state-input N (the MLP it reads)")
+    if (primary_state_logits or primary_state_layers) and not primary_state_input:
+        raise TandemcError("--primary-state-logits and --primary-state-layers need --primary-state-input N (the MLP "
+                           "they set up)")
     if primary_state_input:
         if stage != "tandem":
             raise TandemcError("--primary-state-input belongs to the tandem stage; add --stage tandem or drop it")
-        ckpt = with_primary_state_input(ckpt, primary_state_input, seed, primary_state_logits)
+        ckpt = with_primary_state_input(ckpt, primary_state_input, seed, primary_state_logits,
+                                        _layer_list(primary_state_layers, "--primary-state-layers"))
     if (router_hidden or draft_cost) and stage != "router":
         raise TandemcError("--router-hidden and --draft-cost belong to the router stage; add --stage router or "
                            "drop them")
@@ -421,11 +428,11 @@ def assembly_options(seed_help: str):
     return wrap
 
 
-def _layer_map(text: str | None) -> tuple[int, ...]:
+def _layer_list(text: str | None, option: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",")) if text else ()
     except ValueError:
-        raise TandemcError(f"--layer-map must be comma-separated layer numbers, got {text!r}") from None
+        raise TandemcError(f"{option} must be comma-separated layer numbers, got {text!r}") from None
 
 
 def _write_tandem(out: Path, cfg, params, tokenizer, force: bool, as_json: bool, extra: dict) -> None:
@@ -451,7 +458,8 @@ def import_hf(primary_dir, secondary_dir, out, layer_map, gamma_train, dtype, se
     """Build a tandem checkpoint from two Llama-family models that share a tokenizer."""
     from tandemc.hf import import_tandem
 
-    cfg, params, tokenizer_file = import_tandem(primary_dir, secondary_dir, layer_map=_layer_map(layer_map),
+    cfg, params, tokenizer_file = import_tandem(primary_dir, secondary_dir,
+                                                layer_map=_layer_list(layer_map, "--layer-map"),
                                                 gamma_train=gamma_train, dtype=dtype, seed=seed)
     _write_tandem(out, cfg, params, tokenizer_file, force, as_json, {})
 
@@ -499,8 +507,9 @@ def import_gguf(gguf_file, secondary_layers, secondary_d_model, secondary_heads,
         raise TandemcError(f"--secondary-heads takes Q:KV head counts, got {secondary_heads!r}") from None
     secondary = {"n_layers": secondary_layers, "d_model": secondary_d_model, "n_heads": q_heads,
                  "n_kv_heads": kv_heads, "d_ff": 3 * secondary_d_model}
-    cfg, params, tokenizer = read_gguf(gguf_file, secondary=secondary, layer_map=_layer_map(layer_map),
-                                       gamma_train=gamma_train, dtype=dtype, seed=seed, keep_quantized=keep_quantized,
+    cfg, params, tokenizer = read_gguf(gguf_file, secondary=secondary,
+                                       layer_map=_layer_list(layer_map, "--layer-map"), gamma_train=gamma_train,
+                                       dtype=dtype, seed=seed, keep_quantized=keep_quantized,
                                        draft_vocab=0 if bundle else draft_vocab, draft_data=draft_data,
                                        drafter=with_drafter and not bundle, shared_embeddings=shared_embeddings)
     if bundle:

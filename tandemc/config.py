@@ -127,6 +127,9 @@ class TandemConfig:
     # With the variant: the MLP's hidden also feeds the secondary's logits (tandem_input.w_logits), past the
     # secondary's narrow residual stream.
     primary_state_logits: bool = False
+    # With the variant: the primary layers whose states before the block the MLP reads, side by side; empty means
+    # the last layer only. Reading a middle layer beside the last is EAGLE-3's fusion of feature levels.
+    primary_state_layers: tuple[int, ...] = ()
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     router: RouterConfig | None = None
     drafter: DecoderConfig | None = None
@@ -148,6 +151,7 @@ class TandemConfig:
             object.__setattr__(self, "layer_map",
                                default_layer_map(self.primary.n_layers, self.secondary.n_layers))
         object.__setattr__(self, "layer_map", tuple(self.layer_map))
+        object.__setattr__(self, "primary_state_layers", tuple(self.primary_state_layers))
 
     def validate(self) -> "TandemConfig":
         if self.schema_version != SCHEMA_VERSION:
@@ -182,6 +186,16 @@ class TandemConfig:
         if self.primary_state_logits and not self.primary_state_input:
             raise TandemcError("config field 'primary_state_logits' needs 'primary_state_input' > 0 (the MLP it "
                                "reads); set both or neither")
+        if self.primary_state_layers and not self.primary_state_input:
+            raise TandemcError("config field 'primary_state_layers' needs 'primary_state_input' > 0 (the MLP that "
+                               "reads them); set both or neither")
+        for j, src in enumerate(self.primary_state_layers):
+            if not 0 <= src < self.primary.n_layers:
+                raise TandemcError(f"config field 'primary_state_layers[{j}]' is {src}; it must name a primary layer "
+                                   f"in 0..{self.primary.n_layers - 1}")
+        if len(set(self.primary_state_layers)) != len(self.primary_state_layers):
+            raise TandemcError(f"config field 'primary_state_layers' names a layer twice "
+                               f"({list(self.primary_state_layers)}); list each once")
         if self.gamma_train < 1:
             raise TandemcError(f"config field 'gamma_train' must be >= 1, got {self.gamma_train}")
         if self.dtype not in DTYPES:
@@ -191,6 +205,11 @@ class TandemConfig:
             self.router.validate(self.secondary.vocab_size)
         return self
 
+    @property
+    def state_layers(self) -> tuple[int, ...]:
+        """The primary layers the primary-state-input variant reads (`primary_state_layers`, or the last)."""
+        return self.primary_state_layers or (self.primary.n_layers - 1,)
+
     def with_router_threshold(self, threshold: float) -> "TandemConfig":
         """This config with the router's stopping threshold τ replaced (it has a router)."""
         return dataclasses.replace(self, router=dataclasses.replace(self.router, threshold=threshold))
@@ -198,6 +217,7 @@ class TandemConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["layer_map"] = list(self.layer_map)
+        out["primary_state_layers"] = list(self.primary_state_layers)
         return {"schema_version": out.pop("schema_version"), **out}
 
     def to_json(self) -> str:

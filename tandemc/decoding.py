@@ -71,6 +71,12 @@ def reads_primary_state(cfg: TandemConfig, mode: str) -> bool:
     return mode in TANDEM_MODES and cfg.primary_state_input > 0
 
 
+def block_state(params, cfg: TandemConfig, hiddens, rows):
+    """The variant's projected primary state for the next block: the state layers' streams at `rows` [B]."""
+    return model.primary_state_projection(params, cfg, [primitives.take_rows(hiddens[source], rows)
+                                                        for source in cfg.state_layers])
+
+
 def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths, limit, u, sampling: Sampling,
             eos_id, margins: bool = False):
     """Run one chunk of prompts through the primary and fill the drafter's cache.
@@ -117,8 +123,7 @@ def prefill(params, cfg: TandemConfig, mode: str, state, tokens, start, lengths,
         new_state["margin"] = pick(decision_margin(primitives.take_rows(logits, last), sampling, u[:, 0]),
                                    state["margin"])
     if reads_primary_state(cfg, mode):
-        new_state["primary_state"] = pick(model.primary_state_projection(params, cfg, primitives.take_rows(
-            hiddens[-1], last)), state["primary_state"])
+        new_state["primary_state"] = pick(block_state(params, cfg, hiddens, last), state["primary_state"])
     return new_state
 
 
@@ -226,8 +231,7 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
     new_state_extra = {}
     if reads_primary_state(cfg, mode):  # the next block starts after y: keep the state at the last kept position
         new_state_extra["primary_state"] = jnp.where(
-            active[:, None], model.primary_state_projection(params, cfg, primitives.take_rows(hiddens[-1], a)),
-            state["primary_state"])
+            active[:, None], block_state(params, cfg, hiddens, a), state["primary_state"])
 
     hit_eos = jnp.any((slots < n_emitted[:, None]) & (emitted == eos_id), axis=1)
     generated = state["generated"] + jnp.where(active, n_emitted, 0)

@@ -311,10 +311,10 @@ def tandem_kv(params: Params, cfg: TandemConfig, primary_hiddens, positions):
 
 
 def primary_layers_read(cfg: TandemConfig) -> tuple[int, ...]:
-    """The primary layers whose residual streams the tandem secondary reads: the layer map's, and the last layer's
+    """The primary layers whose residual streams the tandem secondary reads: the layer map's, and the state layers
     where the primary-state-input variant is on."""
-    last = (cfg.primary.n_layers - 1,) if cfg.primary_state_input else ()
-    return tuple(sorted(set(cfg.layer_map) | set(last)))
+    state = cfg.state_layers if cfg.primary_state_input else ()
+    return tuple(sorted(set(cfg.layer_map) | set(state)))
 
 
 def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None = None, primary_hiddens=None,
@@ -336,32 +336,33 @@ def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None 
     offsets = (None, None)
     if cfg.primary_state_input:  # each position reads the state at its block start - 1 (zero for the first block)
         before = jnp.maximum(block_starts - 1, 0)[..., None]
-        last = jnp.take_along_axis(primary_hiddens[cfg.primary.n_layers - 1], before, axis=1)
+        states = [jnp.take_along_axis(primary_hiddens[source], before, axis=1) for source in cfg.state_layers]
         after_first_block = (block_starts > 0)[..., None]
         offsets = tuple(None if o is None else o * after_first_block
-                        for o in primary_state_input(params, cfg, primary_state_projection(params, cfg, last), tokens))
+                        for o in primary_state_input(params, cfg, primary_state_projection(params, cfg, states),
+                                                     tokens))
     return decoder(params["secondary"], cfg.secondary, tokens, attends, *offsets,
                    **drafter_io(params, "secondary", tokens))[0]
 
 
-def primary_state_projection(params: Params, cfg: TandemConfig, last_hidden):
-    """The half of the variant's MLP that reads the primary's state: rms(h) @ w_in[:d_primary] + b_in
-    [..., primary_state_input], with h [..., d_primary] the primary's last-layer state at the position just before
-    the block (the freshest thing the primary knows when drafting starts). It is fixed for a block, so decoding
-    computes it once per block rather than once per draft."""
+def primary_state_projection(params: Params, cfg: TandemConfig, states):
+    """The half of the variant's MLP that reads the primary's state: [rms(h_1), ..] @ w_in[:n·d_primary] + b_in
+    [..., primary_state_input], with states = [h_1, ..] [..., d_primary] the primary's residual streams of
+    `cfg.state_layers` at the position just before the block (the freshest thing the primary knows when drafting
+    starts). It is fixed for a block, so decoding computes it once per block rather than once per draft."""
     p = params["tandem_input"]
-    h = rms_norm(last_hidden, None, cfg.primary.norm_eps).astype(p["w_in"].dtype)
-    return linear(h, p["w_in"][:cfg.primary.d_model]) + p["b_in"]
+    h = jnp.concatenate([rms_norm(x, None, cfg.primary.norm_eps) for x in states], axis=-1).astype(p["w_in"].dtype)
+    return linear(h, p["w_in"][:h.shape[-1]]) + p["b_in"]
 
 
 def primary_state_input(params: Params, cfg: TandemConfig, projected, tokens):
-    """The variant's extra secondary inputs: z = silu([rms(h), e(token)] @ w_in + b_in), from `projected`
+    """The variant's extra secondary inputs: z = silu([rms(h_1), .., e(token)] @ w_in + b_in), from `projected`
     (`primary_state_projection` of h) and e, the secondary's embedding of the token being read; returns
     (z @ w_out [..., d_secondary] for the embedding, z @ w_logits [..., vocab] for the logits, or None where
     `primary_state_logits` is off)."""
     p = params["tandem_input"]
     embedded = drafter_embed(params, "secondary", tokens)
-    z = jax.nn.silu(projected + linear(embedded, p["w_in"][cfg.primary.d_model:]))
+    z = jax.nn.silu(projected + linear(embedded, p["w_in"][len(cfg.state_layers) * cfg.primary.d_model:]))
     return linear(z, p["w_out"]), (linear(z, p["w_logits"]) if cfg.primary_state_logits else None)
 
 

@@ -62,7 +62,9 @@ def checkpoint_shapes(cfg: TandemConfig) -> dict[str, Shape]:
         shapes[f"tandem.{j}.bias"] = (d_s,)
     if cfg.primary_state_input:
         hidden = (cfg.primary_state_input, "primary_state_input")
-        shapes["tandem_input.w_in"] = ((d_l[0] + d_s[0], "primary.d_model+secondary.d_model"), hidden)
+        n = len(cfg.state_layers)
+        rows = "primary.d_model" if n == 1 else f"{n}*primary.d_model"
+        shapes["tandem_input.w_in"] = ((n * d_l[0] + d_s[0], f"{rows}+secondary.d_model"), hidden)
         shapes["tandem_input.b_in"] = (hidden,)
         shapes["tandem_input.w_out"] = (hidden, d_s)
         if cfg.primary_state_logits:

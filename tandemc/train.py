@@ -435,18 +435,20 @@ def _silenced(tandem_input: dict) -> dict:
     return {k: np.zeros_like(v) if k in ("w_out", "w_logits") else v for k, v in tandem_input.items()}
 
 
-def with_primary_state_input(ckpt: Checkpoint, width: int, seed: int = 0, logits: bool = False) -> Checkpoint:
-    """Switch on the primary-state-input variant: an MLP of hidden `width` (feeding the logits too with `logits`),
-    its output layers zero so that the tandem starts exactly as it was and training decides what the primary's
-    state adds."""
+def with_primary_state_input(ckpt: Checkpoint, width: int, seed: int = 0, logits: bool = False,
+                             layers: tuple[int, ...] = ()) -> Checkpoint:
+    """Switch on the primary-state-input variant: an MLP of hidden `width` reading the primary `layers` (default:
+    the last; feeding the logits too with `logits`), its output layers zero so that the tandem starts exactly as it
+    was and training decides what the primary's state adds."""
     cfg = ckpt.config
-    if (cfg.primary_state_input, cfg.primary_state_logits) == (width, logits):
+    if (cfg.primary_state_input, cfg.primary_state_logits, cfg.primary_state_layers) == (width, logits, layers):
         return ckpt
     if cfg.primary_state_input:
         raise TandemcError(f"this checkpoint already has primary_state_input {cfg.primary_state_input} "
-                           f"(primary_state_logits {str(cfg.primary_state_logits).lower()}); drop "
-                           "--primary-state-input or pass the same settings")
-    cfg = dataclasses.replace(cfg, primary_state_input=width, primary_state_logits=logits).validate()
+                           f"(primary_state_logits {str(cfg.primary_state_logits).lower()}, layers "
+                           f"{list(cfg.state_layers)}); drop --primary-state-input or pass the same settings")
+    cfg = dataclasses.replace(cfg, primary_state_input=width, primary_state_logits=logits,
+                              primary_state_layers=layers).validate()
     fresh = _silenced(init_params(cfg, seed, only="tandem_input.")["tandem_input"])
     return dataclasses.replace(ckpt, config=cfg, params={**ckpt.params, "tandem_input": fresh})
 

@@ -1,5 +1,7 @@
 """The three forward modes agree: training forward (whole sequence, block mask) ≡ incremental decoding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,14 +51,14 @@ def test_tandem_training_forward_matches_incremental(name, block):
 
     primary_cache = model.empty_cache(cfg.primary, b, t, jnp.float32)
     secondary_cache = model.empty_cache(cfg.secondary, b, t, jnp.float32)
-    steps, last_hidden = [], None
+    steps, states = [], None
     for start in range(0, t, block):
         end = min(start + block, t)
         for i in range(start, end):  # (c) secondary single-token steps inside the block
             offsets = ()  # the variant's inputs: from the primary's state before the block (none for the first)
-            if cfg.primary_state_input and last_hidden is not None:
+            if cfg.primary_state_input and states is not None:
                 offsets = model.primary_state_input(params, cfg, model.primary_state_projection(
-                    params, cfg, last_hidden[:, None]), tokens[:, i:i + 1])
+                    params, cfg, states), tokens[:, i:i + 1])
             token = tokens[:, i:i + 1]
             logits, _, secondary_cache = decode_block(params["secondary"], cfg.secondary, token, jnp.full((b, 1), i),
                                                       secondary_cache, *offsets,
@@ -67,7 +69,7 @@ def test_tandem_training_forward_matches_incremental(name, block):
                                                        positions, primary_cache)
         secondary_cache = write_tandem_kv(secondary_cache, tandem_kv(params, cfg, hiddens, positions),
                                           jnp.full((b,), start))
-        last_hidden = hiddens[-1][:, -1]
+        states = [hiddens[source][:, -1:] for source in cfg.state_layers]
     incremental = jnp.concatenate(steps, axis=1)
     assert float(jnp.max(jnp.abs(reference - incremental))) <= TOL
 
@@ -94,25 +96,31 @@ def test_tandem_secondary_depends_on_primary_only_before_its_block():
     assert float(jnp.max(jnp.abs(a[:, 1:4] - c[:, 1:4]))) > 1e-3
 
 
-def test_primary_state_input_reads_the_last_layer_just_before_each_block():
-    """The variant's extra input at every position of a block comes from the primary's last layer at the block's
-    start - 1, and from nowhere else in that layer."""
-    cfg, params = make(CONFIGS["custom-map"])
-    assert cfg.primary_state_input and max(cfg.layer_map) < cfg.primary.n_layers - 1  # K/V never read that layer
+@pytest.mark.parametrize("state_layers", [(), (1, 2)])
+def test_primary_state_input_reads_its_layers_just_before_each_block(state_layers):
+    """The variant's extra input at every position of a block comes from the primary's state layers (default: the
+    last) at the block's start - 1, and from nowhere else in those layers."""
+    cfg, params = make(dataclasses.replace(CONFIGS["custom-map"], primary_state_layers=state_layers))
+    assert cfg.state_layers == (state_layers or (cfg.primary.n_layers - 1,))
+    assert cfg.primary_state_input and not set(cfg.layer_map) & set(cfg.state_layers)  # K/V never read them
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.primary.vocab_size, (1, 12)))
     hiddens = jax.jit(model.forward, static_argnums=1)(params["primary"], cfg.primary, tokens)[1]
 
-    def logits_with_last_layer_bumped(position):
-        bumped = hiddens[:-1] + [hiddens[-1].at[:, position].add(1.0)]
+    def logits_with_layer_bumped(layer, position):
+        bumped = list(hiddens)
+        bumped[layer] = hiddens[layer].at[:, position].add(1.0)
         return model.tandem_forward(params, cfg, tokens, 4, primary_hiddens=bumped)
 
     base = model.tandem_forward(params, cfg, tokens, 4, primary_hiddens=hiddens)
-    for position in range(12):
-        changed = np.asarray(jnp.max(jnp.abs(logits_with_last_layer_bumped(position) - base), axis=-1))[0] > 1e-4
-        expected = np.zeros(12, bool)
-        if position % 4 == 3 and position < 11:
-            expected[position + 1:position + 5] = True  # exactly the next block
-        np.testing.assert_array_equal(changed, expected, err_msg=f"position {position}")
+    for layer in range(cfg.primary.n_layers):
+        for position in range(12):
+            changed = np.asarray(jnp.max(jnp.abs(logits_with_layer_bumped(layer, position) - base), axis=-1))[0]
+            expected = np.zeros(12, bool)
+            if layer in cfg.layer_map:
+                expected[(position // 4 + 1) * 4:] = True  # K/V: every later block
+            elif layer in cfg.state_layers and position % 4 == 3 and position < 11:
+                expected[position + 1:position + 5] = True  # the state: exactly the next block
+            np.testing.assert_array_equal(changed > 1e-4, expected, err_msg=f"layer {layer}, position {position}")
 
 
 def test_default_layer_map_ends_at_last_primary_layer():

@@ -76,7 +76,7 @@ def check_drafts_against_training_forward(params, cfg, prompts, out, mode, gamma
                                         ("shared-table", "vanilla")])
 @pytest.mark.parametrize("gamma", [2, 5])
 def test_drafter_cache_matches_training_forward(name, mode, gamma):
-    cfg, params = make(CONFIGS[name], seed=0 if name == "mha-odd-heads" else 2)  # seeds whose drafts are accepted
+    cfg, params = make(CONFIGS[name], seed=2 if name == "shared-table" else 0)  # seeds whose drafts are accepted
     prompts = random_prompts(cfg.primary.vocab_size, [3, 6, 1, 4], seed=gamma)
     out = generate(params, cfg, prompts, mode=mode, block_length=gamma, max_new_tokens=30)
     accepted, rejected = check_drafts_against_training_forward(params, cfg, prompts, out, mode, gamma)
