@@ -14,7 +14,7 @@
 # drafters: a draft vocabulary of the 8192 most frequent tokens of that data, and drafters that read and write
 # tokens through the primary's own table (--shared-embeddings). Stage 1 distils the standalone drafter (the
 # vanilla-SPEED baseline). Stage 2 trains the tandem secondary from it with Tandem-Distil, fitted projections and
-# the primary-state-input variant (docs/training.md); stage 3 gives the standalone drafter the same extra budget;
+# the primary-state-input variant reading primary layers 14 and 29 (docs/training.md); stage 3 gives the standalone drafter the same extra budget;
 # stage 4 adds the router (adaptive block length), its stopping threshold chosen for a draft costing 0.12 of a
 # primary step (DRAFT_COST: the CPU artifact's measured cost, benchmarks/README.md).
 # Every run rotates over the same batches, which tile the data (--distinct-batches, --tiled); their primary
@@ -28,13 +28,13 @@ work=${WORK:-examples/build/train-smollm2}
 out=${OUT:-examples/smollm2-drafters}
 mkdir -p "$work"
 common=(--data "$work/data" --batch 16 --seq-len 256)
-CODE_SAMPLES=${CODE_SAMPLES:-512}
-CHAT_SAMPLES=${CHAT_SAMPLES:-768}
+CODE_SAMPLES=${CODE_SAMPLES:-768}
+CHAT_SAMPLES=${CHAT_SAMPLES:-1152}
 DRAFTER_STEPS=${DRAFTER_STEPS:-300}
-TANDEM_STEPS=${TANDEM_STEPS:-500}
+TANDEM_STEPS=${TANDEM_STEPS:-1000}
 ROUTER_STEPS=${ROUTER_STEPS:-100}
 DRAFT_COST=${DRAFT_COST:-0.12}
-DISTINCT_BATCHES=${DISTINCT_BATCHES:-64}
+DISTINCT_BATCHES=${DISTINCT_BATCHES:-96}
 LR=${LR:-2e-3}
 
 source examples/train_steps.sh
@@ -58,7 +58,7 @@ cache=(--primary-cache "$work/primary-cache" --distinct-batches "$DISTINCT_BATCH
 step 1-drafter "$work/0-import" --stage pretrain --model drafter --objective distil --steps "$DRAFTER_STEPS" \
   "${cache[@]}"
 step 2-tandem "$work/1-drafter" --stage tandem --objective distil --init-secondary-from-drafter \
-  --init-projections fit --primary-state-input 256 --steps "$TANDEM_STEPS" "${cache[@]}"
+  --init-projections fit --primary-state-input 256 --primary-state-layers 14,29 --steps "$TANDEM_STEPS" "${cache[@]}"
 step 3-drafter-equal "$work/2-tandem" --stage pretrain --model drafter --objective distil --steps "$TANDEM_STEPS" \
   "${cache[@]}"
 step 4-router "$work/3-drafter-equal" --stage router --router-hidden 64 --draft-cost "$DRAFT_COST" \
@@ -67,7 +67,8 @@ rm -rf "$work/primary-cache"
 
 if [ ! -f "$work/metrics.json" ]; then
   start=$SECONDS
-  "$tandemc" evaluate "$work/4-router" --data "$work/data" --gammas 3,4 --windows 16 --prompts 8 --json > "$work/metrics.json.tmp"
+  "$tandemc" evaluate "$work/4-router" --data "$work/data" --gammas 1,4 --windows 64 --prompts 32 --json \
+    > "$work/metrics.json.tmp"
   mv "$work/metrics.json.tmp" "$work/metrics.json"
   echo "evaluate $((SECONDS - start))" >> "$work/timing.txt"
 fi

@@ -349,6 +349,11 @@ def evaluate(checkpoint, data, windows, seq_len, block_length, gammas, prompts, 
     lines = [f"next-token accuracy (held-out, tandem blocks of {block}): primary {metrics['primary_accuracy']:.4f}  "
              f"tandem {metrics['tandem_accuracy']:.4f}" +
              (f"  standalone {metrics['standalone_accuracy']:.4f}" if "standalone_accuracy" in metrics else "")]
+    agreement = {name: (metrics[f"{name}_agreement"],
+                        " ".join(f"{a:.3f}" for a in metrics[f"{name}_agreement_by_position"]))
+                 for name in ("tandem", "standalone") if f"{name}_agreement" in metrics}
+    lines.append("agreement with the primary's argmax (by position in the block): " +
+                 "  ".join(f"{name} {mean:.4f} ({by_position})" for name, (mean, by_position) in agreement.items()))
     if "relative_tv" in metrics:
         lines.append(f"total-variation distance to the primary: tandem {metrics['tandem_tv']:.4f}  standalone "
                      f"{metrics['standalone_tv']:.4f}  (relative {metrics['relative_tv']:.3f})")

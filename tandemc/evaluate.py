@@ -27,12 +27,15 @@ def _batch_metrics(params, cfg: TandemConfig, tokens, block: int):
     if cfg.drafter is not None:
         models["standalone"] = model.drafter_forward(params, cfg, "drafter", x)[0]
     out = {"primary_correct": jnp.sum(primary_choice == y)}
+    slot = jnp.arange(x.shape[1]) % block  # position in the tandem's block
     for name, logits in models.items():
         proposal = model.proposable(params, logits)  # what a draft would be
         choice = jnp.argmax(proposal, -1)
         choice = model.primary_ids(params, choice)
+        agree = choice == primary_choice
         out[f"{name}_correct"] = jnp.sum(choice == y)
-        out[f"{name}_agree"] = jnp.sum(choice == primary_choice)
+        out[f"{name}_agree"] = jnp.sum(agree)
+        out[f"{name}_agree_by_slot"] = jax.ops.segment_sum(jnp.sum(agree, 0), slot, num_segments=block)
         out[f"{name}_tv"] = jnp.sum(0.5 * jnp.sum(jnp.abs(jax.nn.softmax(proposal) - primary_probs), -1))
     return out
 
@@ -41,17 +44,22 @@ _batch_metrics_jit = jax.jit(_batch_metrics, static_argnames=("cfg", "block"))
 
 
 def next_token_metrics(params, cfg: TandemConfig, windows: np.ndarray, block: int, batch: int = 16) -> dict:
-    totals: dict[str, float] = {}
+    """Teacher-forced metrics over `windows` [N, T]. Agreement is also given by position in the tandem's block
+    (`*_agreement_by_position`, first draft first): the primary's state is freshest for the first, so this shows
+    how far into a block it still helps; the standalone drafter's, by the same positions, is the baseline."""
+    totals: dict[str, np.ndarray] = {}
     for i in range(0, len(windows), batch):
         for k, v in _batch_metrics_jit(params, cfg, windows[i:i + batch], block).items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+            totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
     n = windows.shape[0] * (windows.shape[1] - 1)
-    out = {"primary_accuracy": totals["primary_correct"] / n}
+    n_by_slot = windows.shape[0] * np.bincount(np.arange(windows.shape[1] - 1) % block, minlength=block)
+    out = {"primary_accuracy": float(totals["primary_correct"]) / n}
     for name in ("tandem", "standalone"):
         if f"{name}_correct" in totals:
-            out[f"{name}_accuracy"] = totals[f"{name}_correct"] / n
-            out[f"{name}_agreement"] = totals[f"{name}_agree"] / n
-            out[f"{name}_tv"] = totals[f"{name}_tv"] / n
+            out[f"{name}_accuracy"] = float(totals[f"{name}_correct"]) / n
+            out[f"{name}_agreement"] = float(totals[f"{name}_agree"]) / n
+            out[f"{name}_agreement_by_position"] = (totals[f"{name}_agree_by_slot"] / n_by_slot).tolist()
+            out[f"{name}_tv"] = float(totals[f"{name}_tv"]) / n
     if "standalone_tv" in out:
         out["relative_tv"] = out["tandem_tv"] / out["standalone_tv"]
     out["positions"] = n

@@ -110,6 +110,11 @@ def test_evaluate_reports_accuracies_and_acceptance(tiny, tmp_path):
     assert set(data["acceptance"]["3"]) == {"tandem", "standalone", "adaptive", "adaptive_drafted"}  # tiny has a router
     assert 0.0 <= data["acceptance"]["3"]["adaptive_drafted"] <= 3.0
     assert data["positions"] == 4 * 32
+    for name in ("tandem", "standalone"):  # by position in the tandem's blocks of γ_train; 31 = 7 blocks + 3
+        by_position = data[f"{name}_agreement_by_position"]
+        assert len(by_position) == data["block_length"] == json.loads((tiny / "config.json").read_text())["gamma_train"]
+        weights = [len(range(j, 31, data["block_length"])) for j in range(data["block_length"])]
+        assert sum(a * w for a, w in zip(by_position, weights)) / 31 == pytest.approx(data[f"{name}_agreement"])
 
 
 @pytest.mark.slow
