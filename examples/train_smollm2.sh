@@ -14,8 +14,8 @@
 # drafters: a draft vocabulary of the 8192 most frequent tokens of that data, and drafters that read and write
 # tokens through the primary's own table (--shared-embeddings). Stage 1 distils the standalone drafter (the
 # vanilla-SPEED baseline). Stage 2 trains the tandem secondary from it with Tandem-Distil, fitted projections and
-# the primary-state-input variant reading primary layers 14 and 29 (docs/training.md); stage 3 gives the standalone drafter the same extra budget;
-# stage 4 adds the router (adaptive block length), its stopping threshold chosen for a draft costing 0.12 of a
+# the primary-state-input variant reading primary layers 14 and 29 (docs/training.md); stage 3 gives the standalone
+# drafter the same extra budget; stage 4 adds the router (adaptive block length), its stopping threshold chosen for a draft costing 0.12 of a
 # primary step (DRAFT_COST: the CPU artifact's measured cost, benchmarks/README.md).
 # Every run rotates over the same batches, which tile the data (--distinct-batches, --tiled); their primary
 # outputs (top-64 tokens, the layers' states the secondary reads, in bfloat16) are computed once and shared on disk

@@ -345,6 +345,11 @@ def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None 
                    **drafter_io(params, "secondary", tokens))[0]
 
 
+def _state_rows(cfg: TandemConfig) -> int:
+    """Where w_in splits: its first rows read the primary's state layers, the rest the token's embedding."""
+    return len(cfg.state_layers) * cfg.primary.d_model
+
+
 def primary_state_projection(params: Params, cfg: TandemConfig, states):
     """The half of the variant's MLP that reads the primary's state: [rms(h_1), ..] @ w_in[:n·d_primary] + b_in
     [..., primary_state_input], with states = [h_1, ..] [..., d_primary] the primary's residual streams of
@@ -352,7 +357,7 @@ def primary_state_projection(params: Params, cfg: TandemConfig, states):
     starts). It is fixed for a block, so decoding computes it once per block rather than once per draft."""
     p = params["tandem_input"]
     h = jnp.concatenate([rms_norm(x, None, cfg.primary.norm_eps) for x in states], axis=-1).astype(p["w_in"].dtype)
-    return linear(h, p["w_in"][:h.shape[-1]]) + p["b_in"]
+    return linear(h, p["w_in"][:_state_rows(cfg)]) + p["b_in"]
 
 
 def primary_state_input(params: Params, cfg: TandemConfig, projected, tokens):
@@ -362,7 +367,7 @@ def primary_state_input(params: Params, cfg: TandemConfig, projected, tokens):
     `primary_state_logits` is off)."""
     p = params["tandem_input"]
     embedded = drafter_embed(params, "secondary", tokens)
-    z = jax.nn.silu(projected + linear(embedded, p["w_in"][len(cfg.state_layers) * cfg.primary.d_model:]))
+    z = jax.nn.silu(projected + linear(embedded, p["w_in"][_state_rows(cfg):]))
     return linear(z, p["w_out"]), (linear(z, p["w_logits"]) if cfg.primary_state_logits else None)
 
 
