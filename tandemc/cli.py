@@ -138,6 +138,7 @@ def inspect(path, as_json):
             "tandem_parameters": by_model["tandem"], "router_parameters": by_model["router"],
             "primary_state_input": cfg.primary_state_input, "primary_state_logits": cfg.primary_state_logits,
             "primary_state_layers": list(cfg.state_layers) if cfg.primary_state_input else [],
+            "primary_state_feedback": cfg.primary_state_feedback,
             "primary_state_input_parameters": by_model["tandem_input"],
             "layer_map": list(cfg.layer_map), "gamma_train": cfg.gamma_train, "tokenizer": cfg.tokenizer.type,
             "bytes_by_dtype": dict(by_dtype), "total_parameters": sum(by_model.values())}
@@ -151,7 +152,8 @@ def inspect(path, as_json):
     if cfg.primary_state_input:
         lines.append(f"  state-in  {_human(by_model['tandem_input']):>7s} params  primary-state-input variant, "
                      f"hidden {cfg.primary_state_input}, reads primary layers {list(cfg.state_layers)}"
-                     f"{', into the logits too' if cfg.primary_state_logits else ''}")
+                     f"{', into the logits too' if cfg.primary_state_logits else ''}"
+                     f"{', carried through the block by the secondary' if cfg.primary_state_feedback else ''}")
     if cfg.router:
         lines.append(f"  router    {_human(by_model['router']):>7s} params  top_k {cfg.router.top_k}  "
                      f"hidden {cfg.router.hidden}  threshold {cfg.router.threshold}")
@@ -230,6 +232,9 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @click.option("--primary-state-layers", metavar="L1,L2,..",
               help="tandem, with --primary-state-input: the primary layers that MLP reads, side by side [default: "
               "the last].")
+@click.option("--primary-state-feedback", is_flag=True,
+              help="tandem, with --primary-state-input: each draft after a block's first also feeds its "
+              "predecessor's last-layer state into that MLP, carrying the primary's state through the block.")
 @click.option("--router-hidden", type=click.IntRange(min=1),
               help="router: add a fresh router of this hidden width when the checkpoint has none (an imported "
               "primary's tandem).")
@@ -254,7 +259,7 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @json_option
 def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq_len, lr, warmup, block_length,
           init_secondary_from_drafter, init_projections, primary_state_input,
-          primary_state_logits, primary_state_layers, router_hidden, draft_cost, seed, distinct_batches, tiled,
+          primary_state_logits, primary_state_layers, primary_state_feedback, router_hidden, draft_cost, seed, distinct_batches, tiled,
           primary_cache, save_every, state_dir, stop_after, force, as_json):
     """Train one stage of the recipe on CHECKPOINT and write the result to OUTPUT (resumable)."""
     import shutil
@@ -268,14 +273,15 @@ def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq
     if out.exists() and not force:
         raise TandemcError(f"{out} already exists; pass --force to overwrite it")
     ckpt = load_checkpoint(checkpoint)
-    if (primary_state_logits or primary_state_layers) and not primary_state_input:
-        raise TandemcError("--primary-state-logits and --primary-state-layers need --primary-state-input N (the MLP "
-                           "they set up)")
+    if (primary_state_logits or primary_state_layers or primary_state_feedback) and not primary_state_input:
+        raise TandemcError("--primary-state-logits, --primary-state-layers and --primary-state-feedback need "
+                           "--primary-state-input N (the MLP they set up)")
     if primary_state_input:
         if stage != "tandem":
             raise TandemcError("--primary-state-input belongs to the tandem stage; add --stage tandem or drop it")
         ckpt = with_primary_state_input(ckpt, primary_state_input, seed, primary_state_logits,
-                                        _layer_list(primary_state_layers, "--primary-state-layers"))
+                                        _layer_list(primary_state_layers, "--primary-state-layers"),
+                                        primary_state_feedback)
     if (router_hidden or draft_cost) and stage != "router":
         raise TandemcError("--router-hidden and --draft-cost belong to the router stage; add --stage router or "
                            "drop them")

@@ -130,6 +130,11 @@ class TandemConfig:
     # With the variant: the primary layers whose states before the block the MLP reads, side by side; empty means
     # the last layer only. Reading a middle layer beside the last is EAGLE-3's fusion of feature levels.
     primary_state_layers: tuple[int, ...] = ()
+    # With the variant: each draft after a block's first also reads the secondary's own last-layer state at the
+    # draft before it (tandem_input.w_feedback), added to the primary's projected state, so what the primary knew
+    # before the block is carried forward through it rather than read unchanged at every draft (EAGLE's
+    # feature-level autoregression).
+    primary_state_feedback: bool = False
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     router: RouterConfig | None = None
     drafter: DecoderConfig | None = None
@@ -189,6 +194,9 @@ class TandemConfig:
         if self.primary_state_layers and not self.primary_state_input:
             raise TandemcError("config field 'primary_state_layers' needs 'primary_state_input' > 0 (the MLP that "
                                "reads them); set both or neither")
+        if self.primary_state_feedback and not self.primary_state_input:
+            raise TandemcError("config field 'primary_state_feedback' needs 'primary_state_input' > 0 (the MLP it "
+                               "feeds); set both or neither")
         for j, src in enumerate(self.primary_state_layers):
             if not 0 <= src < self.primary.n_layers:
                 raise TandemcError(f"config field 'primary_state_layers[{j}]' is {src}; it must name a primary layer "

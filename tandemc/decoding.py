@@ -154,11 +154,12 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
         else:
             tokens, positions = c[:, None], p[:, None]
 
-        def draft(t, tokens, positions, secondary_cache, n_drafted):
-            """One draft: (token, its distribution, its decision margin, the router's margin, cache, n_drafted)."""
-            offsets = (model.primary_state_input(params, cfg, state["primary_state"][:, None], tokens)
+        def draft(t, tokens, positions, secondary_cache, n_drafted, projected):
+            """One draft: (token, its distribution, its decision margin, the router's margin, cache, n_drafted,
+            the projected primary state the next draft reads)."""
+            offsets = (model.primary_state_input(params, cfg, projected[:, None], tokens)
                        if reads_primary_state(cfg, mode) else ())
-            logits, _, secondary_cache = model.decode_block(
+            logits, hiddens, secondary_cache = model.decode_block(
                 draft_params, draft_cfg, tokens, positions, secondary_cache, *offsets,
                 io=model.drafter_io(params, drafter_name(mode), tokens))
             proposal = model.proposable(params, logits[:, -1])
@@ -170,26 +171,29 @@ def step(params, cfg: TandemConfig, mode: str, gamma: int, state, u, sampling: S
                 probability = model.router_reject_probability(params["router"], features)
                 n_drafted = jnp.where((n_drafted == gamma) & (probability > cfg.router.threshold), t, n_drafted)
                 router_margin = jnp.abs(probability - cfg.router.threshold).reshape(b)
-            return d, q, margin, router_margin, secondary_cache, n_drafted
+            if reads_primary_state(cfg, mode) and cfg.primary_state_feedback:
+                projected = state["primary_state"] + model.state_feedback(params, cfg, hiddens[-1][:, -1])
+            return d, q, margin, router_margin, secondary_cache, n_drafted, projected
 
-        def skip(t, tokens, positions, secondary_cache, n_drafted):
+        def skip(t, tokens, positions, secondary_cache, n_drafted, projected):
             """A draft not computed (adaptive, every row stopped): token 0 with no distribution, never proposed."""
             zero = jnp.zeros((b,), jnp.float32)
             q = jnp.zeros((b, draft_probs[0].shape[-1]), draft_probs[0].dtype)
-            return jnp.zeros((b,), jnp.int32), q, zero, zero, secondary_cache, n_drafted
+            return jnp.zeros((b,), jnp.int32), q, zero, zero, secondary_cache, n_drafted, projected
 
+        projected = state.get("primary_state")  # what the first draft reads (None: no primary-state input)
         for t in range(gamma):
             with jax.named_scope(f"draft{t}"):  # names the graph's nodes, so profiles show each draft's cost
                 if mode == "adaptive" and t > 0:
                     # Once the router has stopped every row, the remaining drafts are never computed: a
                     # conditional (ONNX If, StableHLO case) skips them, which is where adaptive length saves time.
                     drafting = jnp.any(active & (n_drafted == gamma))
-                    d, q, margin, router_margin, secondary_cache, n_drafted = lax.cond(
+                    d, q, margin, router_margin, secondary_cache, n_drafted, projected = lax.cond(
                         drafting, lambda *a, t=t: draft(t, *a), lambda *a, t=t: skip(t, *a),
-                        tokens, positions, secondary_cache, n_drafted)
+                        tokens, positions, secondary_cache, n_drafted, projected)
                 else:
-                    d, q, margin, router_margin, secondary_cache, n_drafted = draft(
-                        t, tokens, positions, secondary_cache, n_drafted)
+                    d, q, margin, router_margin, secondary_cache, n_drafted, projected = draft(
+                        t, tokens, positions, secondary_cache, n_drafted, projected)
             drafts.append(d)
             draft_probs.append(q)
             draft_margins.append(margin)

@@ -322,27 +322,50 @@ def tandem_forward(params: Params, cfg: TandemConfig, tokens, block: int | None 
     """Training forward of the tandem secondary; returns its logits [B, T, V].
 
     Blocks are fixed, of γ = `block` (default γ_train) tokens, unless `block_starts` [B, T] gives each position's
-    block start k explicitly (as decoding produces them, wherever verification stopped). `primary_hiddens` maps
-    each layer in `primary_layers_read` to its residual stream (a list of all layers will do).
+    block start k explicitly (as decoding produces them, wherever verification stopped; blocks of at most `block`
+    tokens). `primary_hiddens` maps each layer in `primary_layers_read` to its residual stream (a list of all
+    layers will do).
     """
     positions = sequence_positions(tokens)
+    block = block or cfg.gamma_train
     if block_starts is None:
-        block = block or cfg.gamma_train
         block_starts = (positions // block) * block
     if primary_hiddens is None:
         primary_hiddens = forward(params["primary"], cfg.primary, tokens)[1]
     attends = [tandem_block_attention(k, v, positions, block_starts, cfg.secondary.rope_theta)
                for k, v in tandem_kv(params, cfg, primary_hiddens, positions)]
-    offsets = (None, None)
-    if cfg.primary_state_input:  # each position reads the state at its block start - 1 (zero for the first block)
-        before = jnp.maximum(block_starts - 1, 0)[..., None]
-        states = [jnp.take_along_axis(primary_hiddens[source], before, axis=1) for source in cfg.state_layers]
-        after_first_block = (block_starts > 0)[..., None]
-        offsets = tuple(None if o is None else o * after_first_block
-                        for o in primary_state_input(params, cfg, primary_state_projection(params, cfg, states),
-                                                     tokens))
-    return decoder(params["secondary"], cfg.secondary, tokens, attends, *offsets,
-                   **drafter_io(params, "secondary", tokens))[0]
+    io = drafter_io(params, "secondary", tokens)
+    if not cfg.primary_state_input:
+        return decoder(params["secondary"], cfg.secondary, tokens, attends, **io)[0]
+    # Each position reads the state at its block start - 1 (nothing in the first block, which has none).
+    before = jnp.maximum(block_starts - 1, 0)[..., None]
+    states = [jnp.take_along_axis(primary_hiddens[source], before, axis=1) for source in cfg.state_layers]
+    projected = primary_state_projection(params, cfg, states)
+    after_first_block = (block_starts > 0)[..., None]
+
+    def run(projected):
+        offsets = primary_state_input(params, cfg, projected, tokens)
+        offsets = tuple(None if o is None else o * after_first_block for o in offsets)
+        logits, hiddens, _ = decoder(params["secondary"], cfg.secondary, tokens, attends, *offsets, **io)
+        return logits, hiddens
+
+    logits, hiddens = run(projected)
+    if cfg.primary_state_feedback:
+        # A draft reads its predecessor's last-layer state, which depends on what that one read: unrolled, pass n
+        # is exact for the first n + 1 drafts of every block, as sequential drafting computes them.
+        in_block = (positions > block_starts)[..., None]
+        for _ in range(block - 1):
+            previous = jnp.pad(hiddens[-1][:, :-1], ((0, 0), (1, 0), (0, 0)))
+            logits, hiddens = run(projected + in_block * state_feedback(params, cfg, previous))
+    return logits
+
+
+def state_feedback(params: Params, cfg: TandemConfig, secondary_state):
+    """What a draft adds to the projected primary state (`primary_state_feedback`): the secondary's last-layer
+    residual stream at the draft before it, rms-normalised, @ w_feedback [d_secondary, primary_state_input]."""
+    p = params["tandem_input"]
+    return linear(rms_norm(secondary_state, None, cfg.secondary.norm_eps).astype(p["w_feedback"].dtype),
+                  p["w_feedback"])
 
 
 def _state_rows(cfg: TandemConfig) -> int:

@@ -67,6 +67,8 @@ def checkpoint_shapes(cfg: TandemConfig) -> dict[str, Shape]:
         shapes["tandem_input.w_in"] = ((n * d_l[0] + d_s[0], f"{rows}+secondary.d_model"), hidden)
         shapes["tandem_input.b_in"] = (hidden,)
         shapes["tandem_input.w_out"] = (hidden, d_s)
+        if cfg.primary_state_feedback:
+            shapes["tandem_input.w_feedback"] = (d_s, hidden)
         if cfg.primary_state_logits:
             shapes["tandem_input.w_logits"] = (hidden, (cfg.secondary.vocab_size, "secondary.vocab_size"))
     if cfg.router:

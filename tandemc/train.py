@@ -431,24 +431,29 @@ def initialise_secondary_from_drafter(ckpt: Checkpoint) -> Checkpoint:
 
 
 def _silenced(tandem_input: dict) -> dict:
-    """The variant's MLP with its output layers zero: it adds nothing until trained."""
-    return {k: np.zeros_like(v) if k in ("w_out", "w_logits") else v for k, v in tandem_input.items()}
+    """The variant's MLP with its output layers (and the feedback) zero: it adds nothing until trained."""
+    return {k: np.zeros_like(v) if k in ("w_out", "w_logits", "w_feedback") else v for k, v in tandem_input.items()}
 
 
 def with_primary_state_input(ckpt: Checkpoint, width: int, seed: int = 0, logits: bool = False,
-                             layers: tuple[int, ...] = ()) -> Checkpoint:
+                             layers: tuple[int, ...] = (), feedback: bool = False) -> Checkpoint:
     """Switch on the primary-state-input variant: an MLP of hidden `width` reading the primary `layers` (default:
-    the last; feeding the logits too with `logits`), its output layers zero so that the tandem starts exactly as it
-    was and training decides what the primary's state adds."""
+    the last; feeding the logits too with `logits`; carried through the block by the secondary's own state with
+    `feedback`), its output layers zero so that the tandem starts exactly as it was and training decides what the
+    primary's state adds."""
     cfg = ckpt.config
-    if (cfg.primary_state_input, cfg.primary_state_logits, cfg.primary_state_layers) == (width, logits, layers):
+    wanted = (width, logits, layers, feedback)
+    if (cfg.primary_state_input, cfg.primary_state_logits, cfg.primary_state_layers,
+            cfg.primary_state_feedback) == wanted:
         return ckpt
     if cfg.primary_state_input:
         raise TandemcError(f"this checkpoint already has primary_state_input {cfg.primary_state_input} "
                            f"(primary_state_logits {str(cfg.primary_state_logits).lower()}, layers "
-                           f"{list(cfg.state_layers)}); drop --primary-state-input or pass the same settings")
+                           f"{list(cfg.state_layers)}, primary_state_feedback "
+                           f"{str(cfg.primary_state_feedback).lower()}); drop --primary-state-input or pass the same "
+                           "settings")
     cfg = dataclasses.replace(cfg, primary_state_input=width, primary_state_logits=logits,
-                              primary_state_layers=layers).validate()
+                              primary_state_layers=layers, primary_state_feedback=feedback).validate()
     fresh = _silenced(init_params(cfg, seed, only="tandem_input.")["tandem_input"])
     return dataclasses.replace(ckpt, config=cfg, params={**ckpt.params, "tandem_input": fresh})
 

@@ -52,10 +52,11 @@ CONFIGS = {
                                layer_map=(0, 0), router=RouterConfig(top_k=3, hidden=8), primary_state_input=8,
                                primary_state_logits=True),
     # The drafters propose only 5 of the primary's 9 tokens (ids 0..4 until chosen) and read the rest as one id.
-    # Its primary-state MLP reads both primary layers (primary_state_layers).
+    # Its primary-state MLP reads both primary layers (primary_state_layers), and each draft after a block's first
+    # feeds the next its own state (primary_state_feedback).
     "draft-vocab": TandemConfig(decoder(9, 32, 2, 4, 2, 8, tie=True), decoder(6, 16, 2, 2, 1, 8, tie=True),
                                 drafter=decoder(6, 16, 1, 2, 1, 8), draft_vocab=5, primary_state_input=8,
-                                primary_state_layers=(0, 1)),
+                                primary_state_layers=(0, 1), primary_state_feedback=True),
     # The drafters read and write tokens through the primary's table (over 5 draft tokens of 9, and a router).
     "shared-table": TandemConfig(decoder(9, 32, 2, 4, 2, 8, tie=True), decoder(6, 16, 2, 2, 1, 8),
                                  drafter=decoder(6, 16, 1, 2, 1, 8), draft_vocab=5, shared_embeddings=True,

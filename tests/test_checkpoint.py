@@ -169,6 +169,7 @@ def test_unknown_schema_version(ckpt):
     (lambda c: c.update(gamma_train=0), r"'gamma_train' must be >= 1"),
     (lambda c: c.update(primary_state_logits=True), r"'primary_state_logits' needs 'primary_state_input' > 0"),
     (lambda c: c.update(primary_state_layers=[1]), r"'primary_state_layers' needs 'primary_state_input' > 0"),
+    (lambda c: c.update(primary_state_feedback=True), r"'primary_state_feedback' needs 'primary_state_input' > 0"),
     (lambda c: c.update(primary_state_input=4, primary_state_layers=[2]),
      r"'primary_state_layers\[0\]' is 2; it must name a primary layer in 0..1"),
     (lambda c: c.update(primary_state_input=4, primary_state_layers=[1, 1]),

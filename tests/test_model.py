@@ -54,15 +54,18 @@ def test_tandem_training_forward_matches_incremental(name, block):
     steps, states = [], None
     for start in range(0, t, block):
         end = min(start + block, t)
+        projected, feedback = None, 0.0  # the variant's input: from the primary's state before the block (none for
+        # the first), and from the draft before it where primary_state_feedback is on
+        if cfg.primary_state_input and states is not None:
+            projected = model.primary_state_projection(params, cfg, states)
         for i in range(start, end):  # (c) secondary single-token steps inside the block
-            offsets = ()  # the variant's inputs: from the primary's state before the block (none for the first)
-            if cfg.primary_state_input and states is not None:
-                offsets = model.primary_state_input(params, cfg, model.primary_state_projection(
-                    params, cfg, states), tokens[:, i:i + 1])
             token = tokens[:, i:i + 1]
-            logits, _, secondary_cache = decode_block(params["secondary"], cfg.secondary, token, jnp.full((b, 1), i),
-                                                      secondary_cache, *offsets,
-                                                      io=model.drafter_io(params, "secondary", token))
+            offsets = () if projected is None else model.primary_state_input(params, cfg, projected + feedback, token)
+            logits, secondary, secondary_cache = decode_block(
+                params["secondary"], cfg.secondary, token, jnp.full((b, 1), i), secondary_cache, *offsets,
+                io=model.drafter_io(params, "secondary", token))
+            if cfg.primary_state_feedback:  # what the next draft of the block adds: this one's last-layer state
+                feedback = model.state_feedback(params, cfg, secondary[-1])
             steps.append(logits)
         positions = jnp.broadcast_to(jnp.arange(start, end), (b, end - start))  # (b) primary block step
         _, hiddens, primary_cache = decode_block(params["primary"], cfg.primary, tokens[:, start:end],

@@ -36,7 +36,7 @@ def test_greedy_speed_equals_primary_greedy(tandem, batch, gammas):
         assert accepted > 0  # the acceptance path was exercised, not only rejections
 
 
-tandem_forward = jax.jit(model.tandem_forward, static_argnums=1)
+tandem_forward = jax.jit(model.tandem_forward, static_argnums=(1, 3))
 drafter_forward = jax.jit(model.drafter_forward, static_argnums=(1, 2))
 
 
@@ -62,7 +62,7 @@ def check_drafts_against_training_forward(params, cfg, prompts, out, mode, gamma
         if mode == "vanilla":
             logits = drafter_forward(params, cfg, "drafter", seq[None])[0]
         else:
-            logits = tandem_forward(params, cfg, seq[None], None, None, starts[None])
+            logits = tandem_forward(params, cfg, seq[None], gamma, None, starts[None])
         predicted = np.asarray(model.primary_ids(params, np.asarray(model.proposable(params, logits[0])).argmax(-1)))
         for q, accepted in checks:
             assert (predicted[q] == seq[q + 1]) == accepted, (row, q, accepted)

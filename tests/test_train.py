@@ -67,14 +67,17 @@ def test_tandem_stage_keeps_the_primary_bit_identical(tiny, corpus, objective):
         assert np.array_equal(before[name], after[name]) == frozen, name
 
 
-@pytest.mark.parametrize("logits", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_primary_state_input_starts_silent_and_trains(tiny, corpus, logits):
-    """Initialised from the drafter, the variant's MLP adds exactly nothing (to the input, and with
-    --primary-state-logits to the logits); the tandem stage then trains it."""
-    variant = with_primary_state_input(tiny, 16, seed=1, logits=logits)
+@pytest.mark.parametrize("logits, feedback", [(False, False), pytest.param(True, False, marks=pytest.mark.slow),
+                                              (False, True)])
+def test_primary_state_input_starts_silent_and_trains(tiny, corpus, logits, feedback):
+    """Initialised from the drafter, the variant's MLP adds exactly nothing (to the input, with
+    --primary-state-logits to the logits, with --primary-state-feedback from the drafts before); the tandem stage
+    then trains it."""
+    variant = with_primary_state_input(tiny, 16, seed=1, logits=logits, feedback=feedback)
     cfg = variant.config
-    assert cfg.primary_state_input == 16 and tiny.config.primary_state_input == 0
+    assert cfg.primary_state_input == 16 and tiny.config.primary_state_input == 0 and cfg.gamma_train > 1
     assert cfg.primary_state_logits == logits and ("w_logits" in variant.params["tandem_input"]) == logits
+    assert cfg.primary_state_feedback == feedback and ("w_feedback" in variant.params["tandem_input"]) == feedback
     start, paper = initialise_secondary_from_drafter(variant), initialise_secondary_from_drafter(tiny)
     tokens = batch_at(corpus.train, 1, 0, 4, 64)[:, :-1]
     np.testing.assert_array_equal(model.tandem_forward(start.params, cfg, tokens),
@@ -84,8 +87,8 @@ def test_primary_state_input_starts_silent_and_trains(tiny, corpus, logits):
     first, last = first_last_loss(result)
     assert last < first
     before, after = flatten(start.params), flatten(result.params)
-    for name in ("w_out", "w_logits") if logits else ("w_out",):
-        assert not np.array_equal(before[f"tandem_input.{name}"], after[f"tandem_input.{name}"])
+    for name in ("w_out",) + ("w_logits",) * logits + ("w_feedback",) * feedback:
+        assert not np.array_equal(before[f"tandem_input.{name}"], after[f"tandem_input.{name}"]), name
     for name in before:
         assert np.array_equal(before[name], after[name]) != name.startswith(("secondary.", "tandem")), name
 
