@@ -442,9 +442,8 @@ def with_primary_state_input(ckpt: Checkpoint, width: int, seed: int = 0, logits
     `feedback`), its output layers zero so that the tandem starts exactly as it was and training decides what the
     primary's state adds."""
     cfg = ckpt.config
-    wanted = (width, logits, layers, feedback)
-    if (cfg.primary_state_input, cfg.primary_state_logits, cfg.primary_state_layers,
-            cfg.primary_state_feedback) == wanted:
+    wanted = (width, logits, layers or (cfg.primary.n_layers - 1,), feedback)  # no layers: the last, as in config
+    if (cfg.primary_state_input, cfg.primary_state_logits, cfg.state_layers, cfg.primary_state_feedback) == wanted:
         return ckpt
     if cfg.primary_state_input:
         raise TandemcError(f"this checkpoint already has primary_state_input {cfg.primary_state_input} "

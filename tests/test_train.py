@@ -93,6 +93,22 @@ def test_primary_state_input_starts_silent_and_trains(tiny, corpus, logits, feed
         assert np.array_equal(before[name], after[name]) != name.startswith(("secondary.", "tandem")), name
 
 
+def test_primary_state_input_on_a_checkpoint_that_has_it(tiny):
+    """Asking again for the variant a checkpoint already has (the last layer named or left to the default) keeps
+    the trained MLP; asking for different settings is refused with one line instead of discarding it."""
+    variant = with_primary_state_input(tiny, 16, seed=1)
+    last = (tiny.config.primary.n_layers - 1,)
+    assert with_primary_state_input(variant, 16, seed=2) is variant
+    assert with_primary_state_input(variant, 16, seed=2, layers=last) is variant
+    explicit = with_primary_state_input(tiny, 16, layers=last)
+    assert with_primary_state_input(explicit, 16) is explicit
+    for settings in ({"width": 8}, {"width": 16, "logits": True}, {"width": 16, "feedback": True},
+                     {"width": 16, "layers": (0,)}):
+        with pytest.raises(TandemcError, match=r"^this checkpoint already has primary_state_input 16 .*pass the "
+                                               r"same settings$"):
+            with_primary_state_input(variant, **settings)
+
+
 def test_resumption_continues_from_the_saved_step(tiny, corpus, tmp_path):
     opts = TrainOptions(stage="pretrain", model="drafter", objective="distil", steps=12, save_every=4, **SMALL)
     straight = train(tiny, corpus.train, opts, progress=False)
