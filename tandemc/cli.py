@@ -347,7 +347,8 @@ def evaluate(checkpoint, data, windows, seq_len, block_length, gammas, prompts, 
     corpus = load_corpus(data, ckpt.tokenizer)
     stream = corpus.held_out if len(corpus.held_out) > seq_len + 1 else corpus.train
     params = jax.tree.map(jax.numpy.asarray, ckpt.params)
-    metrics = next_token_metrics(params, cfg, evaluation_windows(stream, seq_len, windows), block)
+    metrics = next_token_metrics(params, cfg, evaluation_windows(stream, seq_len, windows), block,
+                                 other_blocks=gamma_list)
     prompt_windows = evaluation_windows(stream, 64, prompts)[:, :64]
     acceptance = acceptance_by_block_length(params, cfg, prompt_windows.tolist(), gamma_list, new_tokens)
     result = {**metrics, "block_length": block, "acceptance": acceptance,
@@ -360,6 +361,11 @@ def evaluate(checkpoint, data, windows, seq_len, block_length, gammas, prompts, 
                  for name in ("tandem", "standalone") if f"{name}_agreement" in metrics}
     lines.append("agreement with the primary's argmax (by position in the block): " +
                  "  ".join(f"{name} {mean:.4f} ({by_position})" for name, (mean, by_position) in agreement.items()))
+    if len(metrics.get("tandem_agreement_by_block_length", ())) > 1:
+        lines.append("tandem agreement by block length: " + "  ".join(
+            f"gamma {g} {a:.4f}" for g, a in metrics["tandem_agreement_by_block_length"].items()) +
+            (f"  (standalone {metrics['standalone_agreement']:.4f} at any)" if "standalone_agreement" in metrics
+             else ""))
     if "relative_tv" in metrics:
         lines.append(f"total-variation distance to the primary: tandem {metrics['tandem_tv']:.4f}  standalone "
                      f"{metrics['standalone_tv']:.4f}  (relative {metrics['relative_tv']:.3f})")

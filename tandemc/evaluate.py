@@ -18,7 +18,7 @@ from tandemc.config import TandemConfig
 from tandemc.decoding import generate
 
 
-def _batch_metrics(params, cfg: TandemConfig, tokens, block: int):
+def _batch_metrics(params, cfg: TandemConfig, tokens, block: int, other_blocks: tuple[int, ...] = ()):
     x, y = tokens[:, :-1], tokens[:, 1:]
     primary_logits, hiddens = model.forward(params["primary"], cfg.primary, x)
     primary_probs = model.draft_space(params, jax.nn.softmax(primary_logits))  # over the drafters' ids
@@ -37,19 +37,27 @@ def _batch_metrics(params, cfg: TandemConfig, tokens, block: int):
         out[f"{name}_agree"] = jnp.sum(agree)
         out[f"{name}_agree_by_slot"] = jax.ops.segment_sum(jnp.sum(agree, 0), slot, num_segments=block)
         out[f"{name}_tv"] = jnp.sum(0.5 * jnp.sum(jnp.abs(jax.nn.softmax(proposal) - primary_probs), -1))
+    for other in other_blocks:
+        logits = model.tandem_forward(params, cfg, x, other, primary_hiddens=hiddens)
+        choice = model.primary_ids(params, jnp.argmax(model.proposable(params, logits), -1))
+        out[f"tandem_agree_block_{other}"] = jnp.sum(choice == primary_choice)
     return out
 
 
-_batch_metrics_jit = jax.jit(_batch_metrics, static_argnames=("cfg", "block"))
+_batch_metrics_jit = jax.jit(_batch_metrics, static_argnames=("cfg", "block", "other_blocks"))
 
 
-def next_token_metrics(params, cfg: TandemConfig, windows: np.ndarray, block: int, batch: int = 16) -> dict:
+def next_token_metrics(params, cfg: TandemConfig, windows: np.ndarray, block: int, batch: int = 16,
+                       other_blocks=()) -> dict:
     """Teacher-forced metrics over `windows` [N, T]. Agreement is also given by position in the tandem's block
     (`*_agreement_by_position`, first draft first): the primary's state is freshest for the first, so this shows
-    how far into a block it still helps; the standalone drafter's, by the same positions, is the baseline."""
+    how far into a block it still helps; the standalone drafter's, by the same positions, is the baseline. With
+    `other_blocks`, the tandem's agreement with blocks of each of those lengths too
+    (`tandem_agreement_by_block_length`, with `block`'s): what it is at the block length SPEED runs at."""
+    other_blocks = tuple(sorted(set(other_blocks) - {block}))
     totals: dict[str, np.ndarray] = {}
     for i in range(0, len(windows), batch):
-        for k, v in _batch_metrics_jit(params, cfg, windows[i:i + batch], block).items():
+        for k, v in _batch_metrics_jit(params, cfg, windows[i:i + batch], block, other_blocks).items():
             totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
     n = windows.shape[0] * (windows.shape[1] - 1)
     n_by_slot = windows.shape[0] * np.bincount(np.arange(windows.shape[1] - 1) % block, minlength=block)
@@ -60,6 +68,10 @@ def next_token_metrics(params, cfg: TandemConfig, windows: np.ndarray, block: in
             out[f"{name}_agreement"] = float(totals[f"{name}_agree"]) / n
             out[f"{name}_agreement_by_position"] = (totals[f"{name}_agree_by_slot"] / n_by_slot).tolist()
             out[f"{name}_tv"] = float(totals[f"{name}_tv"]) / n
+    if other_blocks:
+        by_block = {block: out["tandem_agreement"]}
+        by_block.update({g: float(totals[f"tandem_agree_block_{g}"]) / n for g in other_blocks})
+        out["tandem_agreement_by_block_length"] = {str(g): by_block[g] for g in sorted(by_block)}
     if "standalone_tv" in out:
         out["relative_tv"] = out["tandem_tv"] / out["standalone_tv"]
     out["positions"] = n

@@ -115,6 +115,14 @@ def test_evaluate_reports_accuracies_and_acceptance(tiny, tmp_path):
         assert len(by_position) == data["block_length"] == json.loads((tiny / "config.json").read_text())["gamma_train"]
         weights = [len(range(j, 31, data["block_length"])) for j in range(data["block_length"])]
         assert sum(a * w for a, w in zip(by_position, weights)) / 31 == pytest.approx(data[f"{name}_agreement"])
+    # the tandem's agreement at each --gammas block length, and γ_train's, is what -g with that length measures
+    by_block = data["tandem_agreement_by_block_length"]
+    assert set(by_block) == {"1", "3", str(data["block_length"])}
+    assert by_block[str(data["block_length"])] == data["tandem_agreement"]
+    for gamma in ("1", "3"):
+        alone = json.loads(run("evaluate", tiny, "--data", tmp_path, "--windows", 4, "--seq-len", 32, "-g", gamma,
+                               "--gammas", 1, "--prompts", 1, "--new-tokens", 1, "--json").output)
+        assert by_block[gamma] == pytest.approx(alone["tandem_agreement"], abs=1e-9)
 
 
 @pytest.mark.slow
