@@ -13,10 +13,11 @@
 # (`tandemc generate-data`), the text the drafters will be asked to draft. Then it imports the primary with fresh
 # drafters: a draft vocabulary of the 8192 most frequent tokens of that data, and drafters that read and write
 # tokens through the primary's own table (--shared-embeddings). Stage 1 distils the standalone drafter (the
-# vanilla-SPEED baseline). Stage 2 trains the tandem secondary from it with Tandem-Distil, fitted projections and
-# the primary-state-input variant reading primary layers 14 and 29 (docs/training.md); stage 3 gives the standalone
-# drafter the same extra budget; stage 4 adds the router (adaptive block length), its stopping threshold chosen for a draft costing 0.12 of a
-# primary step (DRAFT_COST: the CPU artifact's measured cost, benchmarks/README.md).
+# vanilla-SPEED baseline). Stage 2 trains the tandem secondary from it with Tandem-Distil, fitted projections,
+# the primary-state-input variant reading primary layers 14 and 29, and blocks of 2 (docs/training.md, "The block
+# length the tandem trains at"); stage 3 gives the standalone drafter the same extra budget; stage 4 adds the
+# router (adaptive block length), its stopping threshold chosen for a draft costing 0.12 of a primary step
+# (DRAFT_COST: the CPU artifact's measured cost, benchmarks/README.md).
 # Every run rotates over the same batches, which tile the data (--distinct-batches, --tiled); their primary
 # outputs (top-64 tokens, the layers' states the secondary reads, in bfloat16) are computed once and shared on disk
 # (--primary-cache, removed at the end). Every stage is resumable: rerun the script after an interruption.
@@ -58,7 +59,8 @@ cache=(--primary-cache "$work/primary-cache" --distinct-batches "$DISTINCT_BATCH
 step 1-drafter "$work/0-import" --stage pretrain --model drafter --objective distil --steps "$DRAFTER_STEPS" \
   "${cache[@]}"
 step 2-tandem "$work/1-drafter" --stage tandem --objective distil --init-secondary-from-drafter \
-  --init-projections fit --primary-state-input 256 --primary-state-layers 14,29 --steps "$TANDEM_STEPS" "${cache[@]}"
+  --init-projections fit --primary-state-input 256 --primary-state-layers 14,29 --block-length 2 \
+  --steps "$TANDEM_STEPS" "${cache[@]}"
 step 3-drafter-equal "$work/2-tandem" --stage pretrain --model drafter --objective distil --steps "$TANDEM_STEPS" \
   "${cache[@]}"
 step 4-router "$work/3-drafter-equal" --stage router --router-hidden 64 --draft-cost "$DRAFT_COST" \
@@ -67,7 +69,7 @@ rm -rf "$work/primary-cache"
 
 if [ ! -f "$work/metrics.json" ]; then
   start=$SECONDS
-  "$tandemc" evaluate "$work/4-router" --data "$work/data" --gammas 1,4 --windows 64 --prompts 32 --json \
+  "$tandemc" evaluate "$work/4-router" --data "$work/data" --gammas 1,2,4 --windows 64 --prompts 32 --json \
     > "$work/metrics.json.tmp"
   mv "$work/metrics.json.tmp" "$work/metrics.json"
   echo "evaluate $((SECONDS - start))" >> "$work/timing.txt"
