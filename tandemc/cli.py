@@ -258,8 +258,8 @@ def generate(checkpoint, prompt, mode, block_length, max_new_tokens, temperature
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @json_option
 def train(checkpoint, out, stage, model_name, objective, data, steps, batch, seq_len, lr, warmup, block_length,
-          init_secondary_from_drafter, init_projections, primary_state_input,
-          primary_state_logits, primary_state_layers, primary_state_feedback, router_hidden, draft_cost, seed, distinct_batches, tiled,
+          init_secondary_from_drafter, init_projections, primary_state_input, primary_state_logits,
+          primary_state_layers, primary_state_feedback, router_hidden, draft_cost, seed, distinct_batches, tiled,
           primary_cache, save_every, state_dir, stop_after, force, as_json):
     """Train one stage of the recipe on CHECKPOINT and write the result to OUTPUT (resumable)."""
     import shutil

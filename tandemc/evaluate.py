@@ -18,6 +18,12 @@ from tandemc.config import TandemConfig
 from tandemc.decoding import generate
 
 
+def _drafts(params, logits):
+    """What each position would draft: (the distribution over proposable ids, the argmax as a primary id)."""
+    proposal = model.proposable(params, logits)
+    return proposal, model.primary_ids(params, jnp.argmax(proposal, -1))
+
+
 def _batch_metrics(params, cfg: TandemConfig, tokens, block: int, other_blocks: tuple[int, ...] = ()):
     x, y = tokens[:, :-1], tokens[:, 1:]
     primary_logits, hiddens = model.forward(params["primary"], cfg.primary, x)
@@ -29,17 +35,14 @@ def _batch_metrics(params, cfg: TandemConfig, tokens, block: int, other_blocks: 
     out = {"primary_correct": jnp.sum(primary_choice == y)}
     slot = jnp.arange(x.shape[1]) % block  # position in the tandem's block
     for name, logits in models.items():
-        proposal = model.proposable(params, logits)  # what a draft would be
-        choice = jnp.argmax(proposal, -1)
-        choice = model.primary_ids(params, choice)
+        proposal, choice = _drafts(params, logits)
         agree = choice == primary_choice
         out[f"{name}_correct"] = jnp.sum(choice == y)
         out[f"{name}_agree"] = jnp.sum(agree)
         out[f"{name}_agree_by_slot"] = jax.ops.segment_sum(jnp.sum(agree, 0), slot, num_segments=block)
         out[f"{name}_tv"] = jnp.sum(0.5 * jnp.sum(jnp.abs(jax.nn.softmax(proposal) - primary_probs), -1))
     for other in other_blocks:
-        logits = model.tandem_forward(params, cfg, x, other, primary_hiddens=hiddens)
-        choice = model.primary_ids(params, jnp.argmax(model.proposable(params, logits), -1))
+        _, choice = _drafts(params, model.tandem_forward(params, cfg, x, other, primary_hiddens=hiddens))
         out[f"tandem_agree_block_{other}"] = jnp.sum(choice == primary_choice)
     return out
 

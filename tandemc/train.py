@@ -442,8 +442,13 @@ def with_primary_state_input(ckpt: Checkpoint, width: int, seed: int = 0, logits
     `feedback`), its output layers zero so that the tandem starts exactly as it was and training decides what the
     primary's state adds."""
     cfg = ckpt.config
-    wanted = (width, logits, layers or (cfg.primary.n_layers - 1,), feedback)  # no layers: the last, as in config
-    if (cfg.primary_state_input, cfg.primary_state_logits, cfg.state_layers, cfg.primary_state_feedback) == wanted:
+    wanted = dataclasses.replace(cfg, primary_state_input=width, primary_state_logits=logits,
+                                 primary_state_layers=layers, primary_state_feedback=feedback)
+
+    def settings(c):  # state_layers, not primary_state_layers: the last layer named or left to the default
+        return c.primary_state_input, c.primary_state_logits, c.state_layers, c.primary_state_feedback
+
+    if settings(cfg) == settings(wanted):
         return ckpt
     if cfg.primary_state_input:
         raise TandemcError(f"this checkpoint already has primary_state_input {cfg.primary_state_input} "
@@ -451,10 +456,9 @@ def with_primary_state_input(ckpt: Checkpoint, width: int, seed: int = 0, logits
                            f"{list(cfg.state_layers)}, primary_state_feedback "
                            f"{str(cfg.primary_state_feedback).lower()}); drop --primary-state-input or pass the same "
                            "settings")
-    cfg = dataclasses.replace(cfg, primary_state_input=width, primary_state_logits=logits,
-                              primary_state_layers=layers, primary_state_feedback=feedback).validate()
-    fresh = _silenced(init_params(cfg, seed, only="tandem_input.")["tandem_input"])
-    return dataclasses.replace(ckpt, config=cfg, params={**ckpt.params, "tandem_input": fresh})
+    wanted.validate()
+    fresh = _silenced(init_params(wanted, seed, only="tandem_input.")["tandem_input"])
+    return dataclasses.replace(ckpt, config=wanted, params={**ckpt.params, "tandem_input": fresh})
 
 
 def with_router(ckpt: Checkpoint, hidden: int, seed: int = 0) -> Checkpoint:
