@@ -70,6 +70,20 @@ def code_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     return prompts
 
 
+def decode_in_turns(artifacts: dict, prompts: list[list[int]], n: int, repeats: int) -> tuple[dict, dict]:
+    """Per artifact: its generations of `prompts` (`n` new tokens each, no EOS stop; they are the warm-up too) and
+    its seconds over them, the sum of each prompt's best of `repeats`, the artifacts taking turns prompt by prompt."""
+    runs = {name: [a.run_steps([p], n, eos_id=-1) for p in prompts] for name, a in artifacts.items()}
+    seconds = best_in_turns({name: lambda p, a=a: timed(lambda: a.run_steps([p], n, eos_id=-1))
+                             for name, a in artifacts.items()}, prompts, repeats)
+    return runs, seconds
+
+
+def accepted_per_step(runs) -> float:
+    """Drafts accepted per SPEED step over generations (0 for primary-only ones)."""
+    return sum(r.stats["accepted"] for r in runs) / max(sum(r.stats["steps"] for r in runs), 1)
+
+
 def gammas_or(text: str, default: list[int]) -> list[int]:
     """A comma-separated list of γ from an optional option, or `default` where it is empty."""
     return [int(g) for g in text.split(",") if g] or default
@@ -161,14 +175,8 @@ def main():
             "chat": [tok.encode(render_chat(ckpt.config.tokenizer.chat_template, q, tok)) for q in CHAT[:args.prompts]]}
     artifacts = {name: load(work / name, threads=2) for name in builds}
 
-    def decode(artifact, prompts):
-        runs = [artifact.run_steps([p], n, eos_id=-1) for p in prompts]
-        return [r.tokens[0] for r in runs], sum(r.stats["accepted"] for r in runs), sum(r.stats["steps"] for r in runs)
-
     for set_name, prompts in sets.items():
-        outputs = {name: decode(a, prompts) for name, a in artifacts.items()}  # warm-up and the tokens
-        best = best_in_turns({name: lambda p, a=a: timed(lambda: a.run_steps([p], n, eos_id=-1))
-                              for name, a in artifacts.items()}, prompts, args.repeats)
+        runs, best = decode_in_turns(artifacts, prompts, n, args.repeats)
         total = n * len(prompts)
         print(f"\n{set_name}: {len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
               f"{n} new tokens each, greedy; best of {args.repeats} per prompt, the artifacts taking turns; "
@@ -179,10 +187,9 @@ def main():
         for name in artifacts:
             rate = total / best[name]
             base = same_weights_primary(name)
-            tokens, accepted, steps = outputs[name]
-            same = tokens == outputs[base][0]
+            same = [r.tokens for r in runs[name]] == [r.tokens for r in runs[base]]
             print(f"| {name} | {rate:.1f} | {best['primary'] / best[name]:.2f} | {best[base] / best[name]:.2f} | "
-                  f"{accepted / max(steps, 1):.2f} | {'yes' if same else 'NO'} |")
+                  f"{accepted_per_step(runs[name]):.2f} | {'yes' if same else 'NO'} |")
 
 
 if __name__ == "__main__":

@@ -50,17 +50,14 @@ print(f"speedup {best['speed']['stats']['tokens_per_second'] / best['primary']['
 # One prompt is a small sample: the benchmark's held-out code set (benchmarks/smollm2_tandem.py: the first 100
 # tokens of 4 standard-library files no stage trained on), 128 new tokens each, the two artifacts taking turns.
 sys.path.insert(0, "benchmarks")
-from common import best_in_turns, timed
-from smollm2_tandem import code_prompts
+from smollm2_tandem import accepted_per_step, code_prompts, decode_in_turns
 from tandemc.checkpoint import load_checkpoint
 from tandemc.runtime import load
 artifacts = {mode: load(f"{sys.argv[1]}/smollm2-cpu-{mode}", threads=2) for mode in ("primary", "speed")}
 prompts = code_prompts(load_checkpoint(f"{sys.argv[1]}/smollm2").tokenizer, 4, 100)
-outputs = {mode: [a.run_steps([p], 128, eos_id=-1) for p in prompts] for mode, a in artifacts.items()}
-code_same = all(s.tokens == p.tokens for s, p in zip(outputs["speed"], outputs["primary"]))
-seconds = best_in_turns({mode: lambda p, a=a: timed(lambda: a.run_steps([p], 128, eos_id=-1))
-                         for mode, a in artifacts.items()}, prompts, 3)
-accepted = sum(r.stats["accepted"] for r in outputs["speed"]) / sum(r.stats["steps"] for r in outputs["speed"])
+outputs, seconds = decode_in_turns(artifacts, prompts, 128, 3)
+code_same = [r.tokens for r in outputs["speed"]] == [r.tokens for r in outputs["primary"]]
+accepted = accepted_per_step(outputs["speed"])
 print(f"held-out code, 4 prompts: primary only {128 * 4 / seconds['primary']:.1f} tokens/s, Tandem + SPEED "
       f"{128 * 4 / seconds['speed']:.1f} tokens/s ({accepted:.2f} drafts accepted per step): speedup "
       f"{seconds['primary'] / seconds['speed']:.2f}x, identical tokens: {code_same}")
