@@ -13,7 +13,8 @@ alone (float32; with the GGUF file's own int4 integers, with int8 activations; r
 ONNX Runtime GenAI's builder does; with --int4-weight-only float activations), Tandem + SPEED at each γ (with the
 drafters in int8 at --draft-head-gammas; with int4 primaries at --int4-gammas), the adaptive block
 length (router, where the bundle has one) up to the largest γ or to each of --adaptive-gammas (at the bundle's
-threshold, and at each of --adaptive-thresholds), and vanilla SPEED with the standalone drafter of the same size and
+threshold, and at each of --adaptive-thresholds), step graphs at each of --auto-block-lengths with the runtime picking
+one per step (speed-auto; speed-h8-auto with int8 drafters), and vanilla SPEED with the standalone drafter of the same size and
 training budget. Tokens must equal the primary's; the script says so per row.
 """
 
@@ -119,6 +120,9 @@ def main():
                              "[default: the bundle's τ only].")
     parser.add_argument("--int4-weight-only", action="store_true",
                         help="Also the int4 weight-only rows (ONNX Runtime runs them 6x slower than float32).")
+    parser.add_argument("--auto-block-lengths", default="0,1,2",
+                        help="Block lengths of the speed-auto rows' step graphs (export --block-lengths), the runtime "
+                             "picking one per step from what it measures; 0 is a primary step [default: 0,1,2].")
     parser.add_argument("--only", default="",
                         help="Build and time only these artifacts (comma-separated names as the table prints them; "
                              "the primaries the ratios need are kept).")
@@ -145,6 +149,11 @@ def main():
         builds[f"speed-int4sym-h8-g{g}"] = ("ckpt", [*speed, "--passes", f"{INT4_SYMMETRIC},{INT8_DRAFTERS}"])
     builds.update({f"speed-h8-g{g}": ("ckpt", ["--mode", "speed", "-g", str(g), "--passes", INT8_DRAFT_HEAD])
                    for g in gammas_or(args.draft_head_gammas, [])})
+    auto = gammas_or(args.auto_block_lengths, [])
+    if auto:
+        speed = ["--mode", "speed", "-g", str(min(g for g in auto if g > 0)), "--block-lengths", args.auto_block_lengths]
+        builds["speed-auto"] = ("ckpt", speed)
+        builds["speed-h8-auto"] = ("ckpt", [*speed, "--passes", INT8_DRAFT_HEAD])
     if args.int4_weight_only:
         builds["primary-int4w"] = ("ckpt-q", ["--mode", "primary", "--passes", INT4_WEIGHT_ONLY])
         builds[f"speed-int4w-g{best_guess}"] = ("ckpt-q", ["--mode", "speed", "-g", str(best_guess),
@@ -190,6 +199,11 @@ def main():
             same = [r.tokens for r in runs[name]] == [r.tokens for r in runs[base]]
             print(f"| {name} | {rate:.1f} | {best['primary'] / best[name]:.2f} | {best[base] / best[name]:.2f} | "
                   f"{accepted_per_step(runs[name]):.2f} | {'yes' if same else 'NO'} |")
+        for name, a in artifacts.items():
+            if len(a.block_lengths) > 1:
+                steps = [g for r in runs[name] for g in r.block_lengths]
+                print(f"{name}: steps by block length " + ", ".join(f"γ={g}: {steps.count(g)}"
+                                                                    for g in a.block_lengths))
 
 
 if __name__ == "__main__":

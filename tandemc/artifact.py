@@ -20,7 +20,7 @@ from tandemc import __version__, safetensors_io
 from tandemc.config import TandemConfig
 from tandemc.errors import TandemcError
 from tandemc.program import Program
-from tandemc.trace import Graph, mode_params, named_leaves
+from tandemc.trace import Graph, mode_params, named_leaves, step_graph_name
 
 FORMAT = "tandemc-artifact"
 SCHEMA_VERSION = 1
@@ -101,7 +101,8 @@ def write_files(directory: Path, program: Program, graphs: list[Graph], graph_fi
     manifest = {
         "format": FORMAT, "schema_version": SCHEMA_VERSION, "tandemc_version": __version__, "target": target,
         "model": cfg.to_dict(),
-        "decode": {"mode": opts.mode, "block_length": program.gamma, "batch": opts.batch,
+        "decode": {"mode": opts.mode, "block_length": program.gamma,
+                   "block_lengths": list(opts.step_gammas(cfg)), "batch": opts.batch,
                    "prefill_chunk": opts.prefill_chunk, "max_new_tokens": opts.max_new_tokens,
                    "cache_buckets": list(opts.max_seq_len), "dtype": opts.dtype},
         "tokenizer": {"type": cfg.tokenizer.type, "file": cfg.tokenizer.file or None, "bos_id": tokenizer.bos_id,
@@ -190,6 +191,11 @@ def manifest_config(manifest: dict) -> TandemConfig:
     return TandemConfig.from_dict(manifest["model"])
 
 
+def block_lengths(decode: dict) -> list[int]:
+    """The block lengths an artifact has step graphs for (decode.block_lengths; artifacts from before it had one)."""
+    return decode.get("block_lengths", [decode.get("block_length")])
+
+
 def check_fields(manifest: dict, file: Path) -> None:
     """The fields a runtime reads, with the types it needs, and consistent with each other: the decode settings
     against every graph's inputs and outputs, the model against the logits. A manifest edited to claim another
@@ -212,6 +218,10 @@ def check_fields(manifest: dict, file: Path) -> None:
         bad("decode.cache_buckets", "a non-empty list of positive integers")
     if need(decode.get("mode"), str, "decode.mode", "a string") == "primary" and decode["block_length"] != 0:
         bad("decode.block_length", "0 in primary mode")
+    gammas = block_lengths(decode)
+    if not (isinstance(gammas, list) and gammas == sorted(set(gammas)) and decode["block_length"] in gammas
+            and all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g <= 64 for g in gammas)):
+        bad("decode.block_lengths", "an increasing list of block lengths in 0..64 holding decode.block_length")
     need(manifest.get("weights_file"), str, "weights_file", "a file name")
     tokenizer = need(manifest.get("tokenizer"), dict, "tokenizer", "an object")
     for name in ("bos_id", "eos_id"):
@@ -223,8 +233,9 @@ def check_fields(manifest: dict, file: Path) -> None:
     graphs = need(manifest.get("graphs"), dict, "graphs", "an object")
     if not graphs:
         bad("graphs", "a non-empty object")
+    step_names = {step_graph_name(g, decode["block_length"]): g for g in gammas}
     for seq_len in buckets:
-        for name in ("prefill", "step"):
+        for name in ("prefill", *step_names):
             if f"{name}.s{seq_len}" not in graphs:
                 raise TandemcError(f"{file}: cache length {seq_len} has no graph {name}.s{seq_len}; the artifact "
                                    "is incomplete: re-export it")
@@ -250,8 +261,9 @@ def check_fields(manifest: dict, file: Path) -> None:
         if not all(("outputs", o) in specs and ("inputs", i) in specs for o, i in state.items()):
             bad(f"{where}.state", "a map from this graph's outputs to its inputs")
         expected = {"prefill": {("inputs", "tokens"): [batch, chunk]},
-                    "step": {("inputs", "u"): [batch, 2 * gamma + 1],
-                             ("outputs", "logits"): [batch, gamma + 1, config.primary.vocab_size]},
+                    **{step: {("inputs", "u"): [batch, 2 * g + 1],
+                              ("outputs", "logits"): [batch, g + 1, config.primary.vocab_size]}
+                       for step, g in step_names.items()},
                     "generate": {("inputs", "u_steps"): [decode["max_new_tokens"], batch, 2 * gamma + 1]}}
         for (side, tensor), shape in expected.get(name, {}).items():
             if specs.get((side, tensor)) != shape:

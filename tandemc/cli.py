@@ -625,7 +625,9 @@ def _format_stats(s: dict, compiled: bool = True) -> str:
     return (f"steps {s['steps']}  new tokens {s['new_tokens']}  drafted {s['drafted']}  accepted {s['accepted']}  "
             f"mean accepted/step {s['mean_accepted_per_step']:.2f}  acceptance {s['acceptance_rate']:.1%}  "
             f"{s['seconds']:.2f}s" + (" (includes compilation)" if compiled else "")
-            + (f"  {s['tokens_per_second']:.1f} tokens/s" if "tokens_per_second" in s else ""))
+            + (f"  {s['tokens_per_second']:.1f} tokens/s" if "tokens_per_second" in s else "")
+            + ("  steps by block length " + " ".join(f"{g}:{n}" for g, n in s["steps_by_block_length"].items())
+               if "steps_by_block_length" in s else ""))
 
 
 @cli.command()
@@ -637,6 +639,10 @@ def _format_stats(s: dict, compiled: bool = True) -> str:
 @click.option("--mode", type=click.Choice(["speed", "tandem", "adaptive", "primary", "vanilla"]), default="speed",
               show_default=True, help="Decoding the graphs implement (primary and vanilla are the baselines).")
 @click.option("--block-length", "-g", default=0, help="Draft block length γ [default: the checkpoint's gamma_train].")
+@click.option("--block-lengths", default="",
+              help="Step graphs at these block lengths too (e.g. 0,1,2; 0: a primary step that keeps the drafter's "
+              "cache current); `tandemc run` then picks one per step from the acceptance and step times it measures "
+              "(docs/artifact.md, \"Block-length schedules\").")
 @click.option("--router-threshold", type=click.FloatRange(0.0, 1.0),
               help="adaptive: stop drafting where the router's predicted rejection exceeds this [default: the "
               "checkpoint's router.threshold, chosen by the router stage].")
@@ -661,7 +667,7 @@ def _format_stats(s: dict, compiled: bool = True) -> str:
               help="Prompts decoded by the artifact and the reference (--no-verify skips verification).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @json_option
-def export(checkpoint, target, out, mode, block_length, router_threshold, max_seq_len, batch, prefill_chunk,
+def export(checkpoint, target, out, mode, block_length, block_lengths, router_threshold, max_seq_len, batch, prefill_chunk,
            max_new_tokens, dtype, platforms, mesh, savedmodel, opt_level, pass_list, no_verify, verify_prompts, force,
            as_json):
     """Compile CHECKPOINT into a verified artifact directory for a target."""
@@ -671,7 +677,9 @@ def export(checkpoint, target, out, mode, block_length, router_threshold, max_se
     from tandemc.export import export as run
     from tandemc.program import ExportOptions
 
-    options = ExportOptions(mode=mode, block_length=block_length, max_seq_len=_parse_ints(max_seq_len, "--max-seq-len"),
+    options = ExportOptions(mode=mode, block_length=block_length,
+                            block_lengths=_parse_ints(block_lengths, "--block-lengths") if block_lengths else (),
+                            max_seq_len=_parse_ints(max_seq_len, "--max-seq-len"),
                             batch=batch, prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, dtype=dtype,
                             mesh=_parse_mesh(mesh) if mesh else None)
     start = time.perf_counter()
@@ -717,6 +725,9 @@ def list_passes(as_json):
 @click.option("--max-new-tokens", "-n", default=64, show_default=True)
 @sampling_options
 @click.option("--generate-graph", is_flag=True, help="One call of the in-graph generate loop instead of steps.")
+@click.option("--block-length", "-g", default=None,
+              help="'auto' or one of the artifact's block lengths (`export --block-lengths`) [default: auto where it "
+              "has several, else its one].")
 @click.option("--backend", type=click.Choice(["savedmodel", "iree", "onnxruntime"]),
               help="savedmodel: a tpu artifact's TensorFlow SavedModel; iree: its StableHLO compiled by IREE for "
               "this CPU; onnxruntime: a gpu artifact's ONNX graphs in ONNX Runtime (no TensorRT needed) [default: "
@@ -729,8 +740,8 @@ def list_passes(as_json):
               "(by scope: draft0.., verify, tandem_kv; and by operator) to stderr.")
 @click.option("--chat", is_flag=True, help="Send the prompt as a user turn through the model's chat template.")
 @json_option
-def run(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, generate_graph, backend, stats, threads,
-        profile, chat, as_json):
+def run(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, generate_graph, block_length, backend,
+        stats, threads, profile, chat, as_json):
     """Generate text with a compiled artifact."""
     from tandemc.runtime import load
 
@@ -738,7 +749,7 @@ def run(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, gene
     if chat:
         prompts = [_prompt_ids(p, True, loaded.config, loaded.tokenizer) for p in prompts]
     result = loaded.generate(list(prompts), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, seed=seed, use_generate_graph=generate_graph)
+                             top_p=top_p, seed=seed, use_generate_graph=generate_graph, block_length=block_length)
     if profile is not None:
         from tandemc.profiling import format_summary, summarize
 
@@ -828,7 +839,9 @@ def _inspect_artifact(path: Path, as_json: bool) -> None:
     d = m["decode"]
     lines = [f"{path}: tandemc artifact for {m['target']} (schema {m['schema_version']}, tandemc "
              f"{m['tandemc_version']}){'  platforms ' + ','.join(m['platforms']) if 'platforms' in m else ''}",
-             f"  decode: mode {d['mode']}  block length {d['block_length']}  batch {d['batch']}  prefill chunk "
+             f"  decode: mode {d['mode']}  block length {d['block_length']}"
+             + (f" (step graphs at {','.join(map(str, d['block_lengths']))})" if len(d.get('block_lengths', ())) > 1
+                else "") + f"  batch {d['batch']}  prefill chunk "
              f"{d['prefill_chunk']}  cache buckets {d['cache_buckets']}  generate {d['max_new_tokens']} tokens  "
              f"{d['dtype']}",
              f"  passes: {', '.join(p['name'] for p in m['passes']) or 'none'}"]

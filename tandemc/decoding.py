@@ -21,6 +21,7 @@ masked by position and overwritten later).
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import jax
@@ -366,6 +367,7 @@ class Generation:
     logits: list[np.ndarray] = field(default_factory=list)  # with record_logits: the step outputs' logits
     # with record_margins (the reference): per row, the first token's decision margin, then each of its steps'
     margins: list[list[float]] = field(default_factory=list)
+    block_lengths: list[int] = field(default_factory=list)  # the γ each step ran at (host-driven loops)
 
 
 _prefill = jax.jit(prefill, static_argnames=("cfg", "mode", "margins"), donate_argnames=("state",))
@@ -408,9 +410,16 @@ def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str =
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = -1,
              max_seq_len: int | None = None, record_logits: bool = False, record_margins: bool = False) -> Generation:
     """Generate up to max_new_tokens per prompt (token id lists) with the chosen mode; see module docstring.
-    `record_margins`: how close each sampling decision came to going another way (`Generation.margins`)."""
+    `block_length`: γ, or a schedule (tandemc.schedule) choosing it step by step. `record_margins`: how close each
+    sampling decision came to going another way (`Generation.margins`)."""
+    from tandemc.schedule import Fixed
+
     check_mode(cfg, mode, 1)  # before the mode picks a cache length
-    gamma = 0 if mode == "primary" else (cfg.gamma_train if block_length is None else block_length)
+    if mode == "primary" or block_length is None or isinstance(block_length, (int, np.integer)):
+        schedule = Fixed(0 if mode == "primary" else int(cfg.gamma_train if block_length is None else block_length))
+    else:
+        schedule = block_length
+    gamma = max(schedule.gammas)
     if max_seq_len is None:
         max_seq_len = min(c.max_seq_len for c in (cfg.primary, drafter_config(cfg, mode)) if c)
     check_request(cfg, mode, prompts, max_new_tokens, gamma, max_seq_len)
@@ -425,11 +434,11 @@ def generate(params, cfg: TandemConfig, prompts: list[list[int]], *, mode: str =
         return _prefill(params, cfg, mode, state, tokens, start, lengths, limit, u, sampling, eos,
                         margins=record_margins)
 
-    def step_call(state, u):
+    def step_call(state, u, gamma):
         return _step(params, cfg, mode, gamma, state, u, sampling, eos, margins=record_margins)
 
     return decode_loop(prefill_call, step_call, state, prompts, batch=len(prompts),
-                       chunk=max(len(p) for p in prompts), gamma=gamma, max_new_tokens=max_new_tokens, seed=seed,
+                       chunk=max(len(p) for p in prompts), schedule=schedule, max_new_tokens=max_new_tokens, seed=seed,
                        eos_id=eos_id, greedy=temperature == 0, record_logits=record_logits,
                        record_margins=record_margins)
 
@@ -447,24 +456,25 @@ def pad_prompts(prompts: list[list[int]], batch: int, width: int, max_new_tokens
     return tokens, lengths, limit
 
 
-def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, batch: int, chunk: int, gamma: int,
+def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, batch: int, chunk: int, schedule,
                 max_new_tokens: int, seed: int, eos_id: int, greedy: bool = False, record_logits: bool = False,
                 record_margins: bool = False, read=lambda state, name: np.asarray(state[name])) -> Generation:
     """Drive prefill chunks, then steps until every row is done: the host loop every backend shares.
 
-    `prefill_call(state, tokens [B, C], start [B], lengths [B], limit [B], u [B, 1])` and `step_call(state, u)`
-    return the new state and, for a step, its outputs; `read(state, name)` gives a state field (`token`, `done`)
-    as a host array. Up to `batch` prompts (see `pad_prompts`). Uniforms come from the documented stream (call 0 for
-    every prefill chunk, call n for step n), so any backend draws the same tokens; `greedy` decoding reads none,
-    so it gets zeros. `record_margins`: the state has a `margin` field and steps a `margin` output (the
-    reference's, `step(margins=True)`), collected into `Generation.margins`.
+    `prefill_call(state, tokens [B, C], start [B], lengths [B], limit [B], u [B, 1])` and
+    `step_call(state, u, gamma)` return the new state and, for a step, its outputs; `read(state, name)` gives a
+    state field (`token`, `done`) as a host array. `schedule` (tandemc.schedule) picks each step's block length γ
+    and is told what the step did. Up to `batch` prompts (see `pad_prompts`). Uniforms come from the documented
+    stream (call 0 for every prefill chunk, call n for step n, 2γ + 1 per row), so any backend on the same schedule
+    draws the same tokens; `greedy` decoding reads none, so it gets zeros. `record_margins`: the state has a
+    `margin` field and steps a `margin` output (the reference's, `step(margins=True)`), collected into
+    `Generation.margins`.
     """
     n = len(prompts)
     tokens, lengths, limit = pad_prompts(prompts, batch, -(-max(len(p) for p in prompts) // chunk) * chunk,
                                          max_new_tokens)
     padded = tokens.shape[1]
-    zeros = np.zeros((batch, 2 * gamma + 1), np.float32)
-    u0 = zeros[:, :1] if greedy else uniforms(seed, 0, batch, 1)
+    u0 = np.zeros((batch, 1), np.float32) if greedy else uniforms(seed, 0, batch, 1)
     for start in range(0, padded, chunk):
         state = prefill_call(state, tokens[:, start:start + chunk], np.full((batch,), start, np.int32), lengths,
                              limit, u0)
@@ -472,15 +482,22 @@ def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, bat
     margins = [[float(m)] for m in read(state, "margin")[:n]] if record_margins else []
     stats = Stats()
     accepted_per_step: list[list[int]] = [[] for _ in prompts]
+    block_lengths: list[int] = []
     logits: list[np.ndarray] = []
     call = 0
     done = read(state, "done")
     while not done.all():
         call += 1
         active = ~done
-        state, outputs = step_call(state, zeros if greedy else uniforms(seed, call, batch, 2 * gamma + 1))
+        gamma = schedule.next()
+        u = np.zeros((batch, 2 * gamma + 1), np.float32) if greedy else uniforms(seed, call, batch, 2 * gamma + 1)
+        start_time = time.perf_counter()
+        state, outputs = step_call(state, u, gamma)
         done = read(state, "done")
         emitted, n_emitted, accepted = (np.asarray(outputs[k]) for k in ("emitted", "n_emitted", "accepted"))
+        schedule.observe(gamma, np.asarray(outputs["drafted"])[active], accepted[active],
+                         time.perf_counter() - start_time)
+        block_lengths.append(gamma)
         stats.steps += 1
         stats.row_steps += int(active.sum())
         stats.drafted += int(np.asarray(outputs["drafted"]).sum())
@@ -495,7 +512,7 @@ def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, bat
                 margins[row].append(float(step_margins[row]))
     tokens_out = [_truncate(row, max_new_tokens, eos_id) for row in out]
     stats.new_tokens = sum(len(r) for r in tokens_out)
-    return Generation(tokens_out, stats.as_dict(), accepted_per_step, logits, margins)
+    return Generation(tokens_out, stats.as_dict(), accepted_per_step, logits, margins, block_lengths)
 
 
 def _truncate(row: list[int], limit: int, eos_id: int) -> list[int]:

@@ -26,6 +26,7 @@ class ExportOptions:
 
     mode: str = "speed"
     block_length: int = 0  # γ; 0 = the checkpoint's gamma_train (ignored in `primary` mode)
+    block_lengths: tuple[int, ...] = ()  # step graphs at these γ too (0: primary steps); the runtime picks per step
     max_seq_len: tuple[int, ...] = (256,)  # cache-length buckets S: prompt + new tokens must fit in one
     batch: int = 1
     prefill_chunk: int = 64  # C: prompt tokens per prefill call
@@ -38,8 +39,21 @@ class ExportOptions:
             return 0
         return self.block_length or cfg.gamma_train
 
+    def step_gammas(self, cfg: TandemConfig) -> tuple[int, ...]:
+        """Every block length with a step graph, the default γ among them."""
+        return tuple(sorted({self.gamma(cfg), *self.block_lengths}))
+
     def validate(self, cfg: TandemConfig) -> "ExportOptions":
         check_mode(cfg, self.mode, self.gamma(cfg) if self.mode in MODES else 1)
+        if self.block_lengths and self.mode == "primary":
+            raise TandemcError("--block-lengths needs a drafting mode (speed, tandem, adaptive or vanilla), not primary")
+        if 0 in self.block_lengths and self.mode == "vanilla":
+            raise TandemcError("--block-lengths 0 (primary steps) keeps a tandem secondary's cache current from the "
+                               "primary's states, but a standalone drafter would miss those tokens: use 1 or more "
+                               "with --mode vanilla")
+        if not all(0 <= g <= 64 for g in self.block_lengths):
+            raise TandemcError(f"--block-lengths values must be in 0..64 (0: primary-only steps), got "
+                               f"{','.join(map(str, self.block_lengths))}")
         if self.dtype not in DTYPES:
             raise TandemcError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.batch < 1:
@@ -68,10 +82,11 @@ class ExportOptions:
         """Cache rows for bucket S: a verify block writes γ positions past the last committed token, and the last
         prefill chunk may run past the prompt up to a multiple of C. Nothing is ever written out of range."""
         chunks = -(-seq_len // self.prefill_chunk)
-        return max(seq_len + self.gamma(cfg), chunks * self.prefill_chunk)
+        return max(seq_len + max(self.step_gammas(cfg)), chunks * self.prefill_chunk)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "max_seq_len": list(self.max_seq_len),
+                "block_lengths": list(self.block_lengths),
                 "mesh": list(self.mesh) if self.mesh else None}
 
 
@@ -117,7 +132,10 @@ def with_draft_head(cfg: TandemConfig, params: dict[str, Any]) -> dict[str, Any]
 def program_for_artifact(ckpt, manifest: dict) -> Program:
     """The Program an artifact was exported from, rebuilt from its checkpoint and the manifest's decode options."""
     d = manifest["decode"]
-    options = ExportOptions(mode=d["mode"], block_length=d["block_length"] if d["mode"] != "primary" else 0, max_seq_len=tuple(d["cache_buckets"]),
+    gamma = d["block_length"] if d["mode"] != "primary" else 0
+    options = ExportOptions(mode=d["mode"], block_length=gamma,
+                            block_lengths=tuple(g for g in d.get("block_lengths", ()) if g != gamma),
+                            max_seq_len=tuple(d["cache_buckets"]),
                             batch=d["batch"], prefill_chunk=d["prefill_chunk"], max_new_tokens=d["max_new_tokens"],
                             dtype=d["dtype"])
     from tandemc.export import make_program

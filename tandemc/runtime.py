@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from tandemc import safetensors_io
-from tandemc.artifact import manifest_config, read_manifest
+from tandemc.artifact import block_lengths, manifest_config, read_manifest
 from tandemc.decoding import Generation, Stats, check_prompts, decode_loop, pad_prompts
 from tandemc.errors import TandemcError
 from tandemc.sampling import check_sampling, uniforms
+from tandemc.schedule import StepTimes, make as make_schedule
 from tandemc.tokenizer import load_tokenizer
+from tandemc.trace import step_graph_name
 
 
 def check_signature(file: Path, entry: dict, inputs: list, outputs: list) -> None:
@@ -245,6 +247,9 @@ class OnnxBackend:
     one the call's state inputs do not live in (ping-pong), shared by the graphs of a cache bucket. Bindings
     are kept per (graph, set) and only the per-call inputs (uniforms, controls, prompt chunks) are rebound.
     State returned by a call stays valid until the call after next; the caller's loop only keeps the latest.
+    Where the artifact has step graphs at several block lengths, each session's threads stop spinning at the end
+    of its run: left spinning, they take the two cores from the next step's session (measured on SmolLM2-135M:
+    a step at γ = 0 or 1 right after one at γ = 2 took twice its time).
     """
 
     def __init__(self, path: Path, manifest: dict, weights: dict[str, np.ndarray], threads: int = 0,
@@ -253,11 +258,15 @@ class OnnxBackend:
 
         self._ort = ort
 
+        switching = len(block_lengths(manifest["decode"])) > 1  # a schedule calls several step graphs in turn
+
         def session(key, entry):
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.log_severity_level = 3
+            if switching:  # stop the pool's spinning after each run, or it steals the cores from the next graph's
+                options.add_session_config_entry("session.force_spinning_stop", "1")
             for name, value in manifest.get("onnx_session_config", {}).items():
                 options.add_session_config_entry(name, value)
             if profile is not None:  # ONNX Runtime's own trace, one file per graph (end_profiling writes it)
@@ -376,6 +385,7 @@ class Artifact:
             raise TandemcError(f"the {backend} backend does not run {self.manifest['target']} artifacts; use one of "
                                f"{', '.join(runs[self.manifest['target']])}")
         self.backend = BACKENDS[backend](self.path, self.manifest, weights, **options)
+        self._step_times: dict[int, StepTimes] = {}  # per cache length: what a step at each γ takes here
 
     # --- one request of up to `batch` prompts --------------------------------------------------------------
 
@@ -400,13 +410,22 @@ class Artifact:
     def _controls(self, temperature, top_k, top_p, eos_id) -> list[np.ndarray]:
         return [np.float32(temperature), np.int32(top_k), np.float32(top_p), np.int32(eos_id)]
 
+    @property
+    def block_lengths(self) -> list[int]:
+        """The block lengths this artifact has step graphs for (`export --block-lengths`)."""
+        return block_lengths(self.decode)
+
     def run_steps(self, prompts: list[list[int]], max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0,
-                  seed=0, eos_id=-1, record_logits=False) -> Generation:
-        """Host-driven loop over the `prefill` and `step` graphs (one batch of up to `batch` prompts)."""
+                  seed=0, eos_id=-1, record_logits=False, block_length=None) -> Generation:
+        """Host-driven loop over the `prefill` and `step` graphs (one batch of up to `batch` prompts).
+        `block_length`: None or "auto" (the measured schedule where the artifact has several step graphs, else
+        its one), one of `block_lengths`, or a schedule object (tandemc.schedule)."""
         seq_len = self.bucket(max(len(p) for p in prompts), max_new_tokens)
+        schedule = make_schedule(block_length, self.block_lengths, self.decode["block_length"],
+                                 self._step_times.setdefault(seq_len, StepTimes()))
         controls = self._controls(temperature, top_k, top_p, eos_id)
         prefill_key, prefill = self._graph("prefill", seq_len)
-        step_key, step = self._graph("step", seq_len)
+        steps = {g: self._graph(step_graph_name(g, self.decode["block_length"]), seq_len) for g in schedule.gammas}
         # State travels as {input name: array}; every state input starts as zeros (docs/artifact.md).
         backend = self.backend
         state = {spec["name"]: backend.zeros(spec["shape"], spec["dtype"]) for spec in prefill["inputs"]
@@ -414,7 +433,7 @@ class Artifact:
 
         names = {key: ([spec["name"] for spec in entry["inputs"] if spec["name"] in state],
                        [(o["name"], entry["state"].get(o["name"])) for o in entry["outputs"]])
-                 for key, entry in ((prefill_key, prefill), (step_key, step))}
+                 for key, entry in ((prefill_key, prefill), *steps.values())}
 
         def call(key, entry, state, inputs):
             state_names, output_names = names[key]
@@ -429,12 +448,12 @@ class Artifact:
         def prefill_call(state, tokens, start, lengths, limit, u):
             return call(prefill_key, prefill, state, [tokens, start, lengths, limit, u, *controls])[0]
 
-        def step_call(state, u):
-            new_state, outputs = call(step_key, step, state, [u, *controls])
+        def step_call(state, u, gamma):
+            new_state, outputs = call(*steps[gamma], state, [u, *controls])
             return new_state, {k: backend.to_host(v) for k, v in outputs.items()}
 
         return decode_loop(prefill_call, step_call, state, prompts, batch=self.decode["batch"],
-                           chunk=self.decode["prefill_chunk"], gamma=self.decode["block_length"],
+                           chunk=self.decode["prefill_chunk"], schedule=schedule,
                            max_new_tokens=max_new_tokens, seed=seed, eos_id=eos_id, greedy=temperature == 0,
                            record_logits=record_logits,
                            read=lambda state, name: backend.to_host(state["state." + name]))
@@ -468,16 +487,27 @@ class Artifact:
     # --- the user-facing call --------------------------------------------------------------------------------
 
     def generate(self, prompts: list[str] | list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_generate_graph: bool = False) -> Result:
-        """Text or token-id prompts → tokens, text and statistics; batches of the artifact's batch size."""
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_generate_graph: bool = False,
+                 block_length=None) -> Result:
+        """Text or token-id prompts → tokens, text and statistics; batches of the artifact's batch size.
+        `block_length` (host-driven steps): see `run_steps`; the generate graph runs the default γ only."""
         if isinstance(prompts, str):
             prompts = [prompts]
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         check_prompts(ids, max_new_tokens)
         check_sampling(temperature, top_k, top_p)
-        run = self.run_generate if use_generate_graph else self.run_steps
+        if use_generate_graph:
+            if block_length not in (None, self.decode["block_length"]):
+                raise TandemcError(f"the generate graph runs block length {self.decode['block_length']} only; "
+                                   "drop --generate-graph to choose the block length")
+            run = self.run_generate
+        else:
+            make_schedule(block_length, self.block_lengths, self.decode["block_length"])  # refused before any work
+
+            def run(*args):
+                return self.run_steps(*args, block_length=block_length)
         batch = self.decode["batch"]
-        tokens, total = [], Stats()
+        tokens, total, steps_at = [], Stats(), {}
         start = time.perf_counter()
         for first in range(0, len(ids), batch):
             result = run(ids[first:first + batch], max_new_tokens, temperature, top_k, top_p, seed,
@@ -485,9 +515,13 @@ class Artifact:
             tokens += result.tokens
             total = total + Stats(**{k: result.stats[k] for k in ("steps", "row_steps", "drafted", "accepted",
                                                                    "new_tokens")})
+            for gamma in result.block_lengths:
+                steps_at[gamma] = steps_at.get(gamma, 0) + 1
         seconds = time.perf_counter() - start
         stats = {**total.as_dict(), "seconds": round(seconds, 4),
                  "tokens_per_second": round(total.new_tokens / seconds, 2) if seconds > 0 else 0.0}
+        if len(self.block_lengths) > 1:
+            stats["steps_by_block_length"] = {str(g): steps_at[g] for g in sorted(steps_at)}
         return Result(tokens, [self.tokenizer.decode(t) for t in tokens], stats)
 
 

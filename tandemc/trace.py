@@ -47,7 +47,7 @@ class TensorSpec:
 class Graph:
     """A traceable function over flat arrays, with named inputs (weights first) and outputs."""
 
-    name: str  # "prefill", "step" or "generate"
+    name: str  # "prefill", "step" (step_g<γ> at other block lengths) or "generate"
     seq_len: int  # the cache-length bucket S
     fn: Callable[..., tuple]
     weights: list[TensorSpec]
@@ -90,9 +90,10 @@ def mode_params(params: dict[str, Any], mode: str) -> dict[str, Any]:
 
 
 def build_graphs(program: Program) -> list[Graph]:
-    """prefill, step and generate for every cache-length bucket."""
+    """prefill, step (one per block length of `--block-lengths`) and generate for every cache-length bucket."""
     cfg, opts = program.config, program.options
     mode, gamma, batch = opts.mode, program.gamma, opts.batch
+    step_gammas = opts.step_gammas(cfg)
     weights_tree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), mode_params(program.params, mode))
     weight_specs = specs_of(weights_tree)
     weights_def = jax.tree.structure(weights_tree)
@@ -134,18 +135,20 @@ def build_graphs(program: Program) -> list[Graph]:
                                            vec("lengths"), vec("limit"), TensorSpec("u", (batch, 1), "float32")]
                             + sampling_specs, new_state_specs, wiring))
 
-        def step_fn(*args):
-            weights, state, rest = split(args)
-            sampling, eos_id = controls(rest[1:])
-            new, out = decoding.step(weights, cfg, mode, gamma, state, rest[0], sampling, eos_id)
-            return (*jax.tree.leaves(new), out["emitted"], out["n_emitted"], out["accepted"], out["drafted"],
-                    out["logits"])
+        for step_gamma in step_gammas:  # the default γ's graph is "step", the others "step_g<γ>"
+            def step_fn(*args, step_gamma=step_gamma):
+                weights, state, rest = split(args)
+                sampling, eos_id = controls(rest[1:])
+                new, out = decoding.step(weights, cfg, mode, step_gamma, state, rest[0], sampling, eos_id)
+                return (*jax.tree.leaves(new), out["emitted"], out["n_emitted"], out["accepted"], out["drafted"],
+                        out["logits"])
 
-        step_outputs = [TensorSpec("emitted", (batch, gamma + 1), "int32"), vec("n_emitted"), vec("accepted"),
-                        vec("drafted"), TensorSpec("logits", (batch, gamma + 1, vocab), "float32")]
-        graphs.append(Graph("step", seq_len, step_fn, weight_specs,
-                            state_specs + [TensorSpec("u", (batch, 2 * gamma + 1), "float32")] + sampling_specs,
-                            new_state_specs + step_outputs, wiring))
+            step_outputs = [TensorSpec("emitted", (batch, step_gamma + 1), "int32"), vec("n_emitted"),
+                            vec("accepted"), vec("drafted"), TensorSpec("logits", (batch, step_gamma + 1, vocab),
+                                                                        "float32")]
+            graphs.append(Graph(step_graph_name(step_gamma, gamma), seq_len, step_fn, weight_specs,
+                                state_specs + [TensorSpec("u", (batch, 2 * step_gamma + 1), "float32")]
+                                + sampling_specs, new_state_specs + step_outputs, wiring))
 
         prompt_width = -(-seq_len // chunk) * chunk
         n_new = opts.max_new_tokens
@@ -163,9 +166,14 @@ def build_graphs(program: Program) -> list[Graph]:
                              TensorSpec("u_steps", (n_new, batch, 2 * gamma + 1), "float32")] + sampling_specs,
                             [TensorSpec("new_tokens", (batch, n_new), "int32"), vec("n_tokens"), vec("steps"),
                              vec("accepted"), vec("drafted")], {}))
-        for graph in graphs[-3:]:
-            graph.max_position = cache_len + 2 * gamma + 1
+        for graph in graphs[-2 - len(step_gammas):]:
+            graph.max_position = cache_len + 2 * max(step_gammas) + 1
     return graphs
+
+
+def step_graph_name(gamma: int, default: int) -> str:
+    """"step" runs the artifact's default block length; "step_g<γ>" the others of `--block-lengths`."""
+    return "step" if gamma == default else f"step_g{gamma}"
 
 
 def generate_in_graph(weights, program: Program, cache_len: int, tokens, lengths, limit, u_prefill, u_steps,

@@ -1,6 +1,7 @@
 """Checking an artifact against the JAX reference on the same Program (same weights, dtype and passes).
 
-Greedy tokens must be identical (host-driven steps and the in-graph `generate`), sampled tokens for fixed seeds
+Greedy tokens must be identical (host-driven steps and the in-graph `generate`; an artifact with step graphs at
+several block lengths runs them in turn, the reference on the same schedule), sampled tokens for fixed seeds
 must be identical up to near-ties, and the primary's logits must agree within the dtype's tolerance at every
 position up to a row's first differing token (after it the two decode different text).
 
@@ -31,6 +32,7 @@ import numpy as np
 from tandemc.decoding import generate as reference_generate
 from tandemc.passes.quantize import kinds as quantized_kinds, with_float_activations
 from tandemc.program import Program
+from tandemc.schedule import Cycle
 
 # max |Δlogits| allowed between an artifact and the reference, by dtype: different compilers reorder float sums.
 LOGIT_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
@@ -152,6 +154,12 @@ def verify(artifact, program: Program, prompts: int = 4, seeds: tuple[int, ...] 
     quantized_activations = "qa" in quantized_kinds(program.params)
     float_activations = jax.tree.map(jnp.asarray, with_float_activations(program.params))
     eos = artifact.tokenizer.eos_id
+    gammas = opts.step_gammas(program.config)
+
+    def schedule():
+        """Several step graphs: each in turn, the reference on the same schedule; else the default."""
+        return Cycle(gammas) if len(gammas) > 1 else None
+
     generate_ok = True
     sampled_rows, sampled_identical, divergences = 0, 0, []
     greedy_rows, greedy_divergences = 0, []
@@ -166,14 +174,14 @@ def verify(artifact, program: Program, prompts: int = 4, seeds: tuple[int, ...] 
 
         def reference(batch, weights=params, **kw):
             return reference_generate(weights, program.config, batch, mode=opts.mode,
-                                      block_length=program.gamma or None, max_new_tokens=max_new, eos_id=eos,
-                                      max_seq_len=seq_len, **kw)
+                                      block_length=schedule() or program.gamma or None, max_new_tokens=max_new,
+                                      eos_id=eos, max_seq_len=seq_len, **kw)
 
         bucket_prompts = verification_prompts(program, prompts, longest, seed=seq_len)
         for first in range(0, len(bucket_prompts), opts.batch):
             batch = bucket_prompts[first:first + opts.batch]
             ref = reference(batch, record_logits=True, record_margins=True)  # the sampled runs' compiled program
-            got = artifact.run_steps(batch, max_new, eos_id=eos, record_logits=True)
+            got = artifact.run_steps(batch, max_new, eos_id=eos, record_logits=True, block_length=schedule())
             if quantized_activations:
                 alt = reference(batch, weights=float_activations, record_logits=True)
                 noise += logit_diffs(alt, ref)
@@ -190,7 +198,7 @@ def verify(artifact, program: Program, prompts: int = 4, seeds: tuple[int, ...] 
                 generate_ok &= artifact.run_generate(batch, max_new, eos_id=eos).tokens == ref.tokens
             for seed in seeds:
                 ref_s = reference(batch, seed=seed, record_margins=True, **SAMPLING)
-                got_s = artifact.run_steps(batch, max_new, seed=seed, eos_id=eos, **SAMPLING)
+                got_s = artifact.run_steps(batch, max_new, seed=seed, eos_id=eos, block_length=schedule(), **SAMPLING)
                 for row, (got_row, ref_row) in enumerate(zip(got_s.tokens, ref_s.tokens)):
                     sampled_rows += 1
                     divergence = sampled_divergence(got_row, ref_row, ref_s.accepted[row], ref_s.margins[row])

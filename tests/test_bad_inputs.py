@@ -245,7 +245,7 @@ def widen_first_input(entry):
 
 ARTIFACT_CASES.update({  # manifests edited to describe other graphs than they hold
     "mode changed to speed": (lambda art: edit_manifest(art, lambda m: m["decode"].update(
-        mode="speed", block_length=4)), "decode settings"),
+        mode="speed", block_length=4, block_lengths=[4])), "decode settings"),
     "block length in primary mode": (lambda art: edit_manifest(art, lambda m: m["decode"].update(block_length=2)),
                                      "0 in primary mode"),
     "batch changed": (lambda art: edit_manifest(art, lambda m: m["decode"].update(batch=3)), "decode settings"),
@@ -272,6 +272,12 @@ ARTIFACT_CASES.update({  # manifests edited to describe other graphs than they h
     "graph name not its key": (in_graph("step.s48", lambda e: e.update(name="prefill")), "seq_len"),
     "step graph not listed": (lambda art: edit_manifest(art, lambda m: m["graphs"].pop("step.s48")),
                               "has no graph step.s48"),
+    "block lengths claim a graph": (lambda art: edit_manifest(art, lambda m: m["decode"].update(
+        block_lengths=[0, 2])), "has no graph step_g2.s48"),
+    "block lengths without the default": (lambda art: edit_manifest(art, lambda m: m["decode"].update(
+        block_lengths=[1])), "decode.block_lengths"),
+    "block lengths not a list": (lambda art: edit_manifest(art, lambda m: m["decode"].update(block_lengths="0")),
+                                 "decode.block_lengths"),
 })
 
 
@@ -393,6 +399,12 @@ COMMAND_CASES = {  # (edit the checkpoint copy or None, args after the checkpoin
     "pass keep names nothing": (None, export_passes("quantize_int8:keep=nonsense"), "keep='nonsense'"),
     "pass option without a value": (None, export_passes("quantize_int8:block"), "key=value"),
     "unknown pass": (None, export_passes("fuse_all"), "unknown pass"),
+    "block lengths in primary mode": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--mode",
+                                             "primary", "--block-lengths", "0,1"], "needs a drafting mode"),
+    "block lengths out of range": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--block-lengths",
+                                          "1,65"], "in 0..64"),
+    "block lengths not integers": (None, ["export", "{ckpt}", "--target", "cpu", "-o", "{out}", "--block-lengths",
+                                          "1,two"], "--block-lengths takes integers"),
     "config nested too deeply": (raw_config('{"a":' * 100000 + "1" + "}" * 100000),
                                  ["inspect", "{ckpt}"], "nested too deeply"),
     "config not JSON": (raw_config("{"), ["inspect", "{ckpt}"], "config"),
