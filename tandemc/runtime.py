@@ -284,14 +284,20 @@ class OnnxBackend:
 
         if profile is not None:
             Path(profile).mkdir(parents=True, exist_ok=True)
-        self._sessions = {key: (session(key, entry), entry) for key, entry in manifest["graphs"].items()}
+        self._graphs, self._new_session = manifest["graphs"], session
+        # The step loop's graphs open now; `generate` (one call per request, rarely used) on first use: each
+        # session holds its own prepacked copy of the weights (SmolLM2-135M: ~0.55 GB).
+        self._sessions: dict[str, tuple] = {}
+        for key, entry in manifest["graphs"].items():
+            if entry["name"] != "generate":
+                self._open(key)
         self._state = StateBuffers(self.zeros)
         self._first_state = {key: first_state_input(entry, caches=False) for key, entry in manifest["graphs"].items()}
         self._bindings: dict[tuple, tuple] = {}  # (graph, set) → what _plan returns
 
     def _plan(self, key: str, which: int):
         """The binding of graph `key` writing buffer set `which`, and how to return each output."""
-        session, entry = self._sessions[key]
+        session, entry = self._open(key)
         binding = session.io_binding()
         returns = []  # per output: ("copy", OrtValue) | ("state", OrtValue) | ("cache", its input's name)
         for spec in entry["outputs"]:
@@ -329,6 +335,17 @@ class OnnxBackend:
         session.run_with_iobinding(binding)
         return [value.numpy().copy() if kind == "copy" else bound[value][1] if kind == "cache" else value
                 for kind, value in returns]
+
+    def _open(self, key: str) -> tuple:
+        """(session, manifest entry) of graph `key`, opened on first use."""
+        if key not in self._sessions:
+            self._sessions[key] = (self._new_session(key, self._graphs[key]), self._graphs[key])
+        return self._sessions[key]
+
+    def prepare(self, keys) -> None:
+        """Open the sessions of graphs `keys` now, so that no timed call pays for it."""
+        for key in keys:
+            self._open(key)
 
     def end_profiling(self) -> dict[str, Path]:
         """Stop ONNX Runtime's profiler (sessions opened with `profile`); the trace file of each graph that ran."""
@@ -500,6 +517,8 @@ class Artifact:
             if block_length not in (None, self.decode["block_length"]):
                 raise TandemcError(f"the generate graph runs block length {self.decode['block_length']} only; "
                                    "drop --generate-graph to choose the block length")
+            if hasattr(self.backend, "prepare"):
+                self.backend.prepare(k for k, g in self.manifest["graphs"].items() if g["name"] == "generate")
             run = self.run_generate
         else:
             make_schedule(block_length, self.block_lengths, self.decode["block_length"])  # refused before any work
