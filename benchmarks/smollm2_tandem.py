@@ -14,7 +14,8 @@ ONNX Runtime GenAI's builder does; with --int4-weight-only float activations), T
 drafters in int8 at --draft-head-gammas; with int4 primaries at --int4-gammas), the adaptive block
 length (router, where the bundle has one) up to the largest γ or to each of --adaptive-gammas (at the bundle's
 threshold, and at each of --adaptive-thresholds), step graphs at each of --auto-block-lengths with the runtime picking
-one per step (speed-auto; speed-h8-auto with int8 drafters), and vanilla SPEED with the standalone drafter of the same size and
+one per step (speed-auto; speed-h8-auto with int8 drafters; speed-int4sym-h8-auto with the symmetric int4 primary
+too), and vanilla SPEED with the standalone drafter of the same size and
 training budget. Tokens must equal the primary's; the script says so per row.
 """
 
@@ -154,6 +155,7 @@ def main():
         speed = ["--mode", "speed", "-g", str(min(g for g in auto if g > 0)), "--block-lengths", args.auto_block_lengths]
         builds["speed-auto"] = ("ckpt", speed)
         builds["speed-h8-auto"] = ("ckpt", [*speed, "--passes", INT8_DRAFT_HEAD])
+        builds["speed-int4sym-h8-auto"] = ("ckpt", [*speed, "--passes", f"{INT4_SYMMETRIC},{INT8_DRAFTERS}"])
     if args.int4_weight_only:
         builds["primary-int4w"] = ("ckpt-q", ["--mode", "primary", "--passes", INT4_WEIGHT_ONLY])
         builds[f"speed-int4w-g{best_guess}"] = ("ckpt-q", ["--mode", "speed", "-g", str(best_guess),
