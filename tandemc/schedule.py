@@ -85,10 +85,9 @@ class Measured:
     α is estimated from the recent steps (each draft accepted, each step stopped by a rejection, weighted by
     `decay` per step: a stretch of boilerplate lifts it, prose brings it down), afresh for each request. T comes
     from `times` (StepTimes, which a runtime keeps across requests); a γ not yet timed, or not run for
-    `retime_every` steps, runs next. γ = 0 drafts nothing,
-    so α is not seen while it runs: after `probe_every` such steps in a row, one step at the smallest γ > 0 looks
-    again. Decisions follow measured time, so with sampling a seed fixes the tokens only at a fixed block length;
-    greedy tokens are the primary's either way.
+    `retime_every` steps, runs next. γ = 0 drafts nothing, so α is not seen while it runs: after `probe_every`
+    such steps in a row, one step at the smallest γ > 0 looks again. Decisions follow measured time, so with
+    sampling a seed fixes the tokens only at a fixed block length; greedy tokens are the primary's either way.
     """
 
     def __init__(self, gammas, times: StepTimes | None = None, decay: float = 0.9, probe_every: int = 8,
