@@ -826,7 +826,7 @@ def _verify_summary(report: dict) -> str:
 
 
 def _inspect_artifact(path: Path, as_json: bool) -> None:
-    from tandemc.artifact import read_manifest
+    from tandemc.artifact import block_lengths, read_manifest
 
     m = read_manifest(path)
     sizes = {name: (path / name).stat().st_size for name in m["files"]}
@@ -840,8 +840,8 @@ def _inspect_artifact(path: Path, as_json: bool) -> None:
     lines = [f"{path}: tandemc artifact for {m['target']} (schema {m['schema_version']}, tandemc "
              f"{m['tandemc_version']}){'  platforms ' + ','.join(m['platforms']) if 'platforms' in m else ''}",
              f"  decode: mode {d['mode']}  block length {d['block_length']}"
-             + (f" (step graphs at {','.join(map(str, d['block_lengths']))})" if len(d.get('block_lengths', ())) > 1
-                else "") + f"  batch {d['batch']}  prefill chunk "
+             + (f" (step graphs at {','.join(map(str, block_lengths(d)))})" if len(block_lengths(d)) > 1 else "")
+             + f"  batch {d['batch']}  prefill chunk "
              f"{d['prefill_chunk']}  cache buckets {d['cache_buckets']}  generate {d['max_new_tokens']} tokens  "
              f"{d['dtype']}",
              f"  passes: {', '.join(p['name'] for p in m['passes']) or 'none'}"]

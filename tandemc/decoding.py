@@ -494,13 +494,13 @@ def decode_loop(prefill_call, step_call, state, prompts: list[list[int]], *, bat
         start_time = time.perf_counter()
         state, outputs = step_call(state, u, gamma)
         done = read(state, "done")
-        emitted, n_emitted, accepted = (np.asarray(outputs[k]) for k in ("emitted", "n_emitted", "accepted"))
-        schedule.observe(gamma, np.asarray(outputs["drafted"])[active], accepted[active],
-                         time.perf_counter() - start_time)
+        emitted, n_emitted, accepted, drafted = (np.asarray(outputs[k])
+                                                 for k in ("emitted", "n_emitted", "accepted", "drafted"))
+        schedule.observe(gamma, drafted[active], accepted[active], time.perf_counter() - start_time)
         block_lengths.append(gamma)
         stats.steps += 1
         stats.row_steps += int(active.sum())
-        stats.drafted += int(np.asarray(outputs["drafted"]).sum())
+        stats.drafted += int(drafted.sum())
         stats.accepted += int(accepted.sum())
         step_margins = np.asarray(outputs["margin"]) if record_margins else None
         if record_logits:
