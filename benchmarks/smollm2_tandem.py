@@ -17,6 +17,12 @@ threshold, and at each of --adaptive-thresholds), step graphs at each of --auto-
 one per step (speed-auto; speed-h8-auto with int8 drafters; speed-int4sym-h8-auto with the symmetric int4 primary
 too), and vanilla SPEED with the standalone drafter of the same size and
 training budget. Tokens must equal the primary's; the script says so per row.
+
+--sets trained-code,trained-chat times prompts the drafters trained on instead (the first code windows and chat
+questions of examples/train_smollm2.sh's data that its training split holds, rebuilt with the script's settings):
+the primary's greedy continuations of them are the drafters' own training targets, which they predict at about 0.8
+per draft. Not a figure of merit (the bars are on held-out text); it is what the same artifacts do where drafts are
+accepted at that rate, which separates the drafters' share of a speedup from the compiler's.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from common import best_in_turns, machine_line, timed  # noqa: E402
 from smollm2_decode import gguf_file, tandemc  # noqa: E402
 
 from tandemc.checkpoint import load_checkpoint  # noqa: E402
-from tandemc.data import is_held_out, list_files  # noqa: E402
+from tandemc.data import is_held_out, list_files, load_corpus  # noqa: E402
+from tandemc.primary_corpus import chat_questions, python_functions  # noqa: E402
+from tandemc.primary_corpus import code_prompts as training_windows  # noqa: E402
 from tandemc.tokenizer import render_chat  # noqa: E402
 
 BUNDLE = HERE.parent / "examples" / "smollm2-drafters"
@@ -56,6 +64,10 @@ CHAT = ["What is the capital of France, and what is it known for?",
         "Explain in a few sentences how a hash table works.",
         "Write a Python function that checks whether a string is a palindrome.",
         "Give me three tips for writing clear documentation."]
+PROMPT_SETS = ("code", "chat", "trained-code", "trained-chat")
+# examples/train_smollm2.sh runs `generate-data` with its default --prompt-tokens and --seed: its samples' prompts
+# are rebuilt from them. The first samples do not depend on how many the script asks for.
+TRAINING_PROMPT_TOKENS, TRAINING_SEED = 96, 0
 
 
 def code_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
@@ -70,6 +82,19 @@ def code_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
         if len(prompts) == count:
             return prompts
     return prompts
+
+
+def trained_prompts(tokenizer, template: str, kind: str, count: int) -> list[list[int]]:
+    """The prompts of the first `count` samples of kind "code" or "chat" in the training split of
+    examples/train_smollm2.sh's data (its held-out files are split off by name, as training does)."""
+    drawn = 2 * count + 16  # enough that `count` of them are in the training split (5% are held out)
+    if kind == "code":
+        stream = load_corpus("stdlib", tokenizer).train
+        prompts = training_windows(stream, drawn, TRAINING_PROMPT_TOKENS, TRAINING_SEED)
+    else:
+        questions = chat_questions(drawn, TRAINING_SEED, python_functions("stdlib"))
+        prompts = [tokenizer.encode(render_chat(template, q, tokenizer)) for q in questions]
+    return [p for i, p in enumerate(prompts) if not is_held_out(f"{kind}-{i:05d}.txt")][:count]
 
 
 def decode_in_turns(artifacts: dict, prompts: list[list[int]], n: int, repeats: int) -> tuple[dict, dict]:
@@ -124,10 +149,15 @@ def main():
     parser.add_argument("--auto-block-lengths", default="0,1,2",
                         help="Block lengths of the speed-auto rows' step graphs (export --block-lengths), the runtime "
                              "picking one per step from what it measures; 0 is a primary step [default: 0,1,2].")
+    parser.add_argument("--sets", default="code,chat",
+                        help="Prompt sets to time: code, chat (held out: the bars' figures), trained-code, "
+                             "trained-chat (the drafters' own training samples: an upper bound, not a bar).")
     parser.add_argument("--only", default="",
                         help="Build and time only these artifacts (comma-separated names as the table prints them; "
                              "the primaries the ratios need are kept).")
     args = parser.parse_args()
+    if unknown := set(args.sets.split(",")) - set(PROMPT_SETS):
+        sys.exit(f"--sets: no prompt set named {', '.join(sorted(unknown))}; choose from {', '.join(PROMPT_SETS)}")
     from tandemc.runtime import load
 
     work, n = args.work, args.new_tokens
@@ -181,9 +211,12 @@ def main():
             tandemc("export", str(work / source), "--target", "cpu", "-o", str(work / name), *flags, *common)
             print(f"built {name} in {time.perf_counter() - start:.0f} s", flush=True)
 
-    tok = ckpt.tokenizer
-    sets = {"code": code_prompts(tok, args.prompts, 100),
-            "chat": [tok.encode(render_chat(ckpt.config.tokenizer.chat_template, q, tok)) for q in CHAT[:args.prompts]]}
+    tok, template = ckpt.tokenizer, ckpt.config.tokenizer.chat_template
+    make_set = {"code": lambda: code_prompts(tok, args.prompts, 100),
+                "chat": lambda: [tok.encode(render_chat(template, q, tok)) for q in CHAT[:args.prompts]],
+                "trained-code": lambda: trained_prompts(tok, template, "code", args.prompts),
+                "trained-chat": lambda: trained_prompts(tok, template, "chat", args.prompts)}
+    sets = {name: make_set[name]() for name in args.sets.split(",")}
     artifacts = {name: load(work / name, threads=2) for name in builds}
 
     for set_name, prompts in sets.items():
